@@ -1,0 +1,117 @@
+"""The ``rlhf`` command.
+
+Exit codes: 0 success; 2 bad input (recipe, data, arguments) with one line on
+stderr naming the file, line or key; 1 anything else (with a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+
+from rlhf.errors import BadInput
+
+EPILOG_RUN = """\
+examples:
+  rlhf run recipes/quickstart.yaml
+  rlhf run recipes/quickstart.yaml output_dir=runs/try2 stages.sft.train.max_steps=50
+  rlhf run recipes/quickstart.yaml --force --only reward
+  torchrun --nproc_per_node 2 -m rlhf run recipes/quickstart.yaml        # 2 CPU processes
+  accelerate launch --config_file accelerate_config.yaml -m rlhf run RECIPE  # GPUs
+"""
+
+EPILOG_VALIDATE = """\
+examples:
+  rlhf validate recipes/quickstart.yaml
+  rlhf validate recipes/quickstart.yaml stages.reward.max_length=128
+"""
+
+EPILOG_SCHEMA = """\
+examples:
+  rlhf schema sft
+  rlhf schema reward
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhf",
+        description="SFT -> reward model -> PPO -> eval, chained by one YAML recipe.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `rlhf COMMAND --help` for a command's options and examples.",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a recipe's stages in order",
+                       description="Validate the whole recipe, then run its stages in order. Finished stages "
+                                   "(final/ exists) are skipped; an interrupted stage resumes from its last "
+                                   "checkpoint.",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("recipe", help="recipe YAML file")
+    r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+    r.add_argument("--force", action="store_true", help="redo stages even if their final/ exists")
+    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (others must be done)")
+
+    v = sub.add_parser("validate", help="check a recipe and its data without training",
+                       description="Load the recipe, apply overrides, resolve ${...}, check every key and type, "
+                                   "and check that data files exist and parse and prompts fit the model.",
+                       epilog=EPILOG_VALIDATE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("recipe", help="recipe YAML file")
+    v.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+
+    s = sub.add_parser("schema", help="print a stage type's config keys, defaults and docs",
+                       epilog=EPILOG_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("stage_type", help="sft, reward, ppo or eval")
+    return p
+
+
+def _setup_logging(quiet: bool) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.WARNING if quiet or rank != 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run(args) -> int:
+    from rlhf import recipe as recipe_mod
+
+    if args.command == "schema":
+        if args.stage_type not in recipe_mod.STAGE_MODULES:
+            raise BadInput(f"unknown stage type {args.stage_type!r} (expected one of: "
+                           f"{', '.join(recipe_mod.STAGE_MODULES)})")
+        print(recipe_mod.describe_stage(args.stage_type))
+        return 0
+    recipe = recipe_mod.load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        recipe_mod.validate(recipe)
+        names = ", ".join(f"{s.name} ({s.type})" for s in recipe.stages)
+        print(f"{args.recipe}: OK — stages: {names}; output_dir: {recipe.run.output_dir}")
+        return 0
+    results = recipe_mod.run(recipe, force=args.force, only=args.only)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for name, final in results.items():
+            print(f"{name}: {final}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return _run(args)
+    except BadInput as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {textwrap.shorten(msg, 2000)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""Dataset loading and format normalisation, with errors that name file and line.
+
+Sources: local JSONL / JSON / CSV / Parquet files, or a Hugging Face hub
+dataset name (``datasets.load_dataset``). Every record keeps where it came
+from (``file:line``) so a bad record is reported precisely.
+
+Formats, after the recipe's column mapping is applied:
+
+- SFT: ``prompt``/``completion`` (strings or chat messages), ``text``, or
+  ``messages`` (a chat conversation).
+- Preferences: ``prompt``/``chosen``/``rejected`` (explicit prompt),
+  ``chosen``/``rejected`` full Anthropic-HH transcripts
+  (``\\n\\nHuman: ... \\n\\nAssistant: ...``; the prompt is everything up to
+  the last Assistant turn), or chat messages (the prompt is every message
+  before the last one). An optional ``margin`` column is kept.
+- Prompts (PPO / eval): ``prompt`` (string or chat messages).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+from rlhf.config import opt
+from rlhf.errors import BadInput
+
+LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class DataConfig:
+    """Where a stage's records come from and how their columns are named."""
+
+    path: str = opt("", "local .jsonl/.json/.csv/.parquet file, or a hub dataset name")
+    split: str = opt("train", "split to read when `path` is a hub dataset")
+    eval_path: str | None = opt(None, "held-out file or hub dataset name (default: same as `path`)")
+    eval_split: str | None = opt(None, "held-out split of a hub dataset (e.g. test)")
+    eval_fraction: float = opt(0.0, "hold out this fraction of `path` when no eval_path/eval_split is given")
+    columns: dict[str, str] = opt({}, "rename columns to the expected names, e.g. {prompt: question}")
+    max_samples: int | None = opt(None, "use only the first N training records (after shuffling nothing)")
+    max_eval_samples: int | None = opt(None, "use only the first N held-out records")
+    on_invalid: Literal["error", "drop"] = opt(
+        "error", "a malformed record (empty or identical responses) is an error, or is dropped and counted")
+
+    def check(self, fail):
+        if not self.path:
+            raise fail("path", "required: a data file or a hub dataset name")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise fail("eval_fraction", f"expected a number in [0, 1), got {self.eval_fraction}")
+
+
+class Record(NamedTuple):
+    data: dict[str, Any]
+    where: str  # "file.jsonl:12" or "imdb[train] row 12"
+
+
+def is_local(path: str) -> bool:
+    return Path(path).suffix.lower() in LOCAL_SUFFIXES or os.path.exists(path)
+
+
+def _read_local(path: str) -> list[Record]:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"{path}: file not found")
+    kind = LOCAL_SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise BadInput(f"{path}: unsupported file type '{p.suffix}' (expected .jsonl, .json, .csv or .parquet)")
+    records = []
+    if kind == "jsonl":
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BadInput(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise BadInput(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+                records.append(Record(obj, f"{path}:{i}"))
+    elif kind == "json":
+        try:
+            obj = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
+            obj = next(iter(obj.values()))  # {"data": [...]} wrapper
+        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+            raise BadInput(f"{path}: expected a JSON list of objects")
+        records = [Record(o, f"{path}: item {i}") for i, o in enumerate(obj)]
+    elif kind == "csv":
+        with p.open(encoding="utf-8", newline="") as f:
+            # Row numbers count the header as line 1, like a spreadsheet.
+            records = [Record(dict(row), f"{path}:{i}") for i, row in enumerate(csv.DictReader(f), start=2)]
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise BadInput(f"{path}: not a readable Parquet file ({e})") from None
+        records = [Record(r, f"{path}: row {i}") for i, r in enumerate(rows)]
+    if not records:
+        raise BadInput(f"{path}: no records")
+    return records
+
+
+def _read_hub(name: str, split: str) -> list[Record]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except (FileNotFoundError, ValueError) as e:
+        raise BadInput(f"dataset '{name}' split '{split}': cannot load ({e})") from None
+    return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
+
+
+def read_records(path: str, split: str = "train", columns: dict[str, str] | None = None,
+                 limit: int | None = None) -> list[Record]:
+    """Read raw records from a local file or hub dataset and rename columns."""
+    records = _read_local(path) if is_local(path) else _read_hub(path, split)
+    if limit is not None:
+        records = records[:limit]
+    if columns:
+        renamed = []
+        for r in records:
+            missing = [src for src in columns.values() if src not in r.data]
+            if missing:
+                raise BadInput(f"{r.where}: column '{missing[0]}' (from the recipe's `columns`) not found; "
+                               f"record has {sorted(r.data)}")
+            d = {k: v for k, v in r.data.items() if k not in columns.values()}
+            d.update({dst: r.data[src] for dst, src in columns.items()})
+            renamed.append(Record(d, r.where))
+        records = renamed
+    return records
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
+    """Train and held-out records as configured (held-out may be empty)."""
+    train = read_records(cfg.path, cfg.split, cfg.columns)
+    if cfg.eval_path or cfg.eval_split:
+        held = read_records(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split, cfg.columns)
+    elif cfg.eval_fraction > 0:
+        import random
+
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = max(1, int(len(train) * cfg.eval_fraction))
+        held = [train[i] for i in sorted(order[:n_eval])]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    else:
+        held = []
+    if cfg.max_samples is not None:
+        train = train[: cfg.max_samples]
+    if cfg.max_eval_samples is not None:
+        held = held[: cfg.max_eval_samples]
+    return train, held
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _is_messages(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
+
+
+def _text_or_messages(r: Record, key: str) -> str | list:
+    value = r.data.get(key)
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadInput(f"{r.where}: '{key}' is empty")
+        return value
+    if _is_messages(value):
+        return value
+    raise BadInput(f"{r.where}: '{key}' must be a non-empty string or a list of "
+                   f"{{role, content}} messages, got {type(value).__name__}")
+
+
+def normalize_sft(records: list[Record]) -> list[dict]:
+    """SFT records -> TRL's formats: prompt/completion, text, or messages."""
+    out = []
+    for r in records:
+        d = r.data
+        if "prompt" in d and "completion" in d:
+            out.append({"prompt": _text_or_messages(r, "prompt"),
+                        "completion": _text_or_messages(r, "completion")})
+        elif "messages" in d:
+            if not _is_messages(d["messages"]):
+                raise BadInput(f"{r.where}: 'messages' must be a list of {{role, content}} objects")
+            out.append({"messages": d["messages"]})
+        elif "text" in d:
+            out.append({"text": _text_or_messages(r, "text")})
+        else:
+            raise BadInput(f"{r.where}: expected 'prompt' and 'completion', 'messages', or 'text' "
+                           f"(map other names with `columns`); record has {sorted(d)}")
+    return out
+
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(transcript: str) -> tuple[str, str]:
+    """Split an Anthropic-HH transcript into (prompt, response).
+
+    The prompt is everything up to and including the last ``\\n\\nAssistant:``
+    marker; the response is the rest (with its leading space).
+    """
+    idx = transcript.rfind(HH_ASSISTANT)
+    if idx < 0:
+        raise ValueError("no '\\n\\nAssistant:' turn")
+    cut = idx + len(HH_ASSISTANT)
+    return transcript[:cut], transcript[cut:]
+
+
+def normalize_preferences(records: list[Record], on_invalid: str = "error") -> tuple[list[dict], int]:
+    """Preference records -> ``{prompt, chosen, rejected[, margin]}``.
+
+    Values are strings (prompt is text, responses continue it) or chat message
+    lists (prompt: the conversation so far; chosen/rejected: one assistant
+    message each). Returns the records and the number dropped as invalid.
+    """
+    out, dropped = [], 0
+    for r in records:
+        d = r.data
+        try:
+            if "chosen" not in d or "rejected" not in d:
+                raise BadInput(f"{r.where}: expected 'chosen' and 'rejected' (and optionally 'prompt'); "
+                               f"record has {sorted(d)} (map other names with `columns`)")
+            chosen, rejected = _text_or_messages(r, "chosen"), _text_or_messages(r, "rejected")
+            if "prompt" in d:
+                prompt = _text_or_messages(r, "prompt")
+            elif isinstance(chosen, str):
+                try:
+                    p1, chosen = split_hh(chosen)
+                    p2, rejected = split_hh(rejected)
+                except ValueError:
+                    raise BadInput(f"{r.where}: without a 'prompt' column, 'chosen' and 'rejected' must be "
+                                   "Anthropic-HH transcripts containing '\\n\\nAssistant:'") from None
+                if p1 != p2:
+                    raise BadInput(f"{r.where}: 'chosen' and 'rejected' transcripts differ before "
+                                   "the last Assistant turn")
+                prompt = p1
+            else:
+                if not isinstance(rejected, list) or chosen[:-1] != rejected[:-1]:
+                    raise BadInput(f"{r.where}: 'chosen' and 'rejected' conversations must share every "
+                                   "message but the last")
+                prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+                if not prompt:
+                    raise BadInput(f"{r.where}: conversation has no prompt before the last message")
+            for key, resp in (("chosen", chosen), ("rejected", rejected)):
+                text = resp if isinstance(resp, str) else resp[-1]["content"]
+                if not str(text).strip():
+                    raise BadInput(f"{r.where}: '{key}' response is empty")
+            if chosen == rejected:
+                raise BadInput(f"{r.where}: 'chosen' and 'rejected' are identical")
+        except BadInput:
+            if on_invalid == "drop":
+                dropped += 1
+                continue
+            raise
+        rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        if "margin" in d:
+            rec["margin"] = float(d["margin"])
+        out.append(rec)
+    if not out:
+        raise BadInput(f"{records[0].where.split(':')[0]}: no valid preference pairs")
+    return out, dropped
+
+
+def normalize_prompts(records: list[Record]) -> list[str | list]:
+    """Prompt records -> prompt strings or message lists."""
+    out = []
+    for r in records:
+        if "prompt" not in r.data:
+            raise BadInput(f"{r.where}: expected a 'prompt' field (map other names with `columns`); "
+                           f"record has {sorted(r.data)}")
+        out.append(_text_or_messages(r, "prompt"))
+    return out
+
+
+def render_prompt(tokenizer, prompt: str | list) -> str:
+    """A prompt as the text the model sees (chat prompts through the chat template)."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def render_pair(tokenizer, prompt: str | list, response: str | list) -> tuple[str, str]:
+    """(prompt text, response text) such that prompt + response is the full sequence.
+
+    For chat data the response text is what the chat template appends for the
+    assistant turn (content plus end-of-turn markers).
+    """
+    if isinstance(prompt, str) and isinstance(response, str):
+        return prompt, response
+    p_msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    r_msgs = response if isinstance(response, list) else [{"role": "assistant", "content": response}]
+    p_text = tokenizer.apply_chat_template(p_msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(p_msgs + r_msgs, tokenize=False)
+    if not full.startswith(p_text):
+        # Templates that rewrite earlier turns: fall back to the plain difference.
+        p_text = tokenizer.apply_chat_template(p_msgs, tokenize=False)
+    return p_text, full[len(p_text):]

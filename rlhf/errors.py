@@ -1,0 +1,9 @@
+"""The one exception type that means "the user's input is wrong" (exit code 2)."""
+
+
+class BadInput(Exception):
+    """A recipe, data file, argument or request is invalid.
+
+    The message is one line that names the file, line or key and what was
+    expected. The CLI prints it without a traceback and exits with code 2.
+    """

@@ -1,0 +1,227 @@
+"""Load policies, reward/value models and tokenizers; tiny presets; LoRA.
+
+A model name is one of:
+- a preset (``tiny``, ``tiny-large``, ``mini-30m``): a random-initialised
+  GPT-2 with the tokenizer shipped in ``rlhf/assets/tiny_tokenizer`` (a
+  byte-level BPE built from the bundled quickstart data by
+  ``data/quickstart/make_quickstart.py``). Nothing is downloaded.
+- a local directory (a stage's ``final/``, or any HF checkpoint);
+- a hub id (for users' machines; these machines cannot download).
+
+Checkpoints are loaded from safetensors only (``use_safetensors=True``):
+pickled ``.bin`` weights can execute code. GGUF files (``gguf_file``) are
+the other accepted format, dequantised by transformers into a trainable model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config import opt
+from rlhf.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
+
+# GPT-2 shapes. Dropout is 0: RLHF wants dropout off everywhere (PPO.md) and
+# the tiny task is too small to need it.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=128, n_positions=256),  # ~0.7M parameters
+    "tiny-large": dict(n_layer=4, n_head=8, n_embd=256, n_positions=512),  # ~3.7M
+    "mini-30m": dict(n_layer=8, n_head=8, n_embd=512, n_positions=512),  # ~26M
+}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters through peft (https://arxiv.org/abs/2106.09685)."""
+
+    r: int = opt(8, "adapter rank")
+    alpha: int = opt(16, "scaling numerator (scale = alpha / r)")
+    dropout: float = opt(0.0, "dropout on the adapter input (keep 0 for PPO)")
+    target_modules: str | list[str] = opt("all-linear", "module names to adapt, or 'all-linear'")
+    modules_to_save: list[str] | None = opt(None, "modules trained in full beside the adapters (e.g. [score])")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how. A plain string in a recipe means `name`."""
+
+    name: str = opt("tiny", "preset (tiny, tiny-large, mini-30m), local checkpoint dir, or hub id")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt(
+        "float32", "weights dtype; bfloat16 on GPUs that support it, float32 on CPU")
+    trust_remote_code: bool = opt(False, "allow a hub model's own Python code to run (off: it can run anything)")
+    revision: str | None = opt(None, "hub revision (branch, tag or commit)")
+    gguf_file: str | None = opt(None, "GGUF file inside `name` (a dir) to load and dequantise")
+    attn_implementation: str | None = opt(None, "eager, sdpa, flash_attention_2 (default: transformers' choice)")
+    lora: LoraSpec | None = opt(None, "train LoRA adapters instead of all weights")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    seed: int | None = opt(None, "initialisation seed for presets (default: the recipe seed)")
+
+    def check(self, fail):
+        if not self.name:
+            raise fail("name", "required")
+
+
+def as_model_config(value: str | ModelConfig) -> ModelConfig:
+    return ModelConfig(name=value) if isinstance(value, str) else value
+
+
+def is_preset(name: str) -> bool:
+    return name in PRESETS
+
+
+def _dtype(cfg: ModelConfig):
+    return "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+
+
+def _gguf_kwargs(cfg: ModelConfig) -> dict:
+    """Where the weights come from: a GGUF file, or safetensors only."""
+    return {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
+
+
+def _check_exists(cfg: ModelConfig) -> None:
+    looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).exists()
+    if looks_local and not Path(cfg.name).is_dir():
+        raise BadInput(f"model '{cfg.name}': directory not found")
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token distinct from EOS.
+
+    PPO.md: with pad == EOS the model never learns to stop and reward models
+    read the wrong token. A tokenizer without a distinct pad gets a new
+    ``<|pad|>`` token; the model loaders resize embeddings to match.
+    """
+    if is_preset(cfg.name):
+        tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+    else:
+        _check_exists(cfg)
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        tok = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": "<|pad|>"})
+    if tok.eos_token is None:
+        raise BadInput(f"model '{cfg.name}': tokenizer has no EOS token")
+    return tok
+
+
+def _preset_config(name: str, tok: PreTrainedTokenizerBase, **extra) -> GPT2Config:
+    return GPT2Config(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        summary_first_dropout=0.0, **PRESETS[name], **extra)
+
+
+def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: ModelConfig) -> PreTrainedModel:
+    if model.get_input_embeddings().num_embeddings < len(tok):
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.pad_token_id = tok.pad_token_id
+        gen.eos_token_id = tok.eos_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
+    """A causal LM from a preset (random init, seeded), a local dir or the hub."""
+    if is_preset(cfg.name):
+        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
+        model = GPT2LMHeadModel(_preset_config(cfg.name, tok))
+    else:
+        _check_exists(cfg)
+        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
+                      **_gguf_kwargs(cfg))
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
+    return _finish(model, tok, cfg)
+
+
+def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0,
+                             num_labels: int = 1) -> PreTrainedModel:
+    """A scalar-output sequence classifier (reward or value model).
+
+    From a causal-LM checkpoint (e.g. the SFT stage's ``final/``) the trunk is
+    reused and a new ``score`` head is initialised, as in InstructGPT.
+    """
+    if is_preset(cfg.name):
+        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
+        model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels))
+    else:
+        _check_exists(cfg)
+        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)  # the new head's init
+        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
+                      num_labels=num_labels, **_gguf_kwargs(cfg))
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.name, **kwargs)
+    return _finish(model, tok, cfg)
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """The model's maximum sequence length, without loading weights."""
+    if is_preset(cfg.name):
+        return PRESETS[cfg.name]["n_positions"]
+    try:
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision,
+                                            trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError):
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(text, key, None):
+            return int(getattr(text, key))
+    return None
+
+
+def peft_config(spec: LoraSpec, task_type: str):
+    """``peft.LoraConfig`` for ``task_type`` ("CAUSAL_LM" or "SEQ_CLS")."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=spec.target_modules, task_type=task_type,
+                      modules_to_save=spec.modules_to_save)
+
+
+def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:
+    """Save a loadable HF checkpoint (safetensors + tokenizer) atomically.
+
+    Written to ``out.tmp`` then renamed, so a crash never leaves a half-written
+    ``final/`` that a re-run would mistake for a finished stage. LoRA models are
+    merged first so ``final/`` loads with plain ``from_pretrained``.
+    """
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,389 @@
+"""PPO math for language models: small pure torch functions, no models, no I/O.
+
+Shapes: ``b`` = batch, ``t`` = response length, ``v`` = vocabulary size.
+Responses are left-aligned: valid tokens occupy positions ``0..L-1`` of a row,
+padding follows. Masks are bool or 0/1 float tensors of shape (b, t).
+
+References used throughout:
+- [PPO] Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
+  https://arxiv.org/abs/1707.06347
+- [GAE] Schulman et al. 2016, "High-Dimensional Continuous Control Using
+  Generalized Advantage Estimation", https://arxiv.org/abs/1506.02438
+- [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human
+  Preferences", https://arxiv.org/abs/1909.08593
+- [InstructGPT] Ouyang et al. 2022, https://arxiv.org/abs/2203.02155
+- [N-details] Huang et al. 2023, "The N Implementation Details of RLHF with
+  PPO", https://huggingface.co/blog/the_n_implementation_details_of_rlhf_with_ppo
+- [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A
+  Case Study on TL;DR Summarization", https://arxiv.org/abs/2403.17031
+- [KL-approx] Schulman 2020, "Approximating KL Divergence",
+  http://joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLController",
+    "PolicyLossStats",
+    "compute_gae",
+    "entropy_from_logits",
+    "first_true_indices",
+    "kl_penalty",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "per_token_rewards",
+    "policy_loss",
+    "truncate_after_eos",
+    "value_loss",
+]
+
+
+# ---------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set.
+
+    Shape: x (b, t), mask (b, t) -> scalar if ``dim`` is None, else ``x`` with
+    ``dim`` reduced (e.g. ``dim=1`` -> (b,)).
+
+    An all-masked slice gives 0 rather than NaN, so an empty row cannot poison
+    a loss. Reference: [N-details] (losses are averaged over response tokens).
+    """
+    mask = mask.to(x.dtype)
+    total = (x * mask).sum() if dim is None else (x * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over all positions where ``mask`` is set.
+
+    Shape: x (b, t), mask (b, t) -> scalar.
+
+    Bessel's correction n/(n-1) is applied only when n > 1: with a single valid
+    element (a minibatch of one short response) it would divide by zero and
+    NaN the whitened advantages, a failure reported in public PPO trackers.
+    Reference: [N-details] (advantage whitening).
+    """
+    mask = mask.to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        count = mask.sum()
+        # torch.where keeps this sync-free on GPU (no Python `if` on a tensor).
+        var = torch.where(count > 1, var * count / (count - 1).clamp(min=1), var)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to zero mean and unit variance over valid positions.
+
+    Shape: x (b, t), mask (b, t) -> (b, t).
+
+    Statistics are taken over the whole batch's valid tokens; padded positions
+    neither contribute nor keep their values (they are set to 0). With
+    ``shift_mean=False`` the mean is added back, i.e. only the scale changes
+    (used for rewards in [Ziegler]). ``eps`` guards a zero variance, so a single
+    valid element whitens to 0 instead of NaN.
+    Reference: [N-details] (reward and advantage whitening); [Ziegler].
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---------------------------------------------------------------------------
+# KL penalty and rewards
+# ---------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled tokens.
+
+    Shape: logprobs (b, t), ref_logprobs (b, t) -> (b, t).
+
+    ``k1`` = logp - logp_ref is unbiased but can be negative per token; ``k3`` =
+    (exp(logp_ref - logp) - 1) - (logp_ref - logp) is unbiased and always >= 0.
+    Reference: [KL-approx]; [Ziegler] uses k1.
+    """
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k3":
+        # expm1 is exact near 0, where policy and reference nearly agree.
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
+
+
+def per_token_rewards(
+    scores: Tensor, kl: Tensor, kl_coef: float | Tensor, mask: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Dense PPO rewards: a KL penalty on every token, the score on the last.
+
+    r_t = -kl_coef * kl_t on valid tokens (0 on padding), and the sequence score
+    is added at the last valid token L-1 = mask.sum(1) - 1 (the EOS token, or
+    the final token of a truncated response).
+
+    Shape: scores (b,), kl (b, t), mask (b, t) -> rewards (b, t),
+    non_score_reward (b, t).
+    Reference: [InstructGPT] eq. 2; [Ziegler] sec. 2.2; [N-details].
+    """
+    maskf = mask.to(kl.dtype)
+    non_score_reward = -kl_coef * kl * maskf
+    lengths = maskf.sum(1).long()
+    last = (lengths - 1).clamp(min=0).unsqueeze(1)
+    # A row with no valid token gets no score instead of one at position 0.
+    score = (scores.to(kl.dtype) * (lengths > 0)).unsqueeze(1)
+    rewards = non_score_reward.scatter_add(1, last, score)
+    return rewards, non_score_reward
+
+
+# ---------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------
+
+
+def compute_gae(
+    values: Tensor, rewards: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens.
+
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};
+    V beyond the last valid token is 0 (the episode ends there). Returns are
+    R_t = A_t + V_t, taken before any advantage whitening.
+
+    Shape: values (b, t), rewards (b, t), mask (b, t) -> advantages (b, t),
+    returns (b, t); both are 0 on padded positions.
+    Reference: [GAE] eq. 16; [N-details].
+    """
+    maskf = mask.to(values.dtype)
+    # Zeroing padding makes V_{L} = 0 and r = 0 past the end, so the recursion
+    # needs no special case for where each row stops.
+    values = values * maskf
+    rewards = rewards * maskf
+    t = values.size(1)
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    for i in reversed(range(t)):
+        next_value = values[:, i + 1] if i + 1 < t else torch.zeros_like(values[:, i])
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, i] = next_advantage
+    returns = advantages + values
+    return advantages * maskf, returns * maskf
+
+
+# ---------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------
+
+
+class PolicyLossStats(NamedTuple):
+    """Detached scalars logged as ``ppo/clipfrac``, ``ppo/approx_kl``, ``ppo/ratio``."""
+
+    clipfrac: Tensor
+    approx_kl: Tensor
+    ratio_mean: Tensor
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO clipped surrogate loss, averaged over valid tokens.
+
+    loss = masked_mean(max(-A ratio, -A clip(ratio, 1-eps, 1+eps))),
+    ratio = exp(logp - logp_old).
+
+    ``clipfrac`` is the fraction of valid tokens where the clipped term is
+    strictly larger (so ratio == 1 gives 0). ``approx_kl`` = 0.5 * mean of the
+    squared log-ratio between consecutive policies (the k2 estimator), not the
+    policy-vs-reference KL.
+
+    Shape: logprobs, old_logprobs, advantages, mask (b, t) -> loss scalar.
+    Reference: [PPO] eq. 7; [KL-approx] for approx_kl; [N-details].
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            approx_kl=0.5 * masked_mean(log_ratio**2, mask),
+            ratio_mean=masked_mean(ratio, mask),
+        )
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss, averaged over valid tokens.
+
+    loss = 0.5 * masked_mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)).
+    ``value_clipfrac`` is the fraction of valid tokens where the clipped term is
+    strictly larger.
+
+    Shape: values, old_values, returns, mask (b, t) -> loss scalar,
+    value_clipfrac scalar (detached).
+    Reference: [N-details] (value clipping, as in OpenAI's lm-human-preferences);
+    Huang et al. 2022, "The 37 Implementation Details of PPO",
+    https://iclr-blog-track.github.io/2022/03/25/ppo-implementation-details/
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        value_clipfrac = masked_mean((loss_clipped > loss_unclipped).to(values.dtype), mask)
+    return loss, value_clipfrac
+
+
+# ---------------------------------------------------------------------------
+# Logits -> per-token quantities
+# ---------------------------------------------------------------------------
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the categorical distribution at each position.
+
+    H = logsumexp(z) - sum_i softmax(z)_i z_i. logsumexp avoids overflowing
+    exp(z); fp32 because bf16 keeps ~3 significant digits, too few for sums
+    over a vocabulary of tens of thousands, and fp16 overflows.
+
+    Shape: logits (b, t, v) -> (b, t), fp32.
+    Reference: [PPO] eq. 9 (entropy bonus).
+    """
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(label) under softmax(logits / temperature), in fp32.
+
+    The temperature must be the one used for sampling, in rollout and in every
+    training forward pass, for policy and reference alike; a mismatch makes the
+    KL negative ([N-details], scaling logits by the sampling temperature).
+    Only the (b, t) logsumexp and the gathered logits are kept, not a full
+    (b, t, v) log-softmax.
+
+    Shape: logits (b, t, v), labels (b, t) long -> (b, t), fp32.
+    Reference: [N-details]; [N+] (fp32 log-probs).
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------
+
+
+class KLController(Protocol):
+    """What the PPO loop needs from a KL coefficient schedule."""
+
+    kl_coef: float
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class AdaptiveKLController:
+    """Proportional controller steering the policy-vs-reference KL to ``target``.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  kl_coef <- kl_coef * (1 + e * n / horizon),
+    with n the number of episodes in the update. The clip bounds the step when
+    KL is far from target.
+    Reference: [Ziegler] sec. 2.2, eq. 2.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: float) -> None:
+        self.kl_coef = float(kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.kl_coef *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, Any]:
+        # target and horizon come from the config; only the coefficient evolves.
+        return {"kl_coef": self.kl_coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_coef = float(state["kl_coef"])
+
+
+class FixedKLController:
+    """Constant KL coefficient; same interface as ``AdaptiveKLController``."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.kl_coef = float(kl_coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_coef = float(state["kl_coef"])
+
+
+# ---------------------------------------------------------------------------
+# Response post-processing
+# ---------------------------------------------------------------------------
+
+
+def first_true_indices(bools: Tensor, dtype: torch.dtype = torch.long) -> Tensor:
+    """Index of the first True in each row, or the row length if there is none.
+
+    Shape: bools (b, t) -> (b,).
+    Reference: [N+] (locating the EOS token in sampled responses).
+    """
+    t = bools.size(-1)
+    positions = torch.arange(t, dtype=dtype, device=bools.device).expand_as(bools)
+    return torch.where(bools, positions, torch.full_like(positions, t)).min(-1).values
+
+
+def truncate_after_eos(
+    response_ids: Tensor, eos_token_id: int, pad_token_id: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep each response up to and including its first EOS, pad the rest.
+
+    Batched generation keeps sampling for rows that already finished, so
+    anything after the first EOS is noise that must not be scored or trained on.
+    Rows without EOS (hit ``max_new_tokens``) are kept whole.
+
+    Shape: response_ids (b, t) -> ids (b, t), mask (b, t) bool, has_eos (b,) bool.
+    Reference: [N-details] (truncating at the stop token); [N+] (EOS handling).
+    """
+    t = response_ids.size(1)
+    eos_index = first_true_indices(response_ids == eos_token_id)
+    has_eos = eos_index < t
+    mask = torch.arange(t, device=response_ids.device).unsqueeze(0) <= eos_index.unsqueeze(1)
+    ids = torch.where(mask, response_ids, torch.full_like(response_ids, pad_token_id))
+    return ids, mask, has_eos

@@ -1,0 +1,97 @@
+"""Optimisation settings shared by the TRL-based stages (SFT, reward model),
+and the glue from them to ``transformers.TrainingArguments`` kwargs."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlhf.config import opt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingConfig:
+    """How a TRL stage optimises (mapped onto HF TrainingArguments)."""
+
+    epochs: float = opt(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = opt(-1, "stop after this many optimiser steps (-1: use epochs)")
+    batch_size: int = opt(16, "per-device micro-batch size")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimiser step")
+    learning_rate: float = opt(5e-4, "peak learning rate (AdamW)")
+    lr_scheduler: str = opt("cosine", "HF scheduler name: linear, cosine, constant, ...")
+    warmup: float = opt(0.05, "warmup: a fraction of total steps if < 1, else a number of steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping max-norm")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "auto: bf16 on GPUs that support it, else fp32 (CPU)")
+    logging_steps: int = opt(10, "log metrics every N optimiser steps")
+    eval_steps: int = opt(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = opt(100, "checkpoint every N steps, for resuming an interrupted stage")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints")
+    eval_batch_size: int = opt(64, "per-device batch size for evaluation")
+
+    def check(self, fail):
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise fail("learning_rate", f"expected > 0, got {self.learning_rate}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise fail("epochs", "expected > 0 when max_steps is not set")
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    if precision == "auto":
+        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return {"bf16": use_bf16, "fp16": False}
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def hf_kwargs(cfg: TrainingConfig, stage_dir: Path, seed: int, report_to: list[str], run_name: str) -> dict:
+    """TrainingArguments kwargs. Checkpoints go to ``<stage_dir>/checkpoints``."""
+    return dict(
+        output_dir=str(stage_dir / "checkpoints"),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=seed,
+        # metrics.jsonl is written by our callback; wandb/tensorboard by HF's integrations.
+        report_to=list(report_to) or "none",
+        run_name=run_name,
+        dataloader_num_workers=0,
+        **precision_flags(cfg.precision),
+    )
+
+
+def last_checkpoint(stage_dir: Path) -> str | None:
+    """The newest ``checkpoint-N`` of an interrupted stage, to resume from."""
+    ckpt_dir = stage_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()]
+    if not found:
+        return None
+    step, path = max(found)
+    log.info("resuming from %s", path)
+    return str(path)
