@@ -1,0 +1,113 @@
+"""The models PPO trains and queries: policy + value in one module, reference.
+
+Policy and value are wrapped in one ``nn.Module`` so Accelerate prepares one
+DDP/DeepSpeed/FSDP model and one optimizer steps both (the value loss is added
+to the policy loss with ``vf_coef``, PPO.md).
+
+Value model choices (PPO.md):
+- ``separate`` (default): a scalar-head model initialised from the reward
+  model checkpoint (InstructGPT, N+), queried at every response position;
+- ``policy_head``: a zero-initialised linear head on the policy's last hidden
+  state (one forward pass serves both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from rlhf.ppo.core import logprobs_from_logits
+
+
+def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions for left-padded rows: 0 at each row's first real token.
+
+    Shape: (b, s) -> (b, s). PPO.md: without this a left-padded prompt shifts
+    every position and the model sees inputs unlike its training data.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScalarHeadModel(nn.Module):
+    """A transformer trunk and a linear head giving one value per position.
+
+    Built from any HF ``*ForSequenceClassification`` model (the reward model):
+    its trunk (``base_model``) and its ``score`` head, applied to every
+    position instead of only the last.
+    """
+
+    def __init__(self, seq_classifier: nn.Module):
+        super().__init__()
+        self.trunk = seq_classifier.base_model
+        self.head = seq_classifier.score
+        self.config = seq_classifier.config
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()  # (b, s)
+
+
+class PolicyAndValue(nn.Module):
+    """Policy LM plus value model; ``forward`` returns per-response-token
+    log-probs, values and (optionally) entropies."""
+
+    def __init__(self, policy: nn.Module, value_model: ScalarHeadModel | None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        if value_model is None:  # value head on the policy trunk
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            # A new head starts at zero (PPO.md): the first advantages are then
+            # the plain discounted rewards, not noise from a random head.
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+
+    def forward(self, input_ids, attention_mask, context_length: int, temperature: float,
+                with_entropy: bool = False, with_values: bool = True):
+        """Shape: input_ids (b, s) = left-padded prompt (width context_length)
+        + right-padded response; returns logprobs (b, r), values (b, r) or
+        None, entropy (b, r) or None, with r = s - context_length."""
+        from rlhf.ppo.core import entropy_from_logits
+
+        position_ids = position_ids_from(attention_mask)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          output_hidden_states=self.value_head is not None and with_values, use_cache=False)
+        # Logits at position i predict token i+1: the response tokens are
+        # predicted from positions context_length-1 .. s-2.
+        logits = out.logits[:, context_length - 1:-1]
+        logprobs = logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
+        entropy = None
+        if with_entropy:
+            entropy = entropy_from_logits(logits.float() / temperature)
+        values = None
+        if with_values:
+            if self.value_head is not None:
+                hidden = out.hidden_states[-1][:, context_length - 1:-1]
+                values = self.value_head(hidden).squeeze(-1).float()
+            else:
+                values = self.value_model(input_ids, attention_mask, position_ids)[:, context_length - 1:-1]
+        return logprobs, values, entropy
+
+
+class Reference:
+    """The frozen reference policy: a separate copy, or (LoRA) the policy's own
+    base with adapters disabled, so no second copy sits in memory."""
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model  # None: use the policy with adapters disabled
+
+    @torch.no_grad()
+    def logprobs(self, policy: nn.Module, input_ids, attention_mask, context_length: int,
+                 temperature: float) -> torch.Tensor:
+        model = self.model if self.model is not None else policy
+        ctx = policy.disable_adapter() if self.model is None else contextlib.nullcontext()
+        with ctx:
+            out = model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from(attention_mask), use_cache=False)
+        return logprobs_from_logits(out.logits[:, context_length - 1:-1], input_ids[:, context_length:], temperature)
