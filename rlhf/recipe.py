@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +32,23 @@ from rlhf.config import build, opt, to_dict
 from rlhf.errors import BadInput
 
 log = logging.getLogger(__name__)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 makes it a string).
+
+    People write learning rates that way, in recipes and in overrides, and the
+    strict config would then reject them as "expected a number".
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 # Stage type -> module. Each module defines `Config` (a dataclass), and
 # `validate(cfg, ctx)` (checks inputs without training) and `train(cfg, ctx) -> Path`.
@@ -134,7 +153,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise BadInput(f"override '{item}': expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -159,7 +178,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         raise BadInput(f"{path}: recipe file not found")
     text = path.read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        raw = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -174,12 +193,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         overridden.add(".".join(keys))
 
     def where(key: str) -> str:
-        if key in overridden:
-            return f"override {key}: "
+        for item in overridden:  # an override set this key or a mapping around it
+            if key == item or key.startswith(item + "."):
+                return f"override {item}: "
         probe = key
-        while probe:  # nearest enclosing key with a known line
+        while probe:  # nearest enclosing key: in the file, or created by an override
             if probe in lines:
                 return f"{path}:{lines[probe]}: "
+            created = sorted(item for item in overridden if item.startswith(probe + "."))
+            if created:  # e.g. a mistyped stage name in an override
+                return f"override {created[0]}: "
             probe = probe.rpartition(".")[0]
         return f"{path}: "
 
@@ -226,9 +249,14 @@ def validate(recipe: Recipe) -> None:
 
 def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, Path]:
     """Run the recipe's stages in order; returns stage name -> final checkpoint dir."""
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    if not torch.cuda.is_available():
+        # Without this Accelerate ignores torchrun's environment on CPU and every
+        # rank believes it is alone; HF Trainer and our PPO Accelerator read it too.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    state = PartialState(cpu=not torch.cuda.is_available())
     if only:
         unknown = [s for s in only if s not in {st.name for st in recipe.stages}]
         if unknown:
@@ -255,8 +283,15 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
         state.wait_for_everyone()
         if state.is_main_process:
             ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-            if force and final.exists():
-                shutil.rmtree(final)
+            if force:
+                # A forced stage starts from scratch: without this it would
+                # resume from the previous run's last checkpoint and append to
+                # its metrics.jsonl.
+                for old in (final, ctx.stage_dir / "checkpoints"):
+                    if old.exists():
+                        shutil.rmtree(old)
+                for old in ("metrics.jsonl", "metrics.json", "initial_eval.json"):
+                    (ctx.stage_dir / old).unlink(missing_ok=True)
             (ctx.stage_dir / "config.yaml").write_text(yaml.safe_dump(
                 {"type": stage.type, **to_dict(stage.config)}, sort_keys=False))
         state.wait_for_everyone()

@@ -513,6 +513,7 @@ def train(cfg: Config, ctx) -> Path:
                 "ppo/ratio": mean(stats["ratio"]),
                 "ppo/first_minibatch_ratio": first_minibatch[0],
                 "ppo/first_minibatch_approx_kl": first_minibatch[1],
+                "ppo/first_minibatch_clipfrac": first_minibatch[2],
                 "objective/kl": seq_kl.item(), "objective/kl_coef": kl_coef_used,
                 "objective/scores": g_scores.mean().item(), "objective/scores_std": g_scores.std().item()
                 if g_scores.numel() > 1 else 0.0,
@@ -542,7 +543,8 @@ def train(cfg: Config, ctx) -> Path:
     # ---- final: policy checkpoint, held-out gold evaluation, summary
     model.eval()
     final = ctx.stage_dir / "final"
-    summary: dict[str, float] = {"train/steps": cfg.steps}
+    summary: dict[str, float] = {"train/steps": cfg.steps, "dist/world_size": world,
+                                 "train/episodes": cfg.steps * cfg.rollout_batch_size * world}
     history = [r for r in _read_jsonl(logger.path) if "objective/scores" in r]
     if history:
         summary["objective/scores_first"] = history[0]["objective/scores"]
