@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("recipe", help="recipe YAML file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
     r.add_argument("--force", action="store_true", help="redo stages even if their final/ exists")
-    r.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages (others must be done)")
+    r.add_argument("--only", action="append", metavar="STAGE",
+                   help="run only this stage (repeatable, or comma-separated); other stages are left as they are")
 
     v = sub.add_parser("validate", help="check a recipe and its data without training",
                        description="Load the recipe, apply overrides, resolve ${...}, check every key and type, "
@@ -66,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print a stage type's config keys, defaults and docs",
                        epilog=EPILOG_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("stage_type", help="sft, reward, ppo or eval")
+    from rlhf.labeling.cli import add_parser as add_label_parser; add_label_parser(sub)  # noqa: E702
+    from rlhf.evaluation.cli import add_parser as add_eval_parser; add_eval_parser(sub)  # noqa: E702
     return p
 
 
@@ -78,6 +81,10 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(args) -> int:
+    if args.command == "label":
+        from rlhf.labeling.cli import run as run_label; return run_label(args)  # noqa: E702
+    if args.command == "eval":
+        from rlhf.evaluation.cli import run as run_eval; return run_eval(args)  # noqa: E702
     from rlhf import recipe as recipe_mod
 
     if args.command == "schema":
@@ -92,7 +99,8 @@ def _run(args) -> int:
         names = ", ".join(f"{s.name} ({s.type})" for s in recipe.stages)
         print(f"{args.recipe}: OK — stages: {names}; output_dir: {recipe.run.output_dir}")
         return 0
-    results = recipe_mod.run(recipe, force=args.force, only=args.only)
+    only = [name for item in args.only for name in item.split(",") if name] if args.only else None
+    results = recipe_mod.run(recipe, force=args.force, only=only)
     if int(os.environ.get("RANK", "0")) == 0:
         for name, final in results.items():
             print(f"{name}: {final}")
@@ -100,7 +108,15 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow flags (`run R --force a.b=1`); argparse stops filling
+    # a positional list at the first flag, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     _setup_logging(args.quiet)
     try:
         return _run(args)

@@ -73,12 +73,16 @@ class ModelConfig:
     gguf_file: str | None = opt(None, "GGUF file inside `name` (a dir) to load and dequantise")
     attn_implementation: str | None = opt(None, "eager, sdpa, flash_attention_2 (default: transformers' choice)")
     lora: LoraSpec | None = opt(None, "train LoRA adapters instead of all weights")
+    quantization: Literal["4bit", "8bit"] | None = opt(
+        None, "QLoRA: load the frozen base in 4/8 bit (bitsandbytes, CUDA only); use with `lora`")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     seed: int | None = opt(None, "initialisation seed for presets (default: the recipe seed)")
 
     def check(self, fail):
         if not self.name:
             raise fail("name", "required")
+        if self.quantization and not self.lora:
+            raise fail("quantization", "a quantized base cannot be trained: set `lora` too (QLoRA)")
 
 
 def as_model_config(value: str | ModelConfig) -> ModelConfig:
@@ -91,6 +95,22 @@ def is_preset(name: str) -> bool:
 
 def _dtype(cfg: ModelConfig):
     return "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+
+
+def _quantization_kwargs(cfg: ModelConfig) -> dict:
+    if not cfg.quantization:
+        return {}
+    if not torch.cuda.is_available():
+        raise BadInput(f"model '{cfg.name}': quantization={cfg.quantization} needs a CUDA GPU (bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        # QLoRA's recipe (Dettmers et al. 2023): NF4, double quantization, bf16 compute.
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": q}
 
 
 def _gguf_kwargs(cfg: ModelConfig) -> dict:
@@ -153,7 +173,7 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
     else:
         _check_exists(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
-                      **_gguf_kwargs(cfg))
+                      **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
@@ -174,7 +194,7 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
         _check_exists(cfg)
         torch.manual_seed(cfg.seed if cfg.seed is not None else seed)  # the new head's init
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
-                      num_labels=num_labels, **_gguf_kwargs(cfg))
+                      num_labels=num_labels, **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         model = AutoModelForSequenceClassification.from_pretrained(cfg.name, **kwargs)

@@ -257,6 +257,11 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
         # rank believes it is alone; HF Trainer and our PPO Accelerator read it too.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     state = PartialState(cpu=not torch.cuda.is_available())
+    if "wandb" in recipe.run.report_to:
+        # Offline unless the user configured wandb: these machines have no network.
+        if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_PROJECT", recipe.run.wandb_project)
     if only:
         unknown = [s for s in only if s not in {st.name for st in recipe.stages}]
         if unknown:

@@ -18,6 +18,8 @@ the same trajectory as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -229,9 +231,13 @@ def _step_prompts(prompts: list, step: int, batch: int, rank: int, world: int, s
     out = []
     for i in range(start + rank * batch, start + (rank + 1) * batch):
         epoch, pos = divmod(i, len(prompts))
-        perm = np.random.RandomState((seed + epoch) % 2**32).permutation(len(prompts))
-        out.append(prompts[perm[pos]])
+        out.append(prompts[_permutation(seed + epoch, len(prompts))[pos]])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, n: int) -> np.ndarray:
+    return np.random.RandomState(seed % 2**32).permutation(n)
 
 
 def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,11 +392,13 @@ def train(cfg: Config, ctx) -> Path:
     else:
         schedule = lambda i: 1.0  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is not passed to prepare(): Accelerate's wrapper steps it
+    # once per process per call, which would anneal N times too fast on N ranks.
+    model, optimizer = accelerator.prepare(model, optimizer)
     kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
               else core.FixedKLController(cfg.kl.coef))
     score_std = _RunningStd()
-    accelerator.register_for_checkpointing(kl_ctl, score_std)
+    accelerator.register_for_checkpointing(scheduler, kl_ctl, score_std)
 
     prompts = _prompts(cfg.data.path, cfg.data.columns, cfg.data.max_samples, cfg.data.split)
     logger = MetricsLogger(ctx.stage_dir, ctx.name, ctx.report_to, enabled=accelerator.is_main_process,
@@ -469,19 +477,23 @@ def train(cfg: Config, ctx) -> Path:
             for mb_index, mb in enumerate(_chunks(cfg.rollout_batch_size, mini)):
                 mb_ids = order[mb]
                 optimizer.zero_grad(set_to_none=True)
-                for mc in _chunks(len(mb_ids), micro):
+                micro_batches = list(_chunks(len(mb_ids), micro))
+                for mc_index, mc in enumerate(micro_batches):
                     idx = mb_ids[mc]
-                    mask = response_mask[idx]
-                    new_lp, new_v, ent = model(input_ids[idx], attention_mask[idx], q,
-                                               cfg.generation.temperature, with_entropy=True)
-                    pg_loss, pg_stats = core.policy_loss(new_lp, logprobs[idx], advantages[idx], mask,
-                                                         cfg.clip_range)
-                    vf_loss, vclip = core.value_loss(new_v, values[idx], returns[idx], mask, cfg.clip_range_value)
-                    entropy = core.masked_mean(ent, mask)
-                    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
-                    # Micro-batches are equal slices of the minibatch: scaling
-                    # each by its share averages the gradient over the minibatch.
-                    accelerator.backward(loss * len(idx) / len(mb_ids))
+                    # DDP: all-reduce gradients once per minibatch, not per micro-batch.
+                    last_micro = mc_index == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                        mask = response_mask[idx]
+                        new_lp, new_v, ent = model(input_ids[idx], attention_mask[idx], q,
+                                                   cfg.generation.temperature, with_entropy=True)
+                        pg_loss, pg_stats = core.policy_loss(new_lp, logprobs[idx], advantages[idx], mask,
+                                                             cfg.clip_range)
+                        vf_loss, vclip = core.value_loss(new_v, values[idx], returns[idx], mask, cfg.clip_range_value)
+                        entropy = core.masked_mean(ent, mask)
+                        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+                        # Micro-batches are equal slices of the minibatch: scaling
+                        # each by its share averages the gradient over the minibatch.
+                        accelerator.backward(loss * len(idx) / len(mb_ids))
                     for key, val in (("pg", pg_loss), ("vf", vf_loss), ("clip", pg_stats.clipfrac),
                                      ("vclip", vclip), ("akl", pg_stats.approx_kl), ("ent", entropy),
                                      ("ratio", pg_stats.ratio_mean)):
