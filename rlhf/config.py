@@ -12,6 +12,7 @@ support ``str | Dataclass`` shorthands such as ``model: tiny``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -25,11 +26,11 @@ Where = Callable[[str], str]
 
 
 def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default (copied if mutable) and help text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda d=default: dataclasses.replace(d), metadata={"help": help})
+    """A dataclass field with a default (deep-copied if mutable) and help text."""
+    # Deep copies: a shallow copy of e.g. DataConfig() would share its
+    # `columns` dict between every stage that uses the default.
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

@@ -35,7 +35,8 @@ LOCAL_SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet":
 class DataConfig:
     """Where a stage's records come from and how their columns are named."""
 
-    path: str = opt("", "local .jsonl/.json/.csv/.parquet file, or a hub dataset name")
+    path: str = opt("", "local .jsonl/.json/.csv/.parquet file, a hub dataset name, or a labeling "
+                        "database (sqlite:///labels.db?project=NAME)")
     split: str = opt("train", "split to read when `path` is a hub dataset")
     eval_path: str | None = opt(None, "held-out file or hub dataset name (default: same as `path`)")
     eval_split: str | None = opt(None, "held-out split of a hub dataset (e.g. test)")
@@ -114,15 +115,21 @@ def _read_hub(name: str, split: str) -> list[Record]:
 
     try:
         ds = datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError) as e:
-        raise BadInput(f"dataset '{name}' split '{split}': cannot load ({e})") from None
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        # ConnectionError: offline, or a mistyped local path without a file suffix.
+        raise BadInput(f"dataset '{name}' split '{split}': not a local file and cannot load it "
+                       f"from the hub ({e})") from None
     return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
 
 
 def read_records(path: str, split: str = "train", columns: dict[str, str] | None = None,
                  limit: int | None = None) -> list[Record]:
-    """Read raw records from a local file or hub dataset and rename columns."""
-    records = _read_local(path) if is_local(path) else _read_hub(path, split)
+    """Read raw records from a local file, a labeling database or a hub dataset; rename columns."""
+    if path.startswith(("sqlite:", "postgresql:", "postgresql+", "postgres:")):  # rlhf label's database
+        from rlhf.labeling.export import read_db_records
+        records = read_db_records(path)
+    else:
+        records = _read_local(path) if is_local(path) else _read_hub(path, split)
     if limit is not None:
         records = records[:limit]
     if columns:

@@ -85,8 +85,10 @@ def encode_response(tok, prompt, response) -> tuple[list[int], list[int]]:
     response ends in EOS, exactly what the PPO policy produces when it stops.
     """
     p_text, r_text = render_pair(tok, prompt, response)
-    p_ids = tok(p_text, add_special_tokens=False)["input_ids"]
-    r_ids = tok(r_text, add_special_tokens=False)["input_ids"]
+    # verbose=False: over-long pairs are truncated and counted by truncate_pair,
+    # so transformers' "sequence length is longer than..." warning is noise.
+    p_ids = tok(p_text, add_special_tokens=False, verbose=False)["input_ids"]
+    r_ids = tok(r_text, add_special_tokens=False, verbose=False)["input_ids"]
     if isinstance(response, str) and (not r_ids or r_ids[-1] != tok.eos_token_id):
         r_ids = r_ids + [tok.eos_token_id]
     return p_ids, r_ids

@@ -61,7 +61,8 @@ def validate(cfg: Config, ctx) -> None:
     limit = min(cfg.max_length, context_length(source) or cfg.max_length)
     for rec, row in zip(train + held, train_rows + held_rows):
         if "prompt" in row:
-            n = len(tok(render_prompt(tok, row["prompt"]), add_special_tokens=False)["input_ids"])
+            # verbose=False: we report an over-long prompt ourselves, as one error line.
+            n = len(tok(render_prompt(tok, row["prompt"]), add_special_tokens=False, verbose=False)["input_ids"])
             if n >= limit:
                 raise BadInput(f"{rec.where}: prompt is {n} tokens, which leaves no room for the completion "
                                f"within max_length / model context {limit}")

@@ -97,10 +97,14 @@ def write_summary(stage_dir: Path, summary: dict[str, Any]) -> None:
 
 
 def _namespaced(logs: dict[str, float]) -> dict[str, float]:
-    """HF Trainer keys -> ours: ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``."""
+    """HF Trainer keys -> ours: ``loss`` -> ``train/loss``, ``eval_loss`` -> ``eval/loss``,
+    ``train_loss`` (the run's average) -> ``train/mean_loss``."""
     out = {}
     for k, v in logs.items():
-        if k.startswith("eval_"):
+        if k == "train_loss":
+            # HF's end-of-training average; `train/loss` is the per-step loss.
+            out["train/mean_loss"] = v
+        elif k.startswith("eval_"):
             out[f"eval/{k[5:]}"] = v
         elif k.startswith("train_"):
             out[f"train/{k[6:]}"] = v

@@ -79,6 +79,7 @@ def hf_kwargs(cfg: TrainingConfig, stage_dir: Path, seed: int, report_to: list[s
         report_to=list(report_to) or "none",
         run_name=run_name,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # else a warning on every CPU run
         **precision_flags(cfg.precision),
     )
 
