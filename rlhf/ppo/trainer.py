@@ -40,7 +40,7 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_tokenizer, peft_config, save_checkpoint)
 from rlhf.ppo import core
-from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
+from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, position_ids_from
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
 from rlhf.tracking import MetricsLogger, write_summary
 from rlhf.training import precision_flags
@@ -336,8 +336,6 @@ def _gold_eval(cfg: Config, policy, reference: Reference, trained_policy, tok, d
         attn = torch.cat([q_mask, r_mask.long()], 1)
         q = q_ids.size(1)
         with torch.no_grad():
-            from rlhf.ppo.policy import position_ids_from
-
             out = policy(input_ids=ids, attention_mask=attn, position_ids=position_ids_from(attn), use_cache=False)
             lp = core.logprobs_from_logits(out.logits[:, q - 1:-1], r_ids, cfg.generation.temperature)
             ref_lp = reference.logprobs(trained_policy, ids, attn, q, cfg.generation.temperature)
@@ -485,10 +483,12 @@ def train(cfg: Config, ctx) -> Path:
                     with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                         mask = response_mask[idx]
                         new_lp, new_v, ent = model(input_ids[idx], attention_mask[idx], q,
-                                                   cfg.generation.temperature, with_entropy=True)
+                                                   cfg.generation.temperature, with_entropy=True,
+                                                   entropy_grad=cfg.entropy_coef != 0)
                         pg_loss, pg_stats = core.policy_loss(new_lp, logprobs[idx], advantages[idx], mask,
                                                              cfg.clip_range)
-                        vf_loss, vclip = core.value_loss(new_v, values[idx], returns[idx], mask, cfg.clip_range_value)
+                        vf_loss, vclip = core.value_loss(new_v, values[idx], returns[idx], mask,
+                                                         cfg.clip_range_value)
                         entropy = core.masked_mean(ent, mask)
                         loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
                         # Micro-batches are equal slices of the minibatch: scaling
