@@ -1,0 +1,79 @@
+"""Labeling server throughput: labels/s and submit latency (p50/p99).
+
+Starts ``rlhf label serve`` as a subprocess on 127.0.0.1 over a fresh
+database, then drives it with N concurrent simulated labelers (closed loop:
+each submits its next label as soon as the last is acknowledged, with the
+next pair handed back in the same response, as the web page does). Every
+label is committed durably (SQLite WAL, ``synchronous=FULL``) before it is
+acknowledged. The load generator runs on the same machine, so on a 2-core
+box it competes with the server for CPU: the figure is a floor.
+
+    python benchmarks/labeling_throughput.py                  # SQLite, 20 labelers, 3000 labels
+    python benchmarks/labeling_throughput.py --postgres       # a throwaway local PostgreSQL instead
+    python benchmarks/labeling_throughput.py --labelers 50 --labels 5000 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from rlhf.labeling.testing import ServerProcess, make_load_project, percentile, simulate_labelers, temporary_postgres
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labelers", type=int, default=20, help="concurrent simulated labelers (default 20)")
+    p.add_argument("--labels", type=int, default=3000, help="labels to submit in total (default 3000)")
+    p.add_argument("--overlap", type=int, default=3, help="labelers per pair (default 3)")
+    p.add_argument("--postgres", action="store_true", help="use a temporary local PostgreSQL, not SQLite")
+    p.add_argument("--deadline", type=float, default=300, help="stop after this many seconds (default 300)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = p.parse_args()
+    # Enough open slots to never run dry: each pair takes min(overlap, labelers) labels, plus warm-up.
+    n_pairs = (args.labels + args.labelers * 5) // min(args.overlap, args.labelers) + args.labelers * 10
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp, contextlib.ExitStack() as stack:
+        db = stack.enter_context(temporary_postgres()) if args.postgres else f"sqlite:///{Path(tmp) / 'bench.db'}"
+        tokens = make_load_project(db, n_pairs=n_pairs, n_labelers=args.labelers, overlap=args.overlap)
+        with ServerProcess(db, log_path=Path(tmp) / "server.log") as server:
+            # Warm-up: imports, connection pools, SQLite page cache.
+            asyncio.run(simulate_labelers(server.url, tokens, args.labelers * 5, replay_fraction=0, seed=1))
+            r = asyncio.run(simulate_labelers(server.url, tokens, args.labels, deadline_s=args.deadline,
+                                              replay_fraction=0.0, skip_fraction=0.05, seed=2))
+    if r.errors or r.server_errors or len(r.acked) < args.labels:
+        raise SystemExit(f"incomplete run: {len(r.acked)} of {args.labels} labels, {r.server_errors} server "
+                         f"errors, other errors: {dict(r.errors)}")
+    ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
+    figures = {
+        "store": "postgresql" if args.postgres else "sqlite (WAL, synchronous=FULL)",
+        "labelers": args.labelers,
+        "labels": len(r.acked),
+        "seconds": round(r.elapsed_s, 2),
+        "labels_per_s": round(r.labels_per_s, 1),
+        "submit_p50_ms": ms(r.submit_latency_s, 50),
+        "submit_p99_ms": ms(r.submit_latency_s, 99),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if args.json:
+        print(json.dumps(figures))
+        return
+    print(f"store:          {figures['store']}")
+    print(f"machine:        {figures['cpu_cores']} CPU cores, Python {figures['python']} "
+          "(server and load generator share them)")
+    print(f"labelers:       {args.labelers} concurrent, closed loop")
+    print(f"labels:         {figures['labels']} in {figures['seconds']} s")
+    print(f"throughput:     {figures['labels_per_s']} labels/s")
+    print(f"submit latency: p50 {figures['submit_p50_ms']} ms, p99 {figures['submit_p99_ms']} ms "
+          "(includes queueing behind the other labelers)")
+
+
+if __name__ == "__main__":
+    main()

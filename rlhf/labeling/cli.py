@@ -1,0 +1,328 @@
+"""``rlhf label ...``: the labeling commands, hooked into ``rlhf.cli``.
+
+Heavy imports (torch, FastAPI, SQLAlchemy) happen inside the commands, so
+``rlhf --help`` stays fast. Every user error raises BadInput naming the flag
+or file (exit code 2); no command deletes or rewrites stored labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import secrets
+import socket
+import sys
+import unicodedata
+from pathlib import Path
+
+from rlhf.errors import BadInput
+
+EPILOG = """\
+workflow:
+  rlhf label pairs --db sqlite:///runs/labels.db --project qs \\
+      --prompts data/quickstart/prompts_test.jsonl --model runs/quickstart/sft/final --overlap 2
+  rlhf label add-labeler --db sqlite:///runs/labels.db --project qs --name alice
+  rlhf label add-labeler --db sqlite:///runs/labels.db --project qs --name boss --admin
+  rlhf label serve --db sqlite:///runs/labels.db --project qs          # http://127.0.0.1:8000
+  rlhf label stats --db sqlite:///runs/labels.db --project qs
+  rlhf label export --db sqlite:///runs/labels.db --project qs --out runs/labeled.jsonl
+  rlhf run recipes/quickstart.yaml output_dir=runs/labeled \
+      stages.reward.data.path='sqlite:///runs/labels.db?project=qs'
+"""
+
+DB_HELP = "labeling database: sqlite:///PATH.db (or a bare path) or postgresql://USER@HOST/DB"
+
+
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, metavar="URL", help=DB_HELP)
+
+
+def _project(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--project", required=required, metavar="NAME",
+                   help="project name" + ("" if required else " (default: the database's only project)"))
+
+
+def add_parser(sub) -> None:
+    """Register ``rlhf label`` and its subcommands on the main parser's subparsers."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    label = sub.add_parser("label", help="collect preference labels: pairs, web app, export, stats",
+                           description="Collect preference labels from people and export them to the reward stage.",
+                           epilog=EPILOG, formatter_class=fmt)
+    cmds = label.add_subparsers(dest="label_command", required=True, metavar="SUBCOMMAND")
+
+    p = cmds.add_parser("pairs", help="make pairs (from checkpoints or a file) and load them into a project",
+                        description="Sample responses for a prompt set from one or two checkpoints (or read "
+                                    "pairs from a file), drop identical and duplicate pairs, shuffle sides, and "
+                                    "add them to a project (created if new). Re-running adds only new pairs.",
+                        epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p, required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", metavar="FILE", help="prompt file ({prompt} records) to sample responses for")
+    src.add_argument("--from-file", metavar="FILE",
+                     help="ready-made pairs: {prompt, response_a, response_b} / {prompt, responses} / "
+                          "{prompt, chosen, rejected}")
+    p.add_argument("--model", action="append", metavar="CKPT", default=[],
+                   help="checkpoint to sample from (give twice for model A vs model B; once: two samples)")
+    p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts / pairs")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap (default 48)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling and side shuffling")
+    _project_settings(p)
+
+    p = cmds.add_parser("project", help="create a project or change its settings (guidelines, overlap)",
+                        epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p, required=True)
+    _project_settings(p)
+
+    p = cmds.add_parser("add-labeler", help="register a labeler (or admin) and print their token once",
+                        description="Tokens are shown once and stored only as a SHA-256 hash.",
+                        epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p)
+    p.add_argument("--name", required=True, help="labeler name (shown in stats and the admin view)")
+    p.add_argument("--admin", action="store_true", help="an admin token: the admin view, no labeling")
+    p.add_argument("--new-token", action="store_true", help="replace an existing labeler's token")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL to print a sign-in link for")
+    p.add_argument("--json", action="store_true", help="print {name, role, token, link} as JSON")
+
+    p = cmds.add_parser("serve", help="run the labeling web app", epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; put a TLS proxy in front "
+                        "before binding a public address)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body accepted (default 64)")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+
+    p = cmds.add_parser("export", help="write labeled pairs in the reward stage's format",
+                        description="Majority vote per pair over each labeler's current label (skips left "
+                                    "out); ties dropped unless --ties random.", epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p)
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="FILE.jsonl, FILE.parquet, or a directory for a Hugging Face dataset (save_to_disk)")
+    p.add_argument("--format", choices=("jsonl", "parquet", "hf"), help="default: from --out's suffix")
+    p.add_argument("--min-votes", type=int, help="leave out pairs with fewer non-skip labels (default 1)")
+    p.add_argument("--ties", choices=("drop", "random"), help="pairs without a strict winner (default drop)")
+    p.add_argument("--margin", action="store_true", default=None, help="add a vote-margin column")
+    p.add_argument("--seed", type=int, help="seed for --ties random (default 0)")
+
+    p = cmds.add_parser("stats", help="counts, per-labeler throughput and agreement (kappa)",
+                        epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p)
+    p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
+def _project_settings(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", help="project settings file (guidelines, overlap, lease_seconds)")
+    p.add_argument("--guidelines-file", metavar="FILE", help="labeling guidelines shown to labelers (text)")
+    p.add_argument("--overlap", type=int, help="distinct labelers per pair (default 1)")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _settings(args, existing=None):
+    """The project config from --config / --guidelines-file / --overlap, over ``existing``."""
+    from rlhf.config import to_dict
+    from rlhf.labeling.config import load_project_config
+
+    guidelines = None
+    if args.guidelines_file:
+        path = Path(args.guidelines_file)
+        if not path.is_file():
+            raise BadInput(f"--guidelines-file {path}: file not found")
+        try:
+            guidelines = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise BadInput(f"--guidelines-file {path}: not UTF-8 text") from None
+    if args.overlap is not None and args.overlap < 1:
+        raise BadInput(f"--overlap {args.overlap}: expected a positive integer")
+    base = to_dict(existing) if existing is not None and not args.config else {}
+    flags = {k: v for k, v in (("guidelines", guidelines), ("overlap", args.overlap)) if v is not None}
+    cfg = load_project_config(args.config, **{**base, **flags})
+    changed = any(v is not None for v in (args.config, guidelines, args.overlap))
+    return cfg, changed
+
+
+def _open_project(store, args, create: bool):
+    """The named project, created (or its settings updated) as the flags say."""
+    names = {p.name for p in store.projects()}
+    if args.project not in names:
+        if not create:
+            return store.project(args.project)
+        _check_name(args.project, "--project")
+        cfg, _ = _settings(args)
+        print(f"created project {args.project} (overlap {cfg.overlap})")
+        return store.create_project(args.project, cfg)
+    project = store.project(args.project)
+    cfg, changed = _settings(args, project.config)
+    if changed:
+        project = store.set_project_config(project, cfg)
+        print(f"updated project {args.project} settings (overlap {cfg.overlap})")
+    return project
+
+
+def _check_name(name: str, flag: str) -> None:
+    if not name.strip() or len(name) > 100 or any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise BadInput(f"{flag} {name!r}: expected 1-100 printable characters")
+
+
+def cmd_pairs(args) -> int:
+    from rlhf.labeling.pairs import generate_candidates, make_pairs, read_pair_file
+    from rlhf.labeling.store import Store
+
+    if args.limit is not None and args.limit < 1:
+        raise BadInput(f"--limit {args.limit}: expected a positive integer")
+    if args.from_file:
+        if args.model:
+            raise BadInput("--model: not used with --from-file (the file already has the responses)")
+        candidates = read_pair_file(args.from_file)[: args.limit]
+    else:
+        if not args.model:
+            raise BadInput("--model: required with --prompts (one checkpoint, or two to compare)")
+        if args.max_new_tokens < 1:
+            raise BadInput(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+        if args.temperature <= 0 or not 0 < args.top_p <= 1:
+            raise BadInput("--temperature must be > 0 and --top-p in (0, 1]")
+        candidates = generate_candidates(args.prompts, args.model, args.max_new_tokens, args.temperature,
+                                         args.top_p, args.seed, limit=args.limit)
+    pairs, st = make_pairs(candidates, args.seed)
+    # Everything above can fail on bad input without the database being touched.
+    store = Store.open(args.db, create=True)
+    try:
+        project = _open_project(store, args, create=True)
+        added, already = store.add_pairs(project, pairs)
+    finally:
+        store.close()
+    print(f"{st.candidates} candidate pairs: dropped {st.identical} with identical responses, {st.empty} with an "
+          f"empty response, {st.duplicates} duplicates; {added} added to project {project.name}"
+          + (f" ({already} were already there)" if already else ""))
+    return 0
+
+
+def cmd_project(args) -> int:
+    from rlhf.config import to_dict
+    from rlhf.labeling.store import Store
+
+    store = Store.open(args.db, create=True)
+    try:
+        project = _open_project(store, args, create=True)
+    finally:
+        store.close()
+    print(json.dumps(to_dict(project.config), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_add_labeler(args) -> int:
+    from rlhf.labeling.store import Store
+
+    _check_name(args.name, "--name")
+    store = Store.open(args.db)
+    try:
+        project = store.project(args.project)
+        token = "rlhf_" + secrets.token_urlsafe(32)  # 256 bits; the prefix helps secret scanners spot leaks
+        role = "admin" if args.admin else "labeler"
+        store.add_labeler(project, args.name, token, role=role, replace_token=args.new_token)
+    finally:
+        store.close()
+    link = args.url.rstrip("/") + ("/admin" if args.admin else "/") + f"#token={token}"
+    if args.json:
+        print(json.dumps({"name": args.name, "role": role, "project": project.name, "token": token, "link": link}))
+    else:
+        print(f"{role} {args.name} of project {project.name}. Token (shown once; only its hash is stored):\n"
+              f"  {token}\nsign-in link (the token stays in the URL fragment, never sent to the server):\n  {link}")
+    return 0
+
+
+def _check_bind(host: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise BadInput(f"--port {port}: expected 1-65535")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as e:
+        raise BadInput(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+
+
+def cmd_serve(args) -> int:
+    from rlhf.labeling.server import serve
+    from rlhf.labeling.store import Store
+
+    if args.max_body_kb < 1:
+        raise BadInput(f"--max-body-kb {args.max_body_kb}: expected a positive integer")
+    _check_bind(args.host, args.port)
+    store = Store.open(args.db)
+    try:
+        project = store.project(args.project)
+        try:
+            loopback = ipaddress.ip_address(args.host).is_loopback
+        except ValueError:
+            loopback = args.host == "localhost"
+        if not loopback:
+            print(f"warning: listening on {args.host}, reachable from other machines; tokens travel in "
+                  "clear text unless a TLS proxy is in front", file=sys.stderr)
+        url = f"http://{args.host}:{args.port}"
+        print(f"serving project {project.name} from {store.display} on {url} (Ctrl-C to stop)", flush=True)
+        serve(store, project, args.host, args.port, args.max_body_kb * 1024, args.access_log)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rlhf.labeling.config import ExportConfig, replace
+    from rlhf.labeling.export import export_rows, output_format, write_rows
+    from rlhf.labeling.store import Store, parse_db_url
+
+    out = Path(args.out)
+    fmt = output_format(out, args.format)
+    if args.min_votes is not None and args.min_votes < 1:
+        raise BadInput(f"--min-votes {args.min_votes}: expected a positive integer")
+    db = parse_db_url(args.db)
+    store = Store.open(db)
+    try:
+        project = store.project(args.project)
+        cfg = replace(ExportConfig(project=project.name), min_votes=args.min_votes, ties=args.ties,
+                      margin=args.margin, seed=args.seed)
+        rows, st = export_rows(store, project, cfg)
+    finally:
+        store.close()
+    protect = [Path(db.url.database)] if db.url.get_backend_name() == "sqlite" else []
+    if not rows:
+        raise BadInput(f"--project {project.name}: no labeled pairs to export yet ({st.pairs} pairs, "
+                       f"{st.too_few_votes} with fewer than {cfg.min_votes} votes, {st.ties_dropped} ties dropped)")
+    write_rows(rows, out, fmt, protect)
+    print(f"{st.exported} preference pairs -> {out} ({fmt}); of {st.pairs} pairs: {st.too_few_votes} with fewer "
+          f"than {cfg.min_votes} votes, {st.ties_dropped} ties dropped, {st.ties_randomised} ties given a random side")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from rlhf.labeling.stats import compute, format_stats
+    from rlhf.labeling.store import Store
+
+    store = Store.open(args.db)
+    try:
+        st = compute(store, store.project(args.project))
+    finally:
+        store.close()
+    print(json.dumps(st, indent=2, ensure_ascii=False) if args.json else format_stats(st))
+    return 0
+
+
+COMMANDS = {"pairs": cmd_pairs, "project": cmd_project, "add-labeler": cmd_add_labeler, "serve": cmd_serve,
+            "export": cmd_export, "stats": cmd_stats}
+
+
+def run(args) -> int:
+    """Dispatch ``rlhf label SUBCOMMAND``; BadInput propagates to the exit-code-2 handler."""
+    return COMMANDS[args.label_command](args)

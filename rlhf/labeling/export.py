@@ -1,0 +1,183 @@
+"""Labels -> preference pairs in the reward stage's format.
+
+Each pair's current labels (one per labeler, skips left out) are a vote among
+A, B and tie. The strict plurality wins; a pair whose vote has no strict
+winner, or whose winner is "tie", has no preferred side: it is dropped or
+given a random side (``ExportConfig.ties``). Rows are
+``{prompt, chosen, rejected}`` plus provenance columns the reward stage
+ignores (``pair_id``, vote counts, which model wrote each side) and, when
+asked, a ``margin`` for margin losses.
+
+Also the reader behind a reward stage's ``data.path: sqlite:///labels.db``
+(see :func:`read_db_records`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.config import build
+from rlhf.errors import BadInput
+from rlhf.labeling.config import ExportConfig
+from rlhf.labeling.schema import Pair
+from rlhf.labeling.store import LabelRow, ProjectInfo, Store, parse_db_url
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "parquet", "hf")
+
+
+@dataclass
+class ExportSummary:
+    pairs: int = 0
+    exported: int = 0
+    too_few_votes: int = 0  # fewer than min_votes non-skip labels (includes unlabeled pairs)
+    ties_dropped: int = 0
+    ties_randomised: int = 0
+
+
+def resolve_vote(votes: Counter) -> str | None:
+    """The winning choice ("A", "B" or "tie") by strict plurality, or None on a split."""
+    ranked = votes.most_common()
+    if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
+def preference_rows(pairs: dict[int, Pair], current: list[LabelRow], cfg: ExportConfig
+                    ) -> tuple[list[dict[str, Any]], ExportSummary]:
+    """Resolve each pair's votes into a ``{prompt, chosen, rejected, ...}`` row."""
+    votes: dict[int, Counter] = {pid: Counter() for pid in pairs}
+    for r in current:
+        if r.choice != "skip" and r.pair_id in votes:
+            votes[r.pair_id][r.choice] += 1
+    summary = ExportSummary(pairs=len(pairs))
+    rows = []
+    for pid in sorted(pairs):
+        pair, vote = pairs[pid], votes[pid]
+        n = sum(vote.values())
+        if n < cfg.min_votes:
+            summary.too_few_votes += 1
+            continue
+        winner = resolve_vote(vote)
+        if winner not in ("A", "B"):
+            if cfg.ties == "drop":
+                summary.ties_dropped += 1
+                continue
+            # Seeded per pair, so the same database always exports the same file.
+            winner = random.Random(f"{cfg.seed}:{pid}").choice("AB")
+            summary.ties_randomised += 1
+        loser = "B" if winner == "A" else "A"
+        sides = {"A": (pair.response_a, pair.source_a), "B": (pair.response_b, pair.source_b)}
+        row = {"prompt": json.loads(pair.prompt), "chosen": sides[winner][0], "rejected": sides[loser][0],
+               "pair_id": pid, "votes": n, "chosen_votes": vote[winner], "rejected_votes": vote[loser],
+               "tie_votes": vote["tie"], "chosen_source": sides[winner][1], "rejected_source": sides[loser][1]}
+        if cfg.margin:
+            row["margin"] = (vote[winner] - vote[loser]) / n
+        rows.append(row)
+        summary.exported += 1
+    return rows, summary
+
+
+def export_rows(store: Store, project: ProjectInfo, cfg: ExportConfig) -> tuple[list[dict[str, Any]], ExportSummary]:
+    return preference_rows(store.pairs(project), store.current_labels(project.id), cfg)
+
+
+def output_format(out: Path, fmt: str | None) -> str:
+    """The format named by ``--format``, else by the output's suffix."""
+    if fmt is not None:
+        return fmt
+    suffix = out.suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix == "":
+        return "hf"
+    raise BadInput(f"--out {out}: unknown format '{suffix}' (expected .jsonl, .parquet, or a directory "
+                   "for a Hugging Face dataset; or pass --format)")
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path, fmt: str, protect: Sequence[Path] = ()) -> Path:
+    """Write rows atomically: to a temporary sibling, then renamed over ``out``.
+
+    ``protect`` lists files that must never be overwritten (the database
+    itself: exporting onto it would destroy the labels).
+    """
+    resolved = out.resolve()
+    for p in (p.resolve() for p in protect):
+        journals = {p, *(p.with_name(p.name + ext) for ext in ("-wal", "-shm", "-journal"))}
+        if resolved in journals or p.is_relative_to(resolved):
+            raise BadInput(f"--out {out}: is (or holds) the labeling database; choose another path")
+    if fmt == "hf" and out.exists() and (out.is_file() or (any(out.iterdir()) and
+                                                           not (out / "dataset_info.json").exists())):
+        raise BadInput(f"--out {out}: exists and is not a Hugging Face dataset directory; not overwriting it")
+    if fmt != "hf" and out.is_dir():
+        raise BadInput(f"--out {out}: is a directory, expected a {fmt} file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if fmt == "jsonl":
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    else:
+        from datasets import Dataset
+
+        # Chat prompts are lists and text prompts strings; Arrow needs one type per column.
+        if len({type(r["prompt"]) for r in rows}) > 1:
+            raise BadInput(f"--out {out}: the project mixes text and chat prompts; export to .jsonl instead")
+        ds = Dataset.from_list(rows)
+        if fmt == "parquet":
+            ds.to_parquet(str(tmp))
+        else:
+            ds.save_to_disk(str(tmp))
+    if fmt == "hf" and out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+# ---------------------------------------------------------------- the reward stage's reader
+
+
+def read_db_records(path: str) -> list:
+    """Records for ``rlhf.data.read_records`` from a labeling database URL.
+
+    ``sqlite:///labels.db?project=NAME`` (``project`` may be left out when the
+    database has one project). Other ``ExportConfig`` fields can be given the
+    same way, e.g. ``&min_votes=2&ties=random``.
+    """
+    from rlhf.data import Record
+
+    db = parse_db_url(path, flag="data.path")
+    options = {}
+    for key, raw in db.options.items():
+        try:
+            options[key] = yaml.safe_load(raw) if key != "project" else raw
+        except yaml.YAMLError:
+            options[key] = raw
+    cfg = build(ExportConfig, options, "", lambda key: f"data.path {db.display}: ")
+    store = Store.open(db, create=False, flag="data.path")
+    try:
+        project = store.project(cfg.project, flag=f"data.path {db.display} ?project=")
+        rows, summary = export_rows(store, project, cfg)
+    finally:
+        store.close()
+    log.info("%s project %s: %d preference pairs from %d pairs (%d with too few votes, %d ties dropped)",
+             db.display, project.name, summary.exported, summary.pairs, summary.too_few_votes, summary.ties_dropped)
+    if not rows:
+        raise BadInput(f"{db.display}: project {project.name} has no labeled pairs yet "
+                       f"({summary.pairs} pairs, {summary.too_few_votes} with too few votes, "
+                       f"{summary.ties_dropped} ties dropped)")
+    return [Record(row, f"{db.display} project {project.name} pair {row['pair_id']}") for row in rows]

@@ -1,0 +1,161 @@
+"""``rlhf label pairs``: make the pairs people will compare.
+
+Two sources:
+
+- checkpoints: for each prompt, one sampled response from each of two
+  checkpoints (model A vs model B), or two samples from one checkpoint;
+- a file of ready-made pairs: ``{prompt, response_a, response_b}``,
+  ``{prompt, responses: [r1, r2]}`` or ``{prompt, chosen, rejected}`` (the
+  existing preference is ignored: people label it afresh).
+
+Then: pairs whose two responses are the same text (or empty) are dropped,
+exact duplicates are dropped (same prompt, same two responses in either
+order), and each pair's sides are shuffled with a seeded RNG so neither
+model, nor the file's column order, is always on the left; position bias
+then averages out instead of pointing at one model.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from rlhf.errors import BadInput
+from rlhf.labeling.store import NewPair, pair_key
+
+log = logging.getLogger(__name__)
+
+
+class Candidate(NamedTuple):
+    """Two responses to one prompt, in source order (not yet shuffled)."""
+
+    prompt: Any  # str or chat messages
+    response_1: str
+    response_2: str
+    source_1: str
+    source_2: str
+    where: str  # "file.jsonl:3" or "prompts.jsonl:3", for messages
+
+
+@dataclass
+class PairStats:
+    candidates: int = 0
+    identical: int = 0  # both responses the same text
+    empty: int = 0  # a response with no visible text
+    duplicates: int = 0  # an earlier candidate had the same prompt and responses
+    kept: int = 0
+    examples: list[str] = field(default_factory=list)  # where a few drops came from, for the log
+
+
+def read_pair_file(path: str) -> list[Candidate]:
+    """Candidates from a JSONL/JSON/CSV/Parquet file (see the module doc for the columns)."""
+    from rlhf.data import read_records
+
+    out = []
+    for r in read_records(path):
+        d = r.data
+        if "prompt" not in d:
+            raise BadInput(f"{r.where}: expected a 'prompt' field; record has {sorted(d)}")
+        if "response_a" in d and "response_b" in d:
+            r1, r2 = d["response_a"], d["response_b"]
+        elif isinstance(d.get("responses"), list) and len(d["responses"]) == 2:
+            r1, r2 = d["responses"]
+        elif "chosen" in d and "rejected" in d:
+            r1, r2 = d["chosen"], d["rejected"]
+        else:
+            raise BadInput(f"{r.where}: expected 'response_a' and 'response_b', 'responses' (a list of two), "
+                           f"or 'chosen' and 'rejected'; record has {sorted(d)}")
+        for key, value in (("first response", r1), ("second response", r2)):
+            if not isinstance(value, str):
+                raise BadInput(f"{r.where}: {key} must be a string, got {type(value).__name__}")
+        prompt = d["prompt"]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt))):
+            raise BadInput(f"{r.where}: 'prompt' must be a string or a list of {{role, content}} messages")
+        src = d.get("source_a", ""), d.get("source_b", "")
+        out.append(Candidate(prompt, r1, r2, str(src[0]), str(src[1]), r.where))
+    return out
+
+
+def make_pairs(candidates: list[Candidate], seed: int) -> tuple[list[NewPair], PairStats]:
+    """Drop identical/empty/duplicate candidates and shuffle each pair's sides."""
+    rng = random.Random(seed)
+    stats = PairStats(candidates=len(candidates))
+    seen: set[str] = set()
+    out = []
+    for c in candidates:
+        if not c.response_1.strip() or not c.response_2.strip():
+            stats.empty += 1
+            stats.examples.append(f"{c.where}: empty response")
+            continue
+        if c.response_1 == c.response_2:
+            stats.identical += 1
+            stats.examples.append(f"{c.where}: identical responses")
+            continue
+        key = pair_key(c.prompt, c.response_1, c.response_2)
+        if key in seen:
+            stats.duplicates += 1
+            stats.examples.append(f"{c.where}: duplicate pair")
+            continue
+        seen.add(key)
+        sides = [(c.response_1, c.source_1), (c.response_2, c.source_2)]
+        rng.shuffle(sides)
+        (ra, sa), (rb, sb) = sides
+        out.append(NewPair(c.prompt, ra, rb, sa, sb, {"from": c.where}))
+    stats.kept = len(out)
+    if stats.examples:
+        log.info("dropped %d candidate pairs, e.g. %s", len(stats.examples), "; ".join(stats.examples[:3]))
+    return out, stats
+
+
+def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_tokens: int = 48,
+                        temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                        batch_size: int = 16, limit: int | None = None) -> list[Candidate]:
+    """Sample a response per prompt from each of two checkpoints, or two from one.
+
+    Sampling (not greedy) so that one checkpoint gives two different
+    responses; the seed makes a re-run produce the same pairs.
+    """
+    import torch
+
+    from rlhf.data import normalize_prompts, read_records, render_prompt
+    from rlhf.models import ModelConfig, context_length, load_causal_lm, load_tokenizer
+
+    if not 1 <= len(checkpoints) <= 2:
+        raise BadInput(f"--model: expected one or two checkpoints, got {len(checkpoints)}")
+    records = read_records(prompts_path, limit=limit)
+    prompts = normalize_prompts(records)
+    per_model = [1, 1] if len(checkpoints) == 2 else [2]
+    responses: list[list[str]] = []  # one list per response column
+    sources: list[str] = []
+    for name, n_samples in zip(checkpoints, per_model, strict=True):
+        cfg = ModelConfig(name=name)
+        try:
+            tok = load_tokenizer(cfg)
+            model = load_causal_lm(cfg, tok, seed=seed).eval()
+        except OSError as e:  # not a checkpoint dir, and not on the hub (or offline)
+            raise BadInput(f"--model {name}: cannot load a checkpoint ({str(e).splitlines()[0]})") from None
+        tok.padding_side = tok.truncation_side = "left"  # generation continues the prompt's last token
+        room = (context_length(cfg) or 1024) - max_new_tokens
+        if room < 8:
+            raise BadInput(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in "
+                           f"{name}'s context of {context_length(cfg)} tokens")
+        texts = [render_prompt(tok, p) for p in prompts]
+        for sample in range(n_samples):
+            torch.manual_seed(seed + sample)
+            column = []
+            for i in range(0, len(texts), batch_size):
+                batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=room, add_special_tokens=False)
+                with torch.no_grad():
+                    out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
+                new = out[:, batch["input_ids"].shape[1]:]
+                column.extend(tok.batch_decode(new, skip_special_tokens=True))
+            responses.append(column)
+            sources.append(name if n_samples == 1 else f"{name}#sample{sample + 1}")
+        log.info("sampled %d responses x %d from %s", len(texts), n_samples, name)
+    return [Candidate(p, responses[0][i], responses[1][i], sources[0], sources[1], r.where)
+            for i, (p, r) in enumerate(zip(prompts, records, strict=True))]

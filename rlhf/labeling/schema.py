@@ -1,0 +1,133 @@
+"""The labeling database's tables (SQLAlchemy ORM; SQLite and PostgreSQL alike).
+
+Invariants the tables enforce, so no code path can break them:
+
+- ``labels`` is append-only, enforced by database triggers that abort any
+  UPDATE or DELETE. A labeler changing their mind inserts a new row with
+  ``revision`` one higher and ``supersedes_id`` pointing at the previous
+  row; ``(pair_id, labeler_id, revision)`` is unique, so two concurrent
+  revisions of the same label cannot both land.
+- ``(labeler_id, client_id)`` is unique: a retried submission (same
+  client-generated id) can never count twice.
+- tokens are stored as SHA-256 digests only.
+
+Times are Unix seconds (float): portable across both databases and what the
+throughput statistics compute with.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import DDL, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SCHEMA_VERSION = "1"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    """Key/value facts about the database itself (schema version)."""
+
+    __tablename__ = "labeling_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class Project(Base):
+    __tablename__ = "labeling_projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    config: Mapped[str] = mapped_column(Text)  # ProjectConfig as JSON
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Labeler(Base):
+    __tablename__ = "labeling_labelers"
+    __table_args__ = (UniqueConstraint("project_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("labeling_projects.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    role: Mapped[str] = mapped_column(String(16))  # "labeler" or "admin"
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Pair(Base):
+    __tablename__ = "labeling_pairs"
+    __table_args__ = (UniqueConstraint("project_id", "key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("labeling_projects.id"))
+    key: Mapped[str] = mapped_column(String(64))  # sha256 of prompt + the unordered responses: dedup
+    prompt: Mapped[str] = mapped_column(Text)  # JSON: a string or a list of chat messages
+    response_a: Mapped[str] = mapped_column(Text)
+    response_b: Mapped[str] = mapped_column(Text)
+    source_a: Mapped[str] = mapped_column(String(512), default="")  # which model wrote side A
+    source_b: Mapped[str] = mapped_column(String(512), default="")
+    meta: Mapped[str] = mapped_column(Text, default="{}")  # JSON: anything carried over from the input
+    # Distinct labelers whose current label is not a skip. Kept with the labels
+    # in the same transaction so assignment need not count labels.
+    labeled_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+# Assignment walks pairs with open slots, fullest first (labeled_count DESC, id):
+# an index in exactly that order lets it stop at the first fit instead of sorting.
+Index("ix_labeling_pairs_fill", Pair.project_id, Pair.labeled_count.desc(), Pair.id)
+
+
+class Assignment(Base):
+    """A pair shown to a labeler. One row per (pair, labeler), ever: a labeler
+    is never given the same pair twice."""
+
+    __tablename__ = "labeling_assignments"
+    __table_args__ = (Index("ix_labeling_assignments_open", "pair_id", "status", "expires_at"),
+                      Index("ix_labeling_assignments_labeler", "labeler_id", "status"))
+    pair_id: Mapped[int] = mapped_column(ForeignKey("labeling_pairs.id"), primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labeling_labelers.id"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))  # open | labeled | skipped | released
+    assigned_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+
+
+class Label(Base):
+    __tablename__ = "labeling_labels"
+    __table_args__ = (
+        UniqueConstraint("labeler_id", "client_id"),
+        UniqueConstraint("pair_id", "labeler_id", "revision"),
+        Index("ix_labeling_labels_project", "project_id", "pair_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("labeling_projects.id"))
+    pair_id: Mapped[int] = mapped_column(ForeignKey("labeling_pairs.id"))
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labeling_labelers.id"))
+    client_id: Mapped[str] = mapped_column(String(64))
+    choice: Mapped[str] = mapped_column(String(8))  # A, B (the sides as shown), tie or skip
+    reason: Mapped[str] = mapped_column(Text, default="")
+    duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)  # time the labeler spent
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    supersedes_id: Mapped[int | None] = mapped_column(ForeignKey("labeling_labels.id"), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+# Append-only, in the database itself: no code path (ours, a script, a
+# migration gone wrong) can rewrite or delete a stored label.
+_APPEND_ONLY = {
+    "sqlite": [
+        "CREATE TRIGGER labeling_labels_no_update BEFORE UPDATE ON labeling_labels "
+        "BEGIN SELECT RAISE(ABORT, 'labeling_labels is append-only'); END",
+        "CREATE TRIGGER labeling_labels_no_delete BEFORE DELETE ON labeling_labels "
+        "BEGIN SELECT RAISE(ABORT, 'labeling_labels is append-only'); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION labeling_labels_append_only() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'labeling_labels is append-only'; END $$",
+        "CREATE TRIGGER labeling_labels_append_only BEFORE UPDATE OR DELETE ON labeling_labels "
+        "FOR EACH ROW EXECUTE FUNCTION labeling_labels_append_only()",
+    ],
+}
+for _dialect, _statements in _APPEND_ONLY.items():
+    for _sql in _statements:
+        event.listen(Label.__table__, "after_create", DDL(_sql).execute_if(dialect=_dialect))

@@ -1,0 +1,301 @@
+// rlhf labeling page. No framework, no build step.
+//
+// Security: every piece of text from the server (prompts, model responses,
+// names, reasons) is put on the page with textContent, never innerHTML, so
+// it can never become markup. The server's Content-Security-Policy forbids
+// inline scripts as a second line of defence.
+//
+// Durability: each label gets a client id when the pair is shown; a failed
+// request is retried with the same id, which the server stores at most once.
+"use strict";
+
+const TOKEN_KEY = "rlhf-labeling-token";
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  token: null,
+  me: null,
+  pair: null,          // the pair on screen
+  shownAt: 0,          // when it was shown (for duration_ms)
+  clientId: null,      // the id of the label being made for it
+  revising: null,      // {label_id, choice} when revising an earlier label
+  history: [],         // own labels, newest first (for U)
+  historyIndex: -1,
+  busy: false,
+};
+
+// ------------------------------------------------------------------ helpers
+
+function newClientId() {
+  if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+  // randomUUID needs a secure context; getRandomValues does not.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function show(viewId) {
+  for (const id of ["signin-view", "label-view", "done-view", "admin-view"]) $(id).hidden = id !== viewId;
+}
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+class HttpError extends Error {
+  constructor(status, detail) { super(detail); this.status = status; }
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${state.token}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  let data = null;
+  try { data = await res.json(); } catch (_) { /* empty or non-JSON body */ }
+  if (!res.ok) {
+    const detail = data && (data.error || (typeof data.detail === "string" ? data.detail : null));
+    throw new HttpError(res.status, detail || `HTTP ${res.status}`);
+  }
+  return data;
+}
+
+function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+
+// Network errors and 5xx are retried (same body, so the same client id);
+// 4xx answers are final.
+async function apiWithRetry(method, path, body) {
+  let delay = 300;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api(method, path, body);
+    } catch (e) {
+      const transient = !(e instanceof HttpError) || e.status >= 500;
+      if (!transient || attempt >= 8) throw e;
+      setStatus(`Connection problem, retrying… (${attempt + 1})`, true);
+      await sleep(delay);
+      delay = Math.min(delay * 2, 5000);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ rendering
+
+function renderPrompt(el, prompt) {
+  el.replaceChildren();
+  if (typeof prompt === "string") { el.textContent = prompt; return; }
+  for (const msg of prompt) {  // chat messages
+    const turn = document.createElement("div");
+    turn.className = "turn";
+    const role = document.createElement("span");
+    role.className = "role";
+    role.textContent = `${msg.role}:`;
+    turn.append(role, document.createTextNode(String(msg.content)));
+    el.append(turn);
+  }
+}
+
+function renderProgress(p) {
+  if (!p) return;
+  $("progress").hidden = false;
+  const total = p.done + p.remaining;
+  $("progress-bar").max = Math.max(total, 1);
+  $("progress-bar").value = p.done;
+  $("progress-text").textContent = `${p.done} done · ${p.remaining} remaining`;
+}
+
+function renderPair(pair, revising) {
+  state.pair = pair;
+  state.revising = revising;
+  state.clientId = newClientId();
+  state.shownAt = performance.now();
+  renderPrompt($("prompt"), pair.prompt);
+  $("response-a").textContent = pair.response_a;
+  $("response-b").textContent = pair.response_b;
+  $("reason").value = revising ? revising.reason || "" : "";
+  $("revising").hidden = !revising;
+  if (revising) {
+    $("revising-pair").textContent = String(pair.id);
+    $("revising-was").textContent = revising.choice;
+  }
+  for (const b of document.querySelectorAll(".choices button")) {
+    b.classList.toggle("chosen", !!revising && b.dataset.choice === revising.choice);
+  }
+  show("label-view");
+  window.scrollTo(0, 0);
+}
+
+// ------------------------------------------------------------------ flow
+
+async function loadNext() {
+  showNext(await apiWithRetry("GET", "/api/next"));
+  setStatus("");
+}
+
+function showNext(data) {  // {pair, progress}, from GET /api/next or a submission
+  renderProgress(data.progress);
+  state.historyIndex = -1;
+  if (data.pair) {
+    renderPair(data.pair, null);
+  } else {
+    state.pair = null;
+    show("done-view");
+  }
+}
+
+async function submit(choice) {
+  if (state.busy || !state.pair) return;
+  state.busy = true;
+  for (const b of document.querySelectorAll(".choices button")) b.disabled = true;
+  const body = {
+    client_id: state.clientId,
+    pair_id: state.pair.id,
+    choice,
+    reason: $("reason").value.trim(),
+    duration_ms: Math.round(performance.now() - state.shownAt),
+  };
+  if (state.revising) body.supersedes = state.revising.label_id;
+  try {
+    setStatus("Saving…");
+    const saved = await apiWithRetry("POST", "/api/labels?next=true", body);
+    showNext(saved.next);
+    setStatus(`Saved: ${choice === "A" || choice === "B" ? choice + " is better" : choice}.`);
+  } catch (e) {
+    if (e.status === 401) return signOut("Your token is no longer valid.");
+    setStatus(`Not saved: ${e.message}`, true);
+  } finally {
+    state.busy = false;
+    for (const b of document.querySelectorAll(".choices button")) b.disabled = false;
+  }
+}
+
+// U: step back through your own labels, newest first, and revise one.
+async function reviseEarlier() {
+  if (state.busy) return;
+  try {
+    if (state.historyIndex < 0) state.history = (await api("GET", "/api/history?limit=50")).labels;
+    const next = state.historyIndex + 1;
+    if (next >= state.history.length) { setStatus("No earlier labels to revise."); return; }
+    const data = await api("GET", `/api/pairs/${state.history[next].pair_id}`);
+    state.historyIndex = next;
+    renderPair(data.pair, data.label);
+    setStatus("Revising: choose again; the earlier label is kept in the history.");
+  } catch (e) {
+    setStatus(`Could not load an earlier label: ${e.message}`, true);
+  }
+}
+
+// ------------------------------------------------------------------ admin view
+
+function cell(text, numeric = false) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "n/a" : String(text);
+  if (numeric) td.className = "num";
+  return td;
+}
+
+function fmt(x, digits = 3) { return typeof x === "number" ? x.toFixed(digits) : "n/a"; }
+
+async function loadAdmin() {
+  const st = await api("GET", "/api/admin/stats");
+  const p = st.pairs, l = st.labels, a = st.agreement;
+  $("admin-summary").textContent =
+    `${p.complete} of ${p.total} pairs complete (overlap ${st.overlap}); ${p.with_labels} have labels. ` +
+    `${l.current} current labels: ${l.A} A, ${l.B} B, ${l.tie} tie, ${l.skip} skip; ${l.superseded} revised.`;
+  $("admin-agreement").textContent =
+    `Agreement over ${a.pairs_with_2plus_votes} pairs with 2+ votes: Fleiss' kappa ${fmt(a.fleiss_kappa)}, ` +
+    `mean Cohen's kappa ${fmt(a.cohen_kappa_mean)}, raw agreement ${fmt(a.percent_agreement)}.`;
+  $("admin-rows").replaceChildren(...st.labelers.map((r) => {
+    const tr = document.createElement("tr");
+    tr.append(cell(r.name), cell(r.labels, true), cell(r.skips, true), cell(r.revisions, true),
+      cell(r.labels_per_hour, true), cell(r.median_seconds_per_label, true), cell(r.active_minutes, true));
+    return tr;
+  }));
+  $("admin-cohen-empty").hidden = a.cohen_kappa.length > 0;
+  $("admin-cohen").replaceChildren(...a.cohen_kappa.map((c) => {
+    const tr = document.createElement("tr");
+    tr.append(cell(c.labelers.join(" & ")), cell(c.shared_pairs, true), cell(fmt(c.kappa), true));
+    return tr;
+  }));
+  setStatus(`Updated ${new Date().toLocaleTimeString()}.`);
+}
+
+// ------------------------------------------------------------------ sign-in
+
+function signOut(message) {
+  localStorage.removeItem(TOKEN_KEY);
+  state.token = null;
+  $("sign-out").hidden = true;
+  $("progress").hidden = true;
+  show("signin-view");
+  $("signin-error").textContent = message || "";
+  setStatus("");
+}
+
+async function start() {
+  try {
+    state.me = await api("GET", "/api/me");
+  } catch (e) {
+    if (e.status === 401) return signOut(state.token ? "That token is not valid for this project." : "");
+    setStatus(`Cannot reach the server: ${e.message}`, true);
+    return;
+  }
+  const me = state.me;
+  $("project-name").textContent = me.project;
+  $("who").textContent = `· ${me.name}${me.role === "admin" ? " (admin)" : ""}`;
+  $("sign-out").hidden = false;
+  $("guidelines").textContent = me.guidelines;
+  if (me.role === "admin") {
+    show("admin-view");
+    await loadAdmin();
+    setInterval(() => loadAdmin().catch((e) => setStatus(e.message, true)), 10000);
+    return;
+  }
+  if (location.pathname === "/admin") history.replaceState(null, "", "/");
+  await loadNext();
+}
+
+// ------------------------------------------------------------------ keyboard
+
+const KEYS = { 1: "A", a: "A", 2: "B", b: "B", 3: "tie", t: "tie", s: "skip" };
+
+document.addEventListener("keydown", (e) => {
+  if (e.ctrlKey || e.metaKey || e.altKey || !state.token) return;
+  const typing = e.target instanceof HTMLTextAreaElement || e.target instanceof HTMLInputElement;
+  if (typing) {
+    if (e.key === "Escape") e.target.blur();  // leave the box; shortcuts work again
+    return;
+  }
+  const key = e.key.toLowerCase();
+  const onPair = !$("label-view").hidden;
+  if (onPair && KEYS[key]) { e.preventDefault(); submit(KEYS[key]); }
+  else if (onPair && key === "r") { e.preventDefault(); $("reason").focus(); }
+  else if (key === "u") { e.preventDefault(); reviseEarlier(); }
+  else if (onPair && key === "g") { e.preventDefault(); $("guidelines-box").open = !$("guidelines-box").open; }
+  else if (key === "escape" && state.revising) { e.preventDefault(); loadNext(); }
+});
+
+document.addEventListener("DOMContentLoaded", () => {
+  for (const b of document.querySelectorAll(".choices button")) {
+    b.addEventListener("click", () => submit(b.dataset.choice));
+  }
+  $("cancel-revise").addEventListener("click", () => loadNext());
+  $("check-again").addEventListener("click", () => loadNext());
+  $("revise-last").addEventListener("click", () => reviseEarlier());
+  $("sign-out").addEventListener("click", () => signOut(""));
+  $("signin-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.token = $("token-input").value.trim();
+    localStorage.setItem(TOKEN_KEY, state.token);
+    $("token-input").value = "";
+    start();
+  });
+  // A sign-in link carries the token in the fragment, which browsers never
+  // send to the server; keep it, then remove it from the address bar.
+  const m = location.hash.match(/token=([A-Za-z0-9_\-]+)/);
+  if (m) {
+    localStorage.setItem(TOKEN_KEY, m[1]);
+    history.replaceState(null, "", location.pathname);
+  }
+  state.token = localStorage.getItem(TOKEN_KEY);
+  if (state.token) start(); else signOut("");
+});

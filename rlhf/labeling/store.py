@@ -1,0 +1,564 @@
+"""The durable labeling store: SQLite (WAL) by default, PostgreSQL by URL.
+
+Every operation is one short transaction; a label is acknowledged only after
+its transaction commits, so an acknowledged label survives a crash (SQLite:
+WAL with ``synchronous=FULL`` fsyncs each commit; PostgreSQL: its default
+``synchronous_commit=on``).
+
+Concurrency:
+
+- SQLite has one writer at a time. Transactions start with
+  ``BEGIN IMMEDIATE`` (take the write lock up front, so a read-then-write
+  transaction cannot fail half way with "database is locked"), and threads of
+  one process queue on a lock instead of SQLite's sleep-and-retry busy
+  handler, which would turn contention into long tail latencies. Other
+  processes (an export while the server runs) wait via ``busy_timeout``.
+- PostgreSQL: handing out pairs locks the project row (``SELECT ... FOR NO
+  KEY UPDATE``) so two labelers cannot both take a pair's last slot; label
+  submissions rely on the unique constraints and retry as replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, bindparam, case, create_engine, event, func, inspect, select, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session, aliased
+
+from rlhf.errors import BadInput
+from rlhf.labeling.config import ProjectConfig
+from rlhf.labeling.schema import SCHEMA_VERSION, Assignment, Base, Label, Labeler, Meta, Pair, Project
+
+# URL query keys that select what to read, not how to connect (see export.py).
+READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed")
+
+
+class NotFound(Exception):
+    """The requested pair or label does not exist in this project (HTTP 404)."""
+
+
+class Conflict(Exception):
+    """The request contradicts stored state (HTTP 409): e.g. a pair not
+    assigned to this labeler, or a client id reused for a different label."""
+
+
+class DbUrl(NamedTuple):
+    url: URL  # what SQLAlchemy connects to
+    options: dict[str, str]  # READ_OPTIONS found in the query string
+    display: str  # the URL with any password hidden, for messages
+
+
+def parse_db_url(text: str, flag: str = "--db") -> DbUrl:
+    """``sqlite:///labels.db``, ``postgresql://user@host/db`` or a bare path.
+
+    A bare path (no ``://``) means an SQLite file. ``postgresql://`` uses the
+    psycopg 3 driver. Raises BadInput naming ``flag`` on anything else.
+    """
+    if "://" not in text:
+        text = f"sqlite:///{text}"
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        raise BadInput(f"{flag} {text!r}: not a database URL (expected sqlite:///PATH.db or "
+                       "postgresql://USER@HOST/DB)") from None
+    options = {k: str(url.query[k]) for k in READ_OPTIONS if k in url.query}
+    url = url.difference_update_query(READ_OPTIONS)
+    display = url.render_as_string(hide_password=True)  # as the user wrote it, less the secret
+    backend = url.get_backend_name()
+    if backend == "postgres":
+        url = url.set(drivername="postgresql")
+        backend = "postgresql"
+    if backend == "postgresql" and url.drivername == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+    if backend not in ("sqlite", "postgresql"):
+        raise BadInput(f"{flag} {text!r}: unsupported database '{backend}' (expected sqlite or postgresql)")
+    if backend == "sqlite" and (not url.database or url.database == ":memory:"):
+        raise BadInput(f"{flag} {text!r}: expected a file path, e.g. sqlite:///runs/labels.db")
+    return DbUrl(url, options, display)
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 of a token. Tokens are 256-bit random strings, so a fast hash
+    is enough: there is no low-entropy password to brute-force."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def pair_key(prompt: Any, response_1: str, response_2: str) -> str:
+    """Identity of a pair for de-duplication: the prompt and the *unordered*
+    responses, so the same two responses on swapped sides are one pair."""
+    blob = json.dumps([prompt, sorted([response_1, response_2])], ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------- records returned to callers
+
+
+class ProjectInfo(NamedTuple):
+    id: int
+    name: str
+    config: ProjectConfig
+
+
+class LabelerInfo(NamedTuple):
+    id: int
+    project_id: int
+    name: str
+    role: str  # "labeler" or "admin"
+
+
+class NewPair(NamedTuple):
+    """A pair to load, sides already randomised."""
+
+    prompt: Any  # str or chat messages
+    response_a: str
+    response_b: str
+    source_a: str = ""
+    source_b: str = ""
+    meta: dict | None = None
+
+
+class PairView(NamedTuple):
+    id: int
+    prompt: Any
+    response_a: str
+    response_b: str
+
+
+class LabelRow(NamedTuple):
+    id: int
+    pair_id: int
+    labeler: str
+    choice: str
+    reason: str
+    revision: int
+    created_at: float
+    duration_ms: int | None
+
+
+class SubmitResult(NamedTuple):
+    label_id: int
+    revision: int
+    replayed: bool  # True: this client id was already stored; nothing new was written
+
+
+@dataclass(frozen=True)
+class Submission:
+    client_id: str
+    pair_id: int
+    choice: str
+    reason: str = ""
+    supersedes: int | None = None
+    duration_ms: int | None = None
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _sqlite_engine(url: URL, begin: str) -> Engine:
+    """An engine whose transactions start with ``begin`` (``BEGIN IMMEDIATE``
+    for writers; plain ``BEGIN`` for readers, which WAL never blocks)."""
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30.0},
+                           pool_size=4, max_overflow=16)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's "begin" event, not pysqlite, decide how transactions start.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")  # WAL + FULL: a committed label survives power loss
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql(begin)
+
+    return engine
+
+
+class _Q:
+    """The per-request statements, built once.
+
+    Building a SQLAlchemy statement (especially with aliases and correlated
+    subqueries) costs more Python time than SQLite takes to run it; these
+    run with bound parameters on every request.
+    """
+
+    _live = aliased(Assignment)
+    # Other labelers' unexpired leases on the pair of the enclosing query.
+    live_leases = (select(func.count()).select_from(_live)
+                   .where(_live.pair_id == Pair.id, _live.status == "open", _live.expires_at > bindparam("now"),
+                          _live.labeler_id != bindparam("me"))
+                   .scalar_subquery())
+    # FOR NO KEY UPDATE (key_share): serialises assignment per project without
+    # conflicting with the KEY SHARE locks that inserting a label or an
+    # assignment takes on the project row through its foreign key; plain FOR
+    # UPDATE would deadlock two concurrent submit-and-assign transactions.
+    project = select(Project).where(Project.id == bindparam("project")).with_for_update(key_share=True)
+    own_open = (select(Assignment, Pair).join(Pair, Pair.id == Assignment.pair_id)
+                .where(Assignment.labeler_id == bindparam("me"), Assignment.status == "open")
+                .order_by(Assignment.assigned_at).limit(1))
+    leases_on = select(live_leases).where(Pair.id == bindparam("pair"))
+    # Fullest pairs first; the index on (project_id, labeled_count DESC, id) serves this order.
+    next_pair = (select(Pair)
+                 .where(Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
+                        Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"))),
+                        Pair.labeled_count + live_leases < bindparam("overlap"))
+                 .order_by(Pair.labeled_count.desc(), Pair.id).limit(1))
+    by_token = select(Labeler).where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None))
+    by_client_id = select(Label).where(Label.labeler_id == bindparam("me"), Label.client_id == bindparam("client_id"))
+    current_label = (select(Label).where(Label.pair_id == bindparam("pair"), Label.labeler_id == bindparam("me"))
+                     .order_by(Label.revision.desc()).limit(1))
+    count_up = (update(Pair).where(Pair.id == bindparam("pair"))
+                .values(labeled_count=Pair.labeled_count + bindparam("delta")))
+    done = select(func.count()).select_from(Assignment).where(
+        Assignment.labeler_id == bindparam("me"), Assignment.status.in_(("labeled", "skipped")))
+    remaining = select(func.count()).select_from(Pair).where(
+        Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
+        Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"),
+                                                        Assignment.status != "open")))
+    pair_counts = select(func.count(), func.sum(case((Pair.labeled_count >= bindparam("overlap"), 1), else_=0))
+                         ).where(Pair.project_id == bindparam("project"))
+
+
+class Store:
+    """All reads and writes of the labeling database."""
+
+    def __init__(self, engine: Engine, display: str, read_engine: Engine | None = None):
+        self.engine = engine
+        self.read_engine = read_engine or engine
+        self.display = display
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, url: str | DbUrl, create: bool = False, flag: str = "--db") -> Store:
+        """Open (and with ``create`` initialise) a labeling database.
+
+        Never modifies a database that is not a labeling database, and never
+        creates an empty SQLite file when ``create`` is False.
+        """
+        db = url if isinstance(url, DbUrl) else parse_db_url(url, flag)
+        if db.url.get_backend_name() == "sqlite":
+            path = Path(db.url.database)
+            if not path.exists() and not create:
+                raise BadInput(f"{flag} {db.display}: no labeling database there "
+                               "(create one with `rlhf label pairs`)")
+            if path.is_dir():
+                raise BadInput(f"{flag} {db.display}: is a directory, expected a database file")
+            if create:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            engine, read_engine = _sqlite_engine(db.url, "BEGIN IMMEDIATE"), _sqlite_engine(db.url, "BEGIN")
+        else:
+            try:
+                engine = read_engine = create_engine(db.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+            except ImportError:
+                raise BadInput(f"{flag} {db.display}: the PostgreSQL driver is missing "
+                               "(pip install 'rlhf[postgres]')") from None
+        store = cls(engine, db.display, read_engine)
+        try:
+            store._check_schema(create, flag)
+        except (DatabaseError, OperationalError) as e:
+            store.close()
+            raise BadInput(f"{flag} {db.display}: cannot open ({str(e.orig).splitlines()[0]})") from None
+        except BadInput:
+            store.close()
+            raise
+        return store
+
+    def _check_schema(self, create: bool, flag: str) -> None:
+        tables = set(inspect(self.engine).get_table_names())
+        if Meta.__tablename__ not in tables:
+            # An SQLite file is ours alone; a PostgreSQL database may hold other apps' tables.
+            if not create or (self.is_sqlite and tables):
+                raise BadInput(f"{flag} {self.display}: not a labeling database (no labeling tables)")
+            Base.metadata.create_all(self.engine)
+            with self.transaction() as s:
+                s.merge(Meta(key="schema_version", value=SCHEMA_VERSION))
+            return
+        with self.reading() as s:
+            version = s.get(Meta, "schema_version")
+        if version is None or version.value != SCHEMA_VERSION:
+            found = version.value if version else "none"
+            raise BadInput(f"{flag} {self.display}: labeling schema version {found}, this rlhf reads "
+                           f"{SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.engine.dispose()
+        self.read_engine.dispose()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One write transaction, committed on success: the unit of durability."""
+        with self._lock, Session(self.engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only snapshot; with SQLite WAL it runs beside the writer."""
+        with Session(self.read_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    # ------------------------------------------------------------ projects
+
+    def create_project(self, name: str, config: ProjectConfig) -> ProjectInfo:
+        with self.transaction() as s:
+            if s.scalar(select(Project).where(Project.name == name)) is not None:
+                raise BadInput(f"--project {name}: already exists")
+            p = Project(name=name, config=config.to_json(), created_at=time.time())
+            s.add(p)
+            s.flush()
+            return ProjectInfo(p.id, p.name, config)
+
+    def set_project_config(self, project: ProjectInfo, config: ProjectConfig) -> ProjectInfo:
+        with self.transaction() as s:
+            s.execute(update(Project).where(Project.id == project.id).values(config=config.to_json()))
+        return project._replace(config=config)
+
+    def projects(self) -> list[ProjectInfo]:
+        with self.reading() as s:
+            rows = s.scalars(select(Project).order_by(Project.id)).all()
+        return [ProjectInfo(p.id, p.name, ProjectConfig.from_json(p.config)) for p in rows]
+
+    def project(self, name: str | None, flag: str = "--project") -> ProjectInfo:
+        """A project by name; with no name, the database's only project."""
+        projects = self.projects()
+        if name is None:
+            if len(projects) == 1:
+                return projects[0]
+            if not projects:
+                raise BadInput(f"{self.display}: has no projects yet (create one with `rlhf label pairs`)")
+            raise BadInput(f"{flag}: required, {self.display} has several projects: "
+                           f"{', '.join(p.name for p in projects)}")
+        for p in projects:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in projects) or "none"
+        raise BadInput(f"{flag} {name}: no such project in {self.display} (projects: {known})")
+
+    def project_by_id(self, project_id: int) -> ProjectInfo:
+        with self.reading() as s:
+            p = s.get(Project, project_id)
+        return ProjectInfo(p.id, p.name, ProjectConfig.from_json(p.config))
+
+    # ------------------------------------------------------------ labelers
+
+    def add_labeler(self, project: ProjectInfo, name: str, token: str, role: str = "labeler",
+                    replace_token: bool = False) -> LabelerInfo:
+        """Register a labeler (or admin) with a token; only its hash is stored.
+
+        With ``replace_token`` an existing labeler gets the new token (the old
+        one stops working); their labels are untouched.
+        """
+        with self.transaction() as s:
+            row = s.scalar(select(Labeler).where(Labeler.project_id == project.id, Labeler.name == name))
+            if row is not None and not replace_token:
+                raise BadInput(f"--name {name}: already a labeler of project {project.name} "
+                               "(use --new-token to issue a new token)")
+            if row is None:
+                row = Labeler(project_id=project.id, name=name, role=role, token_hash=hash_token(token),
+                              created_at=time.time())
+                s.add(row)
+            else:
+                row.token_hash, row.role, row.revoked_at = hash_token(token), role, None
+            s.flush()
+            return LabelerInfo(row.id, row.project_id, row.name, row.role)
+
+    def authenticate(self, token: str) -> LabelerInfo | None:
+        with self.reading() as s:
+            row = s.scalar(_Q.by_token, {"hash": hash_token(token)})
+        return None if row is None else LabelerInfo(row.id, row.project_id, row.name, row.role)
+
+    def labelers(self, project: ProjectInfo) -> list[LabelerInfo]:
+        with self.reading() as s:
+            rows = s.scalars(select(Labeler).where(Labeler.project_id == project.id).order_by(Labeler.id))
+            return [LabelerInfo(r.id, r.project_id, r.name, r.role) for r in rows]
+
+    # ------------------------------------------------------------ pairs
+
+    def add_pairs(self, project: ProjectInfo, pairs: list[NewPair]) -> tuple[int, int]:
+        """Insert pairs not already in the project. Returns (added, duplicates)."""
+        now = time.time()
+        added = 0
+        with self.transaction() as s:
+            existing = set(s.scalars(select(Pair.key).where(Pair.project_id == project.id)))
+            for p in pairs:
+                key = pair_key(p.prompt, p.response_a, p.response_b)
+                if key in existing:
+                    continue
+                existing.add(key)
+                s.add(Pair(project_id=project.id, key=key, prompt=json.dumps(p.prompt, ensure_ascii=False),
+                           response_a=p.response_a, response_b=p.response_b, source_a=p.source_a,
+                           source_b=p.source_b, meta=json.dumps(p.meta or {}, ensure_ascii=False),
+                           labeled_count=0, created_at=now))
+                added += 1
+        return added, len(pairs) - added
+
+    def pairs(self, project: ProjectInfo) -> dict[int, Pair]:
+        """Every pair of the project by id (detached ORM rows, read-only use)."""
+        with self.reading() as s:
+            return {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == project.id))}
+
+    @staticmethod
+    def _view(p: Pair) -> PairView:
+        return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b)
+
+    def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
+        """The pair this labeler should label next, leased to them; None when done."""
+        now = time.time() if now is None else now
+        with self.transaction() as s:
+            return self._assign_next(s, labeler, now)
+
+    def _assign_next(self, s: Session, labeler: LabelerInfo, now: float) -> PairView | None:
+        """Inside a write transaction: this labeler's unfinished pair (a page
+        reload shows the same pair), else a new one.
+
+        New pairs: ones this labeler was never given whose non-skip labels
+        plus others' live leases leave a slot under ``overlap``, fullest
+        first so that pairs reach their overlap early.
+        """
+        project = s.scalar(_Q.project, {"project": labeler.project_id})
+        cfg = ProjectConfig.from_json(project.config)
+        params = {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap}
+        own = s.execute(_Q.own_open, params).first()
+        if own is not None:
+            asg, pair = own
+            if asg.expires_at - now > cfg.lease_seconds / 2:
+                return self._view(pair)  # fresh lease: no write, so no commit to wait for
+            slots_left = pair.labeled_count + s.scalar(_Q.leases_on, {**params, "pair": pair.id}) < cfg.overlap
+            if asg.expires_at > now or slots_left:
+                asg.expires_at = now + cfg.lease_seconds
+                return self._view(pair)
+            asg.status = "released"  # its slot went to someone else while the lease was lapsed
+        pair = s.scalar(_Q.next_pair, params)
+        if pair is None:
+            return None
+        s.add(Assignment(pair_id=pair.id, labeler_id=labeler.id, status="open", assigned_at=now,
+                         expires_at=now + cfg.lease_seconds))
+        return self._view(pair)
+
+    def pair_for(self, labeler: LabelerInfo, pair_id: int) -> tuple[PairView, LabelRow | None]:
+        """A pair this labeler was given and their current label on it (to
+        review or revise it)."""
+        with self.reading() as s:
+            pair = s.get(Pair, pair_id)
+            if pair is None or pair.project_id != labeler.project_id:
+                raise NotFound(f"pair {pair_id} not found")
+            if s.get(Assignment, (pair_id, labeler.id)) is None:
+                raise Conflict(f"pair {pair_id} was not assigned to you")
+            lab = s.scalar(select(Label).where(Label.pair_id == pair_id, Label.labeler_id == labeler.id)
+                           .order_by(Label.revision.desc()).limit(1))
+            current = None if lab is None else LabelRow(lab.id, lab.pair_id, labeler.name, lab.choice, lab.reason,
+                                                        lab.revision, lab.created_at, lab.duration_ms)
+            return self._view(pair), current
+
+    # ------------------------------------------------------------ labels
+
+    def submit(self, labeler: LabelerInfo, sub: Submission, assign_next: bool = False,
+               now: float | None = None) -> tuple[SubmitResult, PairView | None]:
+        """Store one label, exactly once per ``client_id``; optionally hand out
+        the next pair in the same transaction (one commit per label).
+
+        A replay (same client id, same content) returns the stored label with
+        ``replayed=True``; the same client id with different content, a pair
+        not assigned to this labeler, or a second label for a pair without
+        ``supersedes`` naming the current one is a Conflict.
+        """
+        now = time.time() if now is None else now
+        for _attempt in range(3):
+            try:
+                with self.transaction() as s:
+                    result = self._store_label(s, labeler, sub, now)
+                    return result, self._assign_next(s, labeler, now) if assign_next else None
+            except IntegrityError:
+                # PostgreSQL: a concurrent request won a unique constraint. If it
+                # stored this client id, the retry returns it as a replay.
+                continue
+        raise Conflict(f"pair {sub.pair_id}: concurrent labels for the same pair; reload and retry")
+
+    def _store_label(self, s: Session, labeler: LabelerInfo, sub: Submission, now: float) -> SubmitResult:
+        seen = s.scalar(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id})
+        if seen is not None:
+            if (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id) != (
+                    sub.pair_id, sub.choice, sub.reason, sub.supersedes):
+                raise Conflict(f"client_id {sub.client_id} was already used for a different label")
+            return SubmitResult(seen.id, seen.revision, True)
+        pair = s.get(Pair, sub.pair_id)
+        if pair is None or pair.project_id != labeler.project_id:
+            raise NotFound(f"pair {sub.pair_id} not found")
+        asg = s.get(Assignment, (sub.pair_id, labeler.id))
+        if asg is None:
+            raise Conflict(f"pair {sub.pair_id} was not assigned to you (GET /api/next first)")
+        current = s.scalar(_Q.current_label, {"pair": sub.pair_id, "me": labeler.id})
+        if current is None and sub.supersedes is not None:
+            raise Conflict(f"supersedes {sub.supersedes}: you have no label on pair {sub.pair_id} to revise")
+        if current is not None and sub.supersedes != current.id:
+            raise Conflict(f"pair {sub.pair_id} already has your label {current.id}; to change it, "
+                           f"send supersedes={current.id}")
+        label = Label(project_id=labeler.project_id, pair_id=sub.pair_id, labeler_id=labeler.id,
+                      client_id=sub.client_id, choice=sub.choice, reason=sub.reason,
+                      duration_ms=sub.duration_ms, revision=0 if current is None else current.revision + 1,
+                      supersedes_id=sub.supersedes, created_at=now)
+        s.add(label)
+        delta = int(sub.choice != "skip") - int(current is not None and current.choice != "skip")
+        if delta:
+            # A SQL-side increment: correct even when PostgreSQL runs two submits at once.
+            s.execute(_Q.count_up, {"pair": pair.id, "delta": delta})
+        asg.status = "skipped" if sub.choice == "skip" else "labeled"
+        s.flush()
+        return SubmitResult(label.id, label.revision, False)
+
+    def history(self, labeler: LabelerInfo, limit: int = 20) -> list[LabelRow]:
+        """This labeler's current labels, newest first."""
+        rows = [r for r in self.current_labels(labeler.project_id, labeler_id=labeler.id)]
+        rows.sort(key=lambda r: r.created_at, reverse=True)
+        return rows[:limit]
+
+    def _label_rows(self, stmt) -> list[LabelRow]:
+        with self.reading() as s:
+            return [LabelRow(lab.id, lab.pair_id, name, lab.choice, lab.reason, lab.revision, lab.created_at,
+                             lab.duration_ms)
+                    for lab, name in s.execute(stmt.join(Labeler, Labeler.id == Label.labeler_id)
+                                               .add_columns(Labeler.name).order_by(Label.id))]
+
+    def current_labels(self, project_id: int, labeler_id: int | None = None) -> list[LabelRow]:
+        """Each labeler's latest revision per pair (what counts), oldest first."""
+        newer = aliased(Label)
+        stmt = select(Label).where(
+            Label.project_id == project_id,
+            ~select(newer.id).where(newer.pair_id == Label.pair_id, newer.labeler_id == Label.labeler_id,
+                                    newer.revision > Label.revision).exists())
+        if labeler_id is not None:
+            stmt = stmt.where(Label.labeler_id == labeler_id)
+        return self._label_rows(stmt)
+
+    def all_labels(self, project_id: int) -> list[LabelRow]:
+        """Every label row ever stored, superseded ones included (the history)."""
+        return self._label_rows(select(Label).where(Label.project_id == project_id))
+
+    # ------------------------------------------------------------ progress
+
+    def progress(self, labeler: LabelerInfo) -> dict[str, int]:
+        """``done``: pairs this labeler finished (skips included); ``remaining``:
+        pairs still open to them (an upper bound: others may fill them first)."""
+        with self.reading() as s:
+            overlap = ProjectConfig.from_json(s.get(Project, labeler.project_id).config).overlap
+            params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap}
+            done = s.scalar(_Q.done, params)
+            remaining = s.scalar(_Q.remaining, params)
+            total, complete = s.execute(_Q.pair_counts, params).one()
+        return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete or 0}

@@ -1,0 +1,297 @@
+"""Test and benchmark helpers: a server subprocess, a throwaway PostgreSQL,
+and simulated labelers.
+
+Everything here talks to 127.0.0.1 only, and every loop is bounded by a
+label count and a deadline, so a load run always stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``rlhf label serve`` in a subprocess on 127.0.0.1, for tests that need
+    a real server (load, crash, browser)."""
+
+    def __init__(self, db: str, project: str | None = None, port: int | None = None,
+                 log_path: Path | None = None, extra_args: tuple[str, ...] = ()):
+        self.db, self.project = db, project
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> ServerProcess:
+        cmd = [sys.executable, "-m", "rlhf", "label", "serve", "--db", self.db, "--host", LOOPBACK,
+               "--port", str(self.port), *self.extra_args]
+        if self.project:
+            cmd += ["--project", self.project]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            if self.log_path:
+                out.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = Path(self.log_path).read_text() if self.log_path else ""
+                raise RuntimeError(f"server exited with code {self.proc.returncode}: {log[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not answer on {self.url} within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers run, as in a power cut of the process."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin_dir() -> Path | None:
+    """Debian keeps initdb/pg_ctl in /usr/lib/postgresql/<version>/bin, off PATH."""
+    on_path = shutil.which("pg_ctl")
+    if on_path and shutil.which("initdb"):
+        return Path(on_path).resolve().parent
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+    return Path(found[-1]).parent if found else None
+
+
+@contextlib.contextmanager
+def temporary_postgres(timeout_s: float = 60.0) -> Iterator[str]:
+    """Start a private PostgreSQL cluster on a loopback port; yield its URL.
+
+    initdb in a temporary directory, trust auth on 127.0.0.1 only, stopped
+    and deleted afterwards. PostgreSQL refuses to run as root, so as root the
+    server runs as the ``postgres`` system user (created by Debian's package)
+    or ``nobody``. Raises RuntimeError when PostgreSQL is not installed.
+    """
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+    run_as: dict = {}
+    base = Path(tempfile.mkdtemp(prefix="rlhf-pg-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        user = next((u for u in ("postgres", "nobody") if _has_user(u)), None)
+        if user is None:
+            raise RuntimeError("running as root and no 'postgres' or 'nobody' user to run PostgreSQL as")
+        pw = pwd.getpwnam(user)
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+        run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": [], "cwd": str(base)}
+    data, port = base / "data", free_port()
+    try:
+        subprocess.run([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=timeout_s, **run_as)
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "server.log"), "-w",
+                        "-t", str(int(timeout_s)), "-o",
+                        f"-p {port} -k {base} -c listen_addresses={LOOPBACK} -c max_connections=100",
+                        "start"], check=True, capture_output=True, timeout=timeout_s + 5, **run_as)
+        try:
+            yield f"postgresql://postgres@{LOOPBACK}:{port}/postgres"
+        finally:
+            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=timeout_s, **run_as)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"PostgreSQL failed to start: {e.stderr.decode(errors='replace')[-1000:]}") from None
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+# ---------------------------------------------------------------- simulated labelers
+
+
+@dataclass
+class LoadResult:
+    """What the simulated labelers saw."""
+
+    # client_id -> (labeler, label_id, pair_id, choice) of every acknowledged label
+    acked: dict[str, tuple[str, int, int, str]] = field(default_factory=dict)
+    submit_latency_s: list[float] = field(default_factory=list)  # first successful POST of each label
+    next_latency_s: list[float] = field(default_factory=list)
+    replays: int = 0  # deliberate re-sends of an acknowledged label
+    replays_mismatched: int = 0  # re-sends that did not return the same label id
+    retries: int = 0  # re-sends after a connection error or 5xx
+    server_errors: int = 0  # 5xx answers (each was retried)
+    errors: Counter = field(default_factory=Counter)  # unexpected HTTP statuses
+    finished_labelers: int = 0  # labelers told "no more pairs"
+    elapsed_s: float = 0.0
+
+    @property
+    def labels_per_s(self) -> float:
+        return len(self.acked) / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, int(round(q / 100 * len(ordered) + 0.5)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: LoadResult, total: int,
+                   deadline: float, rng: random.Random, replay_fraction: float, skip_fraction: float,
+                   on_ack: Callable[[LoadResult], None] | None) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+
+    async def call(method: str, path: str, body: dict | None = None) -> httpx.Response | None:
+        """One request, re-sent unchanged on connection errors and 5xx until the deadline."""
+        while time.monotonic() < deadline:
+            try:
+                resp = await client.request(method, path, json=body, headers=headers)
+                if resp.status_code < 500:
+                    return resp
+                result.server_errors += 1
+            except httpx.TransportError:
+                pass  # server down (crash test) or connection reset: retry the same request
+            result.retries += 1
+            await asyncio.sleep(0.05 + 0.1 * rng.random())
+        return None
+
+    pair = None  # the next pair, when the last submission brought it along
+    while len(result.acked) < total and time.monotonic() < deadline:
+        if pair is None:
+            t0 = time.perf_counter()
+            resp = await call("GET", "/api/next")
+            if resp is None:
+                return
+            if resp.status_code != 200:
+                result.errors[f"GET /api/next {resp.status_code}"] += 1
+                return
+            result.next_latency_s.append(time.perf_counter() - t0)
+            pair = resp.json()["pair"]
+            if pair is None:
+                result.finished_labelers += 1
+                return
+        choice = "skip" if rng.random() < skip_fraction else rng.choice(("A", "A", "B", "B", "tie"))
+        body = {"client_id": uuid.uuid4().hex, "pair_id": pair["id"], "choice": choice,
+                "reason": f"simulated {name}", "duration_ms": rng.randint(500, 20000)}
+        t0 = time.perf_counter()
+        resp = await call("POST", "/api/labels?next=true", body)
+        if resp is None:
+            return
+        if resp.status_code not in (200, 201):
+            result.errors[f"POST /api/labels {resp.status_code}: {resp.text[:200]}"] += 1
+            pair = None
+            continue
+        result.submit_latency_s.append(time.perf_counter() - t0)
+        out = resp.json()
+        result.acked[body["client_id"]] = (name, out["label_id"], pair["id"], choice)
+        if on_ack:
+            on_ack(result)
+        if rng.random() < replay_fraction:
+            # A client that lost the first answer re-sends: it must get the same label back.
+            again = await call("POST", "/api/labels?next=true", body)
+            result.replays += 1
+            if again is None or again.status_code != 200 or again.json().get("label_id") != out["label_id"]:
+                result.replays_mismatched += 1
+        pair = out["next"]["pair"]
+        if pair is None:
+            result.finished_labelers += 1
+            return
+
+
+async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int, deadline_s: float = 60.0,
+                            replay_fraction: float = 0.1, skip_fraction: float = 0.05, seed: int = 0,
+                            on_ack: Callable[[LoadResult], None] | None = None) -> LoadResult:
+    """Run one concurrent client per token until ``total_labels`` labels are
+    acknowledged, every labeler runs out of pairs, or the deadline passes."""
+    result = LoadResult()
+    deadline = time.monotonic() + deadline_s
+    limits = httpx.Limits(max_connections=len(tokens) * 2, max_keepalive_connections=len(tokens) * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(15.0), limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(
+            _labeler(client, name, token, result, total_labels, deadline, random.Random(f"{seed}:{name}"),
+                     replay_fraction, skip_fraction, on_ack)
+            for name, token in tokens.items()))
+        result.elapsed_s = time.perf_counter() - t0
+    return result
+
+
+def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, project: str = "load"
+                      ) -> dict[str, str]:
+    """A project with synthetic pairs and labelers; returns labeler name -> token."""
+    from rlhf.labeling.config import ProjectConfig
+    from rlhf.labeling.store import NewPair, Store
+
+    store = Store.open(db, create=True)
+    try:
+        proj = store.create_project(project, ProjectConfig(overlap=overlap))
+        store.add_pairs(proj, [NewPair(f"Prompt {i}: review film #{i}", f"Response {i} A\nline two",
+                                       f"Response {i} B <b>bold?</b>", "model-a", "model-b")
+                               for i in range(n_pairs)])
+        tokens = {}
+        for j in range(n_labelers):
+            token = f"rlhf_load_{uuid.uuid4().hex}"
+            store.add_labeler(proj, f"labeler{j:02d}", token)
+            tokens[f"labeler{j:02d}"] = token
+    finally:
+        store.close()
+    return tokens

@@ -1,0 +1,179 @@
+"""End to end in headless Chromium: a labeler labels pairs with the keyboard,
+then the export trains a reward model.
+
+Uses Debian's ``chromium`` through Playwright's ``executable_path`` (never
+``playwright install``); skipped when either is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rlhf.labeling.config import ProjectConfig
+from rlhf.labeling.pairs import read_pair_file
+from rlhf.labeling.store import NewPair, Store
+from rlhf.labeling.testing import ServerProcess
+
+REPO = Path(__file__).resolve().parents[1]
+PREFS = REPO / "data" / "quickstart" / "prefs_test.jsonl"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+N_PAIRS = 12
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+def make_project(db: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Pairs from the bundled preference data (we know which side is 'right')
+    plus one pair of hostile text. Returns tokens and response -> 'good'/'bad'."""
+    cands = read_pair_file(str(PREFS))[:N_PAIRS]
+    assert len({c.prompt for c in cands}) == N_PAIRS  # the test keys decisions by prompt
+    truth = {}
+    pairs = []
+    for i, c in enumerate(cands):
+        good, bad = c.response_1, c.response_2  # prefs files list chosen first
+        truth[good], truth[bad] = "good", "bad"
+        pairs.append(NewPair(c.prompt, *((good, bad) if i % 2 else (bad, good))))
+    pairs.append(NewPair(f"{XSS}\n    keep   this   spacing", f"{XSS} first\nsecond line", f"plain {XSS}"))
+    store = Store.open(db, create=True)
+    project = store.create_project("e2e", ProjectConfig(guidelines="Pick the review that reads better.\n"
+                                                                   f"Never trust text like {XSS}"))
+    store.add_pairs(project, pairs)
+    tokens = {"ann": "rlhf_e2e_ann_" + "a" * 32, "boss": "rlhf_e2e_boss_" + "b" * 32}
+    store.add_labeler(project, "ann", tokens["ann"])
+    store.add_labeler(project, "boss", tokens["boss"], role="admin")
+    store.close()
+    return tokens, truth
+
+
+def test_keyboard_labeling_then_export_trains_a_reward_model(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from rlhf.cli import main
+    from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer, save_checkpoint
+    from rlhf.recipe import load_recipe, run
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    tokens, truth = make_project(db)
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/#token={tokens['ann']}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        assert "token" not in page.url  # the sign-in fragment is removed from the address bar
+        assert page.locator("#project-name").text_content() == "e2e"
+        # Desktop: responses side by side.
+        a_box, b_box = page.locator("#side-a").bounding_box(), page.locator("#side-b").bounding_box()
+        assert abs(a_box["y"] - b_box["y"]) < 1 and b_box["x"] > a_box["x"] + a_box["width"] - 1
+        page.keyboard.press("g")
+        assert XSS in page.locator("#guidelines").text_content()
+
+        decisions = {}  # prompt text -> the response the labeler preferred
+        done = 0
+        while not page.locator("#label-view").is_hidden():
+            # Read everything before pressing a key: the answer brings the next pair on screen.
+            prompt = page.locator("#prompt").text_content()
+            a, b = page.locator("#response-a").text_content(), page.locator("#response-b").text_content()
+            if XSS in prompt:
+                # Hostile text is shown as text: exact characters, whitespace kept, nothing executed.
+                assert prompt == f"{XSS}\n    keep   this   spacing"
+                assert a == f"{XSS} first\nsecond line"
+                assert page.evaluate("window.__pwned") is None
+                assert page.locator("#response-a img, #prompt script").count() == 0
+                assert page.eval_on_selector("#prompt", "el => getComputedStyle(el).whiteSpace") == "pre-wrap"
+                page.keyboard.press("s")  # skip: no opinion on this one
+            elif done == 3:
+                page.keyboard.press("3")  # a tie: dropped from the export
+            else:
+                if done == 1:  # a reason, typed after R; Escape gives the keys back to the page
+                    page.keyboard.press("r")
+                    page.keyboard.type("the <b>first</b> one is on topic")
+                    page.keyboard.press("Escape")
+                # Deliberately wrong on pair 2, revised with U below.
+                wants_a = (truth[a] == "good") != (done == 2)
+                page.keyboard.press("1" if wants_a else "2")
+                decisions[prompt] = a if wants_a else b
+            done += 1
+            expect(page.locator("#progress-text")).to_have_text(re.compile(rf"^{done} done"))
+            if done == 3:
+                # U: back to the last label, change the answer; the old one stays in the history.
+                page.keyboard.press("u")
+                page.wait_for_selector("#revising:not([hidden])")
+                revised_prompt = page.locator("#prompt").text_content()
+                a, b = page.locator("#response-a").text_content(), page.locator("#response-b").text_content()
+                page.keyboard.press("1" if truth[a] == "good" else "2")
+                decisions[revised_prompt] = a if truth[a] == "good" else b
+                page.wait_for_selector("#revising", state="hidden")
+        assert done == N_PAIRS + 1
+        assert page.locator("#done-view").is_visible()
+        assert page.evaluate("window.__pwned") is None
+
+        # Phone: the same page stacks the responses.
+        phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        phone.goto(f"{server.url}/#token={tokens['ann']}")
+        phone.wait_for_selector("#done-view:not([hidden])")
+        phone.locator("#revise-last").click()
+        phone.wait_for_selector("#revising:not([hidden])")
+        a_box, b_box = phone.locator("#side-a").bounding_box(), phone.locator("#side-b").bounding_box()
+        assert b_box["y"] >= a_box["y"] + a_box["height"] and a_box["width"] <= 390
+        phone.close()
+
+        # Admin view: progress per labeler.
+        admin = browser.new_page()
+        admin.goto(f"{server.url}/admin#token={tokens['boss']}")
+        admin.wait_for_selector("#admin-view:not([hidden])")
+        expect(admin.locator("#admin-rows")).to_contain_text("ann")
+        assert "12 of 13 pairs complete" in admin.locator("#admin-summary").text_content()  # the skip is open
+        admin.close()
+        page.close()
+
+    # Export what the labeler chose, and train a reward model on it.
+    out = tmp_path / "labeled.jsonl"
+    assert main(["-q", "label", "export", "--db", db, "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == N_PAIRS - 1  # the tie is dropped; the hostile pair was skipped
+    for row in rows:
+        assert row["chosen"] == decisions[row["prompt"]] and truth[row["chosen"]] == "good"
+    store = Store.open(db)
+    history = store.all_labels(store.project("e2e").id)
+    assert len(history) == N_PAIRS + 2 and sum(r.revision for r in history) == 1  # 13 labels + 1 revision
+    assert any(r.reason == "the <b>first</b> one is on topic" for r in history)
+    store.close()
+
+    tok = load_tokenizer(ModelConfig("tiny"))
+    sft = save_checkpoint(load_causal_lm(ModelConfig("tiny"), tok, seed=0), tok, tmp_path / "sft_final")
+    recipe_path = tmp_path / "reward.yaml"
+    recipe_path.write_text(f"""\
+output_dir: {tmp_path / 'run'}
+seed: 0
+stages:
+  reward:
+    type: reward
+    model: {sft}
+    data:
+      path: {out}                        # the export
+      eval_path: "{db}?project=e2e"      # the database itself, read directly
+    max_length: 128
+    train: {{max_steps: 3, batch_size: 4, learning_rate: 1.0e-3, logging_steps: 1, save_steps: 100}}
+""")
+    results = run(load_recipe(recipe_path))
+    final = results["reward"]
+    assert (final / "model.safetensors").exists()
+    summary = json.loads((tmp_path / "run" / "reward" / "metrics.json").read_text())
+    assert summary["train/steps"] == 3 and summary["train/pairs"] == N_PAIRS - 1
+    assert summary["eval/pairs"] == N_PAIRS - 1

@@ -1,0 +1,171 @@
+"""``rlhf label ...`` commands: the workflow, pairs from checkpoints, and bad
+input (exit 2, one ``error:`` line naming the flag or file, labels intact)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+from rlhf.cli import main
+from rlhf.labeling.store import Store, Submission
+
+REPO = Path(__file__).resolve().parents[1]
+PREFS = REPO / "data" / "quickstart" / "prefs_test.jsonl"
+PROMPTS = REPO / "data" / "quickstart" / "prompts_test.jsonl"
+
+
+def rlhf(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["-q", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def label_everything(db: str, choice: str = "A") -> int:
+    """Every labeler labels every pair they are given; returns labels stored."""
+    store = Store.open(db)
+    n = 0
+    for labeler in store.labelers(store.project(None)):
+        if labeler.role != "labeler":
+            continue
+        while (view := store.next_pair(labeler)) is not None:
+            store.submit(labeler, Submission(uuid.uuid4().hex, view.id, choice))
+            n += 1
+    store.close()
+    return n
+
+
+def test_workflow_pairs_labelers_stats_export(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    code, out, _ = rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS,
+                        "--limit", 20, "--overlap", 2)
+    assert code == 0 and "20 added to project qs" in out
+    code, out, _ = rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS,
+                        "--limit", 25)
+    assert code == 0 and "5 added" in out and "20 were already there" in out
+    tokens = []
+    for name in ("ann", "ben"):
+        code, out, _ = rlhf(capsys, "label", "add-labeler", "--db", db, "--name", name, "--json")
+        info = json.loads(out)
+        assert code == 0 and info["token"].startswith("rlhf_") and info["link"].endswith(info["token"])
+        tokens.append(info["token"])
+    code, out, _ = rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "boss", "--admin")
+    assert code == 0 and "/admin#token=rlhf_" in out
+    guidelines = tmp_path / "guide.txt"
+    guidelines.write_text("Prefer the response that matches the review's sentiment.")
+    code, out, _ = rlhf(capsys, "label", "project", "--db", db, "--project", "qs", "--guidelines-file", guidelines)
+    assert code == 0 and json.loads(out[out.index("{"):])["guidelines"].startswith("Prefer")
+    assert label_everything(db) == 50  # 25 pairs x overlap 2
+    code, out, _ = rlhf(capsys, "label", "stats", "--db", db, "--json")
+    st = json.loads(out)
+    assert code == 0 and st["pairs"]["complete"] == 25 and st["agreement"]["percent_agreement"] == 1.0
+    code, out, _ = rlhf(capsys, "label", "stats", "--db", db)
+    assert code == 0 and "ann" in out and "Fleiss" in out
+    dest = tmp_path / "out" / "prefs.jsonl"
+    code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", dest, "--min-votes", 2, "--margin")
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert code == 0 and len(rows) == 25 and all(r["margin"] == 1.0 for r in rows)
+    code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", tmp_path / "prefs_hf")
+    assert code == 0 and (tmp_path / "prefs_hf" / "dataset_info.json").exists()
+
+
+def test_pairs_from_one_or_two_checkpoints(tmp_path, capsys):
+    from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer, save_checkpoint
+
+    tok = load_tokenizer(ModelConfig("tiny"))
+    ckpts = []
+    for seed in (1, 2):
+        ckpts.append(save_checkpoint(load_causal_lm(ModelConfig("tiny"), tok, seed=seed), tok,
+                                     tmp_path / f"model{seed}"))
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    code, out, _ = rlhf(capsys, "label", "pairs", "--db", db, "--project", "ab", "--prompts", PROMPTS,
+                        "--limit", 6, "--model", ckpts[0], "--model", ckpts[1], "--max-new-tokens", 8)
+    assert code == 0 and "6 candidate pairs" in out
+    store = Store.open(db)
+    pairs = store.pairs(store.project("ab"))
+    assert pairs and {p.source_a for p in pairs.values()} <= {str(ckpts[0]), str(ckpts[1])}
+    assert all(p.source_a != p.source_b for p in pairs.values())
+    store.close()
+    code, out, _ = rlhf(capsys, "label", "pairs", "--db", db, "--project", "two-samples", "--prompts", PROMPTS,
+                        "--limit", 4, "--model", ckpts[0], "--max-new-tokens", 8)
+    assert code == 0 and "4 candidate pairs" in out
+
+
+def test_bad_input_exits_2_naming_the_flag_and_keeps_labels(tmp_path, capsys):
+    db_path = tmp_path / "labels.db"
+    db = f"sqlite:///{db_path}"
+    assert rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 5)[0] == 0
+    assert rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")[0] == 0
+    assert label_everything(db) == 5
+    before = [tuple(r) for r in Store.open(db).all_labels(1)]
+    garbage = tmp_path / "garbage.db"
+    garbage.write_text("definitely not sqlite")
+    bad_config = tmp_path / "project.yaml"
+    bad_config.write_text("overlap: 2\nguidline: typo\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cases = [
+            (["pairs", "--db", db, "--project", "qs", "--from-file", tmp_path / "missing.jsonl"], "missing.jsonl"),
+            (["pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--model", "x"], "--model"),
+            (["pairs", "--db", db, "--project", "qs", "--prompts", PROMPTS], "--model"),
+            (["pairs", "--db", db, "--project", "qs", "--prompts", PROMPTS, "--model", "no/such-model"],
+             "--model no/such-model"),
+            (["pairs", "--db", db, "--project", "new", "--from-file", PREFS, "--config", bad_config], "guidline"),
+            (["pairs", "--db", db, "--project", "new", "--from-file", PREFS, "--overlap", "0"], "--overlap"),
+            (["pairs", "--db", "mysql://u@h/x", "--project", "qs", "--from-file", PREFS], "--db"),
+            (["stats", "--db", tmp_path / "nope.db"], "nope.db"),
+            (["stats", "--db", garbage], "garbage.db"),
+            (["stats", "--db", db, "--project", "nope"], "--project nope"),
+            (["export", "--db", db, "--out", db_path], "--out"),
+            (["export", "--db", db, "--out", tmp_path / "labels.db-wal", "--format", "jsonl"], "--out"),
+            (["export", "--db", db, "--out", tmp_path / "x.csv"], "--out"),
+            (["export", "--db", db, "--out", tmp_path], "--out"),
+            (["add-labeler", "--db", db, "--name", "ann"], "--name ann"),
+            (["add-labeler", "--db", db, "--name", "bad\x1bname"], "--name"),
+            (["serve", "--db", db, "--port", port], "--port"),
+        ]
+        for argv, named in cases:
+            code, out, err = rlhf(capsys, "label", *argv)
+            lines = err.strip().splitlines()
+            assert code == 2, (argv, out, err)
+            assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (argv, err)
+    assert garbage.read_text() == "definitely not sqlite"
+    store = Store.open(db)
+    assert [tuple(r) for r in store.all_labels(1)] == before  # nothing lost or rewritten
+    assert [p.name for p in store.projects()] == ["qs"]  # no half-made project from the failed runs
+    store.close()
+
+
+def test_serve_binds_loopback_unless_told_otherwise():
+    from rlhf.cli import _parser
+
+    args = _parser().parse_args(["label", "serve", "--db", "labels.db"])
+    assert (args.host, args.port, args.max_body_kb) == ("127.0.0.1", 8000, 64)
+
+
+def test_real_process_exit_code_and_single_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf", "label", "stats", "--db", str(tmp_path / "none.db")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --db sqlite:///{tmp_path / 'none.db'}: no labeling database there "
+        "(create one with `rlhf label pairs`)"]
+
+
+def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 8)
+    rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")
+    label_everything(db, "B")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  reward:\n    type: reward\n    model: tiny\n"
+                      f"    data:\n      path: '{db}?project=qs'\n")
+    code, out, err = rlhf(capsys, "validate", recipe)
+    assert code == 0, err
+    code, _, err = rlhf(capsys, "validate", recipe, f"stages.reward.data.path={db}?project=nope")
+    assert code == 2 and "no such project" in err
