@@ -14,6 +14,8 @@ Value model choices (PPO.md):
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -28,6 +30,30 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     every position and the model sees inputs unlike its training data.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def response_logits(model: nn.Module, input_ids, attention_mask, position_ids, response_length: int, **kwargs):
+    """The causal LM's output and the logits at the positions predicting the
+    response: ``(out, logits)``. Shape: input_ids (b, s) -> logits (b, r, v),
+    r = response_length.
+
+    Logits at position i predict token i+1, so the response (the last r tokens)
+    is predicted from the last r+1 positions minus the very last. Passing
+    ``logits_to_keep`` (transformers causal LMs) skips the LM head over the
+    prompt, in the forward and in the backward; a model without it returns all
+    positions and the same slice is taken.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _accepts_logits_to_keep(type(base)):
+        kwargs["logits_to_keep"] = response_length + 1
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                **kwargs)
+    return out, out.logits[:, -(response_length + 1):-1]
 
 
 class ScalarHeadModel(nn.Module):
@@ -69,22 +95,27 @@ class PolicyAndValue(nn.Module):
             self.value_head = None
 
     def forward(self, input_ids, attention_mask, context_length: int, temperature: float,
-                with_entropy: bool = False, with_values: bool = True):
+                with_entropy: bool = False, with_values: bool = True, entropy_grad: bool = True):
         """Shape: input_ids (b, s) = left-padded prompt (width context_length)
         + right-padded response; returns logprobs (b, r), values (b, r) or
-        None, entropy (b, r) or None, with r = s - context_length."""
+        None, entropy (b, r) or None, with r = s - context_length.
+
+        ``entropy_grad=False``: the entropy is for logging only (no entropy
+        bonus), so no graph is kept through its softmax over the vocabulary.
+        """
         from rlhf.ppo.core import entropy_from_logits
 
         position_ids = position_ids_from(attention_mask)
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          output_hidden_states=self.value_head is not None and with_values, use_cache=False)
+        r = input_ids.size(1) - context_length
         # Logits at position i predict token i+1: the response tokens are
         # predicted from positions context_length-1 .. s-2.
-        logits = out.logits[:, context_length - 1:-1]
+        out, logits = response_logits(self.policy, input_ids, attention_mask, position_ids, r,
+                                      output_hidden_states=self.value_head is not None and with_values)
         logprobs = logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
         entropy = None
         if with_entropy:
-            entropy = entropy_from_logits(logits.float() / temperature)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                entropy = entropy_from_logits(logits if temperature == 1.0 else logits.float() / temperature)
         values = None
         if with_values:
             if self.value_head is not None:
@@ -108,6 +139,6 @@ class Reference:
         model = self.model if self.model is not None else policy
         ctx = policy.disable_adapter() if self.model is None else contextlib.nullcontext()
         with ctx:
-            out = model(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from(attention_mask), use_cache=False)
-        return logprobs_from_logits(out.logits[:, context_length - 1:-1], input_ids[:, context_length:], temperature)
+            _, logits = response_logits(model, input_ids, attention_mask, position_ids_from(attention_mask),
+                                        input_ids.size(1) - context_length)
+        return logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
