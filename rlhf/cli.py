@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("stage_type", help="sft, reward, ppo or eval")
     from rlhf.labeling.cli import add_parser as add_label_parser; add_label_parser(sub)  # noqa: E702
     from rlhf.evaluation.cli import add_parser as add_eval_parser; add_eval_parser(sub)  # noqa: E702
+    from rlhf.plan import add_parser as add_plan_parser; add_plan_parser(sub)  # noqa: E702
     return p
 
 
@@ -85,6 +86,8 @@ def _run(args) -> int:
         from rlhf.labeling.cli import run as run_label; return run_label(args)  # noqa: E702
     if args.command == "eval":
         from rlhf.evaluation.cli import run as run_eval; return run_eval(args)  # noqa: E702
+    if args.command == "plan":
+        from rlhf.plan import run as run_plan; return run_plan(args)  # noqa: E702
     from rlhf import recipe as recipe_mod
 
     if args.command == "schema":

@@ -13,7 +13,10 @@ Formats, after the recipe's column mapping is applied:
   (``\\n\\nHuman: ... \\n\\nAssistant: ...``; the prompt is everything up to
   the last Assistant turn), or chat messages (the prompt is every message
   before the last one). An optional ``margin`` column is kept.
-- Prompts (PPO / eval): ``prompt`` (string or chat messages).
+- Prompts (PPO / eval): ``prompt`` (string or chat messages), or, for
+  preference data without one, the prompt of its ``chosen`` response (an
+  Anthropic-HH transcript up to the last Assistant turn, or every message but
+  the last), so one preference dataset can feed both the reward and PPO stages.
 """
 
 from __future__ import annotations
@@ -280,14 +283,35 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
 
 
 def normalize_prompts(records: list[Record]) -> list[str | list]:
-    """Prompt records -> prompt strings or message lists."""
+    """Prompt records -> prompt strings or message lists.
+
+    A record without ``prompt`` but with a ``chosen`` conversation (preference
+    data such as Anthropic/hh-rlhf) gives the conversation up to its last
+    assistant turn.
+    """
     out = []
     for r in records:
-        if "prompt" not in r.data:
-            raise BadInput(f"{r.where}: expected a 'prompt' field (map other names with `columns`); "
-                           f"record has {sorted(r.data)}")
-        out.append(_text_or_messages(r, "prompt"))
+        if "prompt" in r.data:
+            out.append(_text_or_messages(r, "prompt"))
+        elif "chosen" in r.data:
+            out.append(_prompt_of_chosen(r))
+        else:
+            raise BadInput(f"{r.where}: expected a 'prompt' field (or a preference record's 'chosen' "
+                           f"conversation; map other names with `columns`); record has {sorted(r.data)}")
     return out
+
+
+def _prompt_of_chosen(r: Record) -> str | list:
+    chosen = _text_or_messages(r, "chosen")
+    if isinstance(chosen, str):
+        try:
+            return split_hh(chosen)[0]
+        except ValueError:
+            raise BadInput(f"{r.where}: without a 'prompt' field, 'chosen' must be an Anthropic-HH transcript "
+                           "containing '\\n\\nAssistant:' (or a list of chat messages)") from None
+    if len(chosen) < 2:
+        raise BadInput(f"{r.where}: 'chosen' conversation has no prompt before its last message")
+    return chosen[:-1]
 
 
 def render_prompt(tokenizer, prompt: str | list) -> str:

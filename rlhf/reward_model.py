@@ -110,8 +110,8 @@ def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], 
 
 
 @torch.no_grad()
-def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64) -> torch.Tensor:
-    """Scalar scores of token sequences. Shape: (n,).
+def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, label: int = 0) -> torch.Tensor:
+    """Scalar scores of token sequences: the logit of output ``label``. Shape: (n,).
 
     Right-padded batches; transformers' sequence classifiers read the logit at
     the last non-pad token, which is why pad must differ from EOS.
@@ -127,7 +127,7 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 
             ids[j, :len(s)] = torch.tensor(s)
             mask[j, :len(s)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
+        scores.append(logits[:, label].float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
@@ -176,6 +176,8 @@ def train(cfg: Config, ctx) -> Path:
                         st.response_truncated, cfg.max_length)
     args = RewardConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
+        # TRL turns checkpointing on by default (~30% more compute); ours follows the model config.
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
         max_length=None,  # already truncated above; TRL would drop over-long pairs instead
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         disable_tqdm=not ctx.is_main,
@@ -193,6 +195,7 @@ def train(cfg: Config, ctx) -> Path:
     trainer.train(resume_from_checkpoint=last_checkpoint(ctx.stage_dir))
     summary = {
         "train/steps": trainer.state.global_step, "train/pairs": len(train_pairs),
+        "dist/world_size": trainer.args.world_size,
         "data/dropped_invalid": dropped,
         "data/train_prompt_truncated": train_stats.prompt_truncated,
         "data/train_response_truncated": train_stats.response_truncated,
@@ -216,19 +219,45 @@ def train(cfg: Config, ctx) -> Path:
 
 
 class RewardModel:
-    """A reward-model checkpoint as a reward source: (prompts, responses) -> scores."""
+    """A reward-model checkpoint as a reward source: (prompts, responses) -> scores.
+
+    Two kinds of checkpoint:
+
+    - ``label=None``: a one-output reward model, as the reward stage trains.
+      It sees ``prompt_ids + response_ids + EOS``, exactly what the policy
+      produces when it stops (``encode_response``).
+    - ``label=k``: a trained classifier with its own head (e.g. the 2-label
+      sentiment classifier ``lvwerra/distilbert-imdb``, k=1 for POSITIVE);
+      the score is the logit of output k, as in the classic IMDB RLHF demo.
+      An encoder tokenizer without EOS (BERT-style) encodes prompt + response
+      as one text with its own special tokens (``[CLS] ... [SEP]``), truncated
+      on the right; a decoder classifier is encoded as above.
+    """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
-                 max_length: int | None = None, batch_size: int = 64):
-        cfg = ModelConfig(name=str(path), dtype=dtype)
-        self.tokenizer = load_tokenizer(cfg)
-        self.model = load_sequence_classifier(cfg, self.tokenizer).to(device).eval()
+                 max_length: int | None = None, batch_size: int = 64, label: int | None = None,
+                 revision: str | None = None):
+        cfg = ModelConfig(name=str(path), dtype=dtype, revision=revision)
+        self.label = label
+        self.tokenizer = load_tokenizer(cfg, require_eos=label is None)
+        num_labels = 1 if label is None else None  # None: keep the classifier's own head
+        self.model = load_sequence_classifier(cfg, self.tokenizer, num_labels=num_labels).to(device).eval()
+        if label is not None and label >= self.model.config.num_labels:
+            raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
+                           f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
         self.max_length = max_length or context_length(cfg) or 1024
         self.batch_size = batch_size
 
+    def encode(self, prompt, response) -> list[int]:
+        """Token ids the classifier scores for one (prompt, response)."""
+        if self.tokenizer.eos_token is None:  # encoder classifier: its own [CLS] text [SEP] format
+            p_text, r_text = render_pair(self.tokenizer, prompt, response)
+            return self.tokenizer(p_text + r_text, truncation=True, max_length=self.max_length,
+                                  verbose=False)["input_ids"]
+        p_ids, r_ids = encode_response(self.tokenizer, prompt, response)
+        return truncate_pair(p_ids, r_ids, self.max_length)
+
     def __call__(self, prompts: list, responses: list) -> list[float]:
-        seqs = []
-        for p, r in zip(prompts, responses):
-            p_ids, r_ids = encode_response(self.tokenizer, p, r)
-            seqs.append(truncate_pair(p_ids, r_ids, self.max_length))
-        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size).tolist()
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size,
+                         label=self.label or 0).tolist()

@@ -1,8 +1,12 @@
 """Reward sources, interchangeable wherever a reward is needed (PPO, eval).
 
-A source is a reward-model checkpoint (a directory) or a Python function given
-as ``module:function`` with signature ``(prompts, responses) -> list[float]``;
-several sources combine as a weighted sum.
+A source is a reward-model checkpoint (a directory, or a hub id such as
+``OpenAssistant/reward-model-deberta-v3-large-v2`` on machines that can
+download) or a Python function given as ``module:function`` with signature
+``(prompts, responses) -> list[float]``; several sources combine as a weighted
+sum. A trained classifier with several outputs (e.g. the 2-label sentiment
+classifier ``lvwerra/distilbert-imdb``) is a source too: ``label`` picks the
+logit used as the score.
 """
 
 from __future__ import annotations
@@ -19,18 +23,28 @@ from rlhf.errors import BadInput
 RewardFn = Callable[[list, list], list[float]]
 
 _FUNCTION = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
 
 
 @dataclass
 class RewardSpec:
     """One reward source. A plain string in a recipe is `source`."""
 
-    source: str = opt("", "reward-model checkpoint dir, or module:function")
+    source: str = opt("", "reward-model checkpoint dir, hub id (owner/name), or module:function")
     weight: float = opt(1.0, "weight in the weighted sum of sources")
+    label: int | None = opt(None, "classifier output whose logit is the score (e.g. 1 = POSITIVE for "
+                                  "lvwerra/distilbert-imdb); null: a one-output reward model")
+    revision: str | None = opt(None, "hub revision of a checkpoint source (e.g. refs/pr/5, where a "
+                                     "safetensors conversion lives)")
 
     def check(self, fail):
         if not self.source:
             raise fail("source", "required: a checkpoint dir or module:function")
+        if self.label is not None and self.label < 0:
+            raise fail("label", f"expected an output index >= 0, got {self.label}")
+        if is_function(self.source) and (self.label is not None or self.revision is not None):
+            raise fail("label" if self.label is not None else "revision",
+                       "applies to checkpoint sources only, not to a module:function")
 
 
 def as_specs(value: str | RewardSpec | list) -> list[RewardSpec]:
@@ -40,6 +54,11 @@ def as_specs(value: str | RewardSpec | list) -> list[RewardSpec]:
 
 def is_function(source: str) -> bool:
     return bool(_FUNCTION.match(source)) and not Path(source).exists()
+
+
+def is_hub_id(source: str) -> bool:
+    """``owner/name`` that is not a local path: a hub checkpoint, checked when it loads."""
+    return bool(_HUB_ID.match(source)) and not Path(source).exists()
 
 
 def load_function(source: str) -> RewardFn:
@@ -55,12 +74,14 @@ def load_function(source: str) -> RewardFn:
 
 
 def check_source(source: str, producible: Callable[[str], bool] = lambda s: False) -> None:
-    """Raise BadInput unless ``source`` names an importable function or a
-    checkpoint dir (existing, or one an earlier stage will produce)."""
+    """Raise BadInput unless ``source`` names an importable function, a
+    checkpoint dir (existing, or one an earlier stage will produce) or a hub id
+    (``owner/name``: it cannot be checked offline, so it is checked when it loads)."""
     if is_function(source):
         load_function(source)
-    elif not Path(source).is_dir() and not producible(source):
-        raise BadInput(f"reward source '{source}': no such checkpoint directory, and not a module:function")
+    elif not Path(source).is_dir() and not producible(source) and not is_hub_id(source):
+        raise BadInput(f"reward source '{source}': no such checkpoint directory, not a hub id (owner/name) "
+                       "and not a module:function")
 
 
 class CombinedReward:
@@ -74,7 +95,8 @@ class CombinedReward:
             if is_function(spec.source):
                 fn = load_function(spec.source)
             else:
-                fn = RewardModel(spec.source, device=device, dtype=dtype)
+                fn = RewardModel(spec.source, device=device, dtype=dtype, label=spec.label,
+                                 revision=spec.revision)
             self.parts.append((spec.weight, fn, spec.source))
 
     def checkpoints(self) -> list[str]:

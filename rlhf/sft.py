@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
@@ -53,6 +55,18 @@ def _examples(cfg: Config, seed: int):
     return train, held, train_rows, held_rows
 
 
+class _InitialEval(TrainerCallback):
+    """Saves the held-out loss of the evaluation train() runs before its first step."""
+
+    def __init__(self, path: Path, is_main: bool):
+        self.path, self.is_main = path, is_main
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.is_main and state.global_step == 0 and metrics and "eval_loss" in metrics \
+                and not self.path.exists():
+            self.path.write_text(json.dumps({"eval/loss": metrics["eval_loss"]}))
+
+
 def validate(cfg: Config, ctx) -> None:
     model_cfg = as_model_config(cfg.model)
     train, held, train_rows, held_rows = _examples(cfg, ctx.seed)
@@ -76,12 +90,21 @@ def train(cfg: Config, ctx) -> Path:
     tok = load_tokenizer(model_cfg)
     model = load_causal_lm(model_cfg, tok, seed=ctx.seed)
     _, _, train_rows, held_rows = _examples(cfg, ctx.seed)
+    initial_path = ctx.stage_dir / "initial_eval.json"
     args = SFTConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
+        # TRL turns checkpointing on by default (~30% more compute); ours follows the model config.
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
         max_length=cfg.max_length,
         completion_only_loss=cfg.completion_only_loss if "prompt" in train_rows[0] else None,
         packing=cfg.packing,
         disable_tqdm=not ctx.is_main,
+        # The untrained model's held-out loss, the baseline SFT must beat, is
+        # taken inside train(), after the model is wrapped for DDP/DeepSpeed/FSDP.
+        # Not with trainer.evaluate() before train(): Accelerate then marks the
+        # model as prepared and train() skips the DDP wrapper, so each rank
+        # trains alone without gradient all-reduce (seen under torchrun).
+        eval_on_start=bool(held_rows) and not initial_path.exists(),
     )
     logger = MetricsLogger(ctx.stage_dir, ctx.name, [], enabled=ctx.is_main)
     trainer = SFTTrainer(
@@ -89,17 +112,12 @@ def train(cfg: Config, ctx) -> Path:
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
         peft_config=peft_config(model_cfg.lora, "CAUSAL_LM") if model_cfg.lora else None,
-        callbacks=[MetricsCallback(logger)],
+        callbacks=[MetricsCallback(logger), _InitialEval(initial_path, ctx.is_main)],
     )
     resume = last_checkpoint(ctx.stage_dir)
-    initial_path = ctx.stage_dir / "initial_eval.json"
-    if held_rows and not initial_path.exists():
-        # The untrained model's held-out loss, the baseline SFT must beat.
-        initial = trainer.evaluate()["eval_loss"]
-        if ctx.is_main:
-            initial_path.write_text(json.dumps({"eval/loss": initial}))
     trainer.train(resume_from_checkpoint=resume)
-    summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows)}
+    summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows),
+               "dist/world_size": trainer.args.world_size}
     if held_rows:
         final_loss = trainer.evaluate()["eval_loss"]
         initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")

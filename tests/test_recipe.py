@@ -14,7 +14,9 @@ from conftest import REPO, run_in_process, tiny_recipe_dict, write_recipe
 from rlhf import recipe as recipe_mod
 from rlhf.data import DataConfig, is_local
 from rlhf.errors import BadInput
-from rlhf.models import ModelConfig, is_preset
+from rlhf.evaluation.runner import EvalData
+from rlhf.models import PRESETS, ModelConfig, is_preset
+from rlhf.rewards import RewardSpec, as_specs, is_hub_id
 
 RECIPES = sorted({*REPO.glob("recipes/**/*.yaml"), *REPO.glob("recipes/**/*.yml")})
 # Accelerate launch configs (DeepSpeed, FSDP) live beside the recipes but are
@@ -23,6 +25,8 @@ ACCELERATE_DIR = REPO / "recipes" / "accelerate"
 # A hub dataset named by a real recipe is swapped for a local file in the same
 # record format: tests/fixtures/hub/<owner>__<name>.jsonl.
 HUB_FIXTURES = REPO / "tests" / "fixtures" / "hub"
+# The tiny preset's context: longer `max_length`s of real recipes are clamped to it.
+TINY_CONTEXT = PRESETS["tiny"]["n_positions"]
 
 
 def test_loads_stages_in_order_with_typed_configs(tiny_recipe, tmp_path):
@@ -146,24 +150,58 @@ def _hub_fixture(name: str) -> str:
     return str(fixture)
 
 
-def swap_offline(obj, output_dir: Path) -> None:
-    """Swap hub models for the tiny preset and hub datasets for local fixtures, in place."""
+def _mentions(tp, cls) -> bool:
+    """Whether type hint ``tp`` is, or contains (in unions, lists, dicts), ``cls``."""
+    return tp is cls or any(_mentions(a, cls) for a in typing.get_args(tp))
+
+
+def _swap_model(value, output_dir: Path):
+    if isinstance(value, ModelConfig) and (_is_hub_id(value.name, output_dir) or value.gguf_file):
+        return dataclasses.replace(value, name="tiny", gguf_file=None, revision=None)
+    if isinstance(value, str) and _is_hub_id(value, output_dir):
+        return "tiny"
+    return value
+
+
+def _swap_rewards(value, reward_stand_in: str):
+    """Hub reward models (e.g. a sentiment classifier) -> the stand-in checkpoint, keeping `label`."""
+    if isinstance(value, str):
+        return reward_stand_in if is_hub_id(value) else value
+    return [dataclasses.replace(s, source=reward_stand_in, revision=None) if is_hub_id(s.source) else s
+            for s in as_specs(value)]
+
+
+def swap_offline(obj, output_dir: Path, reward_stand_in: str | None = None) -> None:
+    """Swap hub models for the tiny preset and hub datasets for local fixtures, in place.
+
+    Also clamps `max_length` to the tiny preset's context, and, given
+    ``reward_stand_in`` (a local classifier checkpoint), swaps hub reward
+    models for it (validation alone accepts hub reward ids unchecked).
+    """
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        takes_model = ModelConfig in typing.get_args(hints[f.name]) or hints[f.name] is ModelConfig
-        if isinstance(value, ModelConfig):
-            if _is_hub_id(value.name, output_dir) or value.gguf_file:
-                setattr(obj, f.name, dataclasses.replace(value, name="tiny", gguf_file=None, revision=None))
-        elif isinstance(value, str) and takes_model and _is_hub_id(value, output_dir):
-            setattr(obj, f.name, "tiny")
-        elif isinstance(value, DataConfig):
+        tp = hints[f.name]
+        if isinstance(value, (ModelConfig, str)) and _mentions(tp, ModelConfig):
+            setattr(obj, f.name, _swap_model(value, output_dir))
+        elif isinstance(value, dict) and _mentions(tp, ModelConfig):  # eval checkpoints: name -> model
+            setattr(obj, f.name, {k: _swap_model(v, output_dir) for k, v in value.items()})
+        elif isinstance(value, str) and _mentions(tp, EvalData) and not is_local(value):
+            setattr(obj, f.name, _hub_fixture(value))
+        elif isinstance(value, (DataConfig, EvalData)):
             if not is_local(value.path):
                 value.path = _hub_fixture(value.path)
-            if value.eval_path and not is_local(value.eval_path):
+            if getattr(value, "eval_path", None) and not is_local(value.eval_path):
                 value.eval_path = _hub_fixture(value.eval_path)
+        elif reward_stand_in and value and _mentions(tp, RewardSpec):
+            if isinstance(value, dict):  # eval rewards: name -> source(s)
+                setattr(obj, f.name, {k: _swap_rewards(v, reward_stand_in) for k, v in value.items()})
+            else:
+                setattr(obj, f.name, _swap_rewards(value, reward_stand_in))
+        elif f.name == "max_length" and isinstance(value, int) and value > TINY_CONTEXT:
+            setattr(obj, f.name, TINY_CONTEXT)
         elif dataclasses.is_dataclass(value):
-            swap_offline(value, output_dir)
+            swap_offline(value, output_dir, reward_stand_in)
 
 
 def test_there_are_recipes():

@@ -341,7 +341,7 @@ def pairwise_scores(source: CombinedReward, rows: list[dict],
     from rlhf.reward_model import RewardModel, score_ids, tokenize_pairs
 
     weight, fn, _ = source.parts[0]
-    if len(source.parts) == 1 and isinstance(fn, RewardModel):
+    if len(source.parts) == 1 and isinstance(fn, RewardModel) and fn.label is None:
         pairs, stats = tokenize_pairs(rows, fn.tokenizer, max_length or fn.max_length)
         pad = fn.tokenizer.pad_token_id
         chosen = weight * score_ids(fn.model, [p["chosen_ids"] for p in pairs], pad, fn.batch_size).numpy()

@@ -192,10 +192,13 @@ def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, 
     if cfg.value_model == "policy_head":
         return None
     if cfg.value_model == "reward":
-        ckpts = [s.source for s in specs if not is_function(s.source)]
+        # A classifier picked by `label` (e.g. a sentiment model) has its own
+        # tokenizer and heads: it cannot read the policy's tokens.
+        ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
         # With only function rewards there is no reward model: start from the
         # policy's trunk with a fresh head.
-        source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(name=policy_cfg.name)
+        source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(
+            name=policy_cfg.name, gguf_file=policy_cfg.gguf_file, revision=policy_cfg.revision)
     else:
         source = ModelConfig(name=cfg.value_model)
     source.dtype = policy_cfg.dtype
@@ -355,7 +358,10 @@ def train(cfg: Config, ctx) -> Path:
     mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     accelerator = Accelerator(mixed_precision=mixed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    set_seed(ctx.seed)
+    # seed + rank: each rank samples its own responses (one process: the seed
+    # itself). Models still start identical: presets and new heads seed
+    # themselves, and prepare() broadcasts rank 0's weights.
+    set_seed(ctx.seed, device_specific=True)
 
     # ---- models
     policy_cfg = as_model_config(cfg.model)
@@ -376,7 +382,7 @@ def train(cfg: Config, ctx) -> Path:
     value = _value_model(cfg, specs, policy_cfg, tok, ctx.seed)
     model = PolicyAndValue(policy, value)
     _disable_dropout(model)
-    reward_fn = CombinedReward(specs, device=device)
+    reward_fn = CombinedReward(specs, device=device, dtype=policy_cfg.dtype)
     for _, fn, _ in reward_fn.parts:
         if hasattr(fn, "model"):
             _disable_dropout(fn.model)
