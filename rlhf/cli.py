@@ -7,12 +7,16 @@ stderr naming the file, line or key; 1 anything else (with a traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
 import textwrap
 
 from rlhf.errors import BadInput
+
+# Subcommands that live beside their feature: each module has add_parser(sub) and run(args).
+SUBCOMMANDS = {"label": "rlhf.labeling.cli", "eval": "rlhf.evaluation.cli", "plan": "rlhf.plan"}
 
 EPILOG_RUN = """\
 examples:
@@ -67,9 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print a stage type's config keys, defaults and docs",
                        epilog=EPILOG_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("stage_type", help="sft, reward, ppo or eval")
-    from rlhf.labeling.cli import add_parser as add_label_parser; add_label_parser(sub)  # noqa: E702
-    from rlhf.evaluation.cli import add_parser as add_eval_parser; add_eval_parser(sub)  # noqa: E702
-    from rlhf.plan import add_parser as add_plan_parser; add_plan_parser(sub)  # noqa: E702
+    for module in SUBCOMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
     return p
 
 
@@ -82,12 +85,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(args) -> int:
-    if args.command == "label":
-        from rlhf.labeling.cli import run as run_label; return run_label(args)  # noqa: E702
-    if args.command == "eval":
-        from rlhf.evaluation.cli import run as run_eval; return run_eval(args)  # noqa: E702
-    if args.command == "plan":
-        from rlhf.plan import run as run_plan; return run_plan(args)  # noqa: E702
+    if args.command in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
     from rlhf import recipe as recipe_mod
 
     if args.command == "schema":

@@ -1,0 +1,14 @@
+"""Baseline generators of the other generative architectures, judged on shared metrics.
+
+- ``rnn``:           LSTM/GRU causal LM as a transformers model (``type: rnn_lm``); PPO can train it
+- ``gan``:           DCGAN with spectral norm and an EMA generator (``type: gan``)
+- ``vae``:           convolutional VAE with a beta option (``type: vae``)
+- ``diffusion``:     DDPM training, DDIM sampling, denoising and inpainting (``type: diffusion``)
+- ``images``:        one image-data interface (sklearn digits, IDX files, image folders, hub datasets)
+- ``image_metrics``: Fréchet distance, precision/recall, class entropy, memorisation, real-vs-real floor
+- ``report``:        the comparison report over all of them (``type: baseline_report``)
+
+Importing this package is cheap: only ``rnn`` is imported by ``rlhf.models``
+(to register the architecture with transformers' Auto classes); the image
+modules import diffusers, scikit-learn and scipy on first use.
+"""
