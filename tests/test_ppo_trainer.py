@@ -129,3 +129,14 @@ def test_two_processes_with_torchrun(tmp_path):
     rows = _rows(tmp_path / "run")
     assert len(rows) == 2  # only the main process logged
     assert (tmp_path / "run" / "ppo" / "final" / "model.safetensors").exists()
+
+
+def test_stop_string_counts_as_finished_for_missing_eos_penalty():
+    import torch
+
+    from rlhf.ppo.trainer import _finished
+
+    eos_hits = torch.tensor([[False, True], [False, False], [False, False]])
+    texts = ["a good film", "it ends here.\n\n", "cut off mid"]
+    assert _finished(eos_hits, texts, None).tolist() == [True, False, False]
+    assert _finished(eos_hits, texts, ["\n\n"]).tolist() == [True, True, False]

@@ -274,6 +274,16 @@ def generate(policy, tok, prompt_texts: list[str], gen: GenerationConfig, device
     return query, query_mask, response, response_mask
 
 
+def _finished(eos_hits: torch.Tensor, texts: list[str], stop_strings: list[str] | None) -> torch.Tensor:
+    """Which responses ended on their own (EOS, or a configured stop string)
+    rather than at max_new_tokens. Shape: eos_hits (b, r) bool -> (b,) bool."""
+    done = eos_hits.any(1)
+    if stop_strings:
+        stopped = torch.tensor([any(t.endswith(s) for s in stop_strings) for t in texts], device=done.device)
+        done = done | stopped
+    return done
+
+
 def _decode(tok, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
 
@@ -450,7 +460,7 @@ def train(cfg: Config, ctx) -> Path:
         t0 = time.time()
         texts = _decode(tok, response, response_mask)
         raw_scores = torch.tensor(reward_fn(batch_prompts, texts), dtype=torch.float32, device=device)
-        has_eos = (response == tok.eos_token_id).any(1)
+        has_eos = _finished(response == tok.eos_token_id, texts, cfg.generation.stop_strings)
         scores = raw_scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
