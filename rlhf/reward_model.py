@@ -28,9 +28,9 @@ from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_preferences, render_pair
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
-                         load_tokenizer, peft_config, save_checkpoint)
-from rlhf.tracking import MetricsCallback, MetricsLogger, write_summary
-from rlhf.training import TrainingConfig, hf_kwargs, last_checkpoint
+                         load_tokenizer, peft_config)
+from rlhf.tracking import MetricsCallback, MetricsLogger
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -209,13 +209,7 @@ def train(cfg: Config, ctx) -> Path:
                         "eval/pairs": after["pairs"], "eval/accuracy_before": before["accuracy"]})
         log.info("reward model held-out accuracy: %.3f before -> %.3f after, over all %d pairs",
                  before["accuracy"], after["accuracy"], after["pairs"])
-    final = ctx.stage_dir / "final"
-    if ctx.is_main:
-        save_checkpoint(model, tok, final)
-        write_summary(ctx.stage_dir, summary)
-        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=trainer.state.global_step)
-    logger.close()
-    return final
+    return finish_stage(model, tok, ctx, summary, logger, trainer.state.global_step)
 
 
 class RewardModel:

@@ -20,9 +20,9 @@ from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_tokenizer,
-                         peft_config, save_checkpoint)
-from rlhf.tracking import MetricsCallback, MetricsLogger, write_summary
-from rlhf.training import TrainingConfig, hf_kwargs, last_checkpoint
+                         peft_config)
+from rlhf.tracking import MetricsCallback, MetricsLogger
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,17 @@ def validate(cfg: Config, ctx) -> None:
                                f"within max_length / model context {limit}")
 
 
+def held_out_loss(trainer, initial_path: Path, n_examples: int, name: str) -> dict[str, float]:
+    """Held-out loss and perplexity after training, beside the untrained
+    model's (saved in ``initial_path`` before training started)."""
+    final_loss = trainer.evaluate()["eval_loss"]
+    initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")
+    log.info("%s held-out loss: %.4f before -> %.4f after", name, initial, final_loss)
+    return {"eval/loss_before": initial, "eval/loss": final_loss,
+            "eval/perplexity_before": math.exp(min(initial, 50)), "eval/perplexity": math.exp(min(final_loss, 50)),
+            "eval/examples": n_examples}
+
+
 def train(cfg: Config, ctx) -> Path:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -119,18 +130,5 @@ def train(cfg: Config, ctx) -> Path:
     summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows),
                "dist/world_size": trainer.args.world_size}
     if held_rows:
-        final_loss = trainer.evaluate()["eval_loss"]
-        initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")
-        summary.update({
-            "eval/loss_before": initial, "eval/loss": final_loss,
-            "eval/perplexity_before": math.exp(min(initial, 50)), "eval/perplexity": math.exp(min(final_loss, 50)),
-            "eval/examples": len(held_rows),
-        })
-        log.info("sft held-out loss: %.4f before -> %.4f after", initial, final_loss)
-    final = ctx.stage_dir / "final"
-    if ctx.is_main:
-        save_checkpoint(trainer.model, tok, final)
-        write_summary(ctx.stage_dir, summary)
-        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=trainer.state.global_step)
-    logger.close()
-    return final
+        summary.update(held_out_loss(trainer, initial_path, len(held_rows), ctx.name))
+    return finish_stage(trainer.model, tok, ctx, summary, logger, trainer.state.global_step)

@@ -96,3 +96,18 @@ def last_checkpoint(stage_dir: Path) -> str | None:
     step, path = max(found)
     log.info("resuming from %s", path)
     return str(path)
+
+
+def finish_stage(model, tok, ctx, summary: dict, logger, step: int) -> Path:
+    """Main process: save ``final/`` and ``metrics.json``, log the summary; every
+    process closes its logger. Returns the final checkpoint dir."""
+    from rlhf.models import save_checkpoint
+    from rlhf.tracking import write_summary
+
+    final = ctx.stage_dir / "final"
+    if ctx.is_main:
+        save_checkpoint(model, tok, final)
+        write_summary(ctx.stage_dir, summary)
+        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=step)
+    logger.close()
+    return final

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,10 @@ from rlhf.baselines.rnn_model import RnnConfig, RnnForCausalLM, RnnForSequenceCl
 from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
-from rlhf.models import ModelConfig, as_model_config, load_tokenizer, save_checkpoint
-from rlhf.tracking import MetricsCallback, MetricsLogger, read_metrics, write_summary
-from rlhf.training import TrainingConfig, hf_kwargs, last_checkpoint
+from rlhf.models import ModelConfig, as_model_config, load_tokenizer
+from rlhf.tracking import MetricsCallback, MetricsLogger, read_metrics
+from rlhf.sft import held_out_loss
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
 
 __all__ = ["Config", "RnnConfig", "RnnForCausalLM", "RnnForSequenceClassification", "RnnModel", "train",
            "validate"]
@@ -185,16 +185,5 @@ def train(cfg: Config, ctx) -> Path:
                "train/stopped_by_time_budget": time_budget.stopped,
                "model/params": sum(p.numel() for p in model.parameters())}
     if held_rows:
-        final_loss = trainer.evaluate()["eval_loss"]
-        initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")
-        summary.update({"eval/loss_before": initial, "eval/loss": final_loss,
-                        "eval/perplexity_before": math.exp(min(initial, 50)),
-                        "eval/perplexity": math.exp(min(final_loss, 50)), "eval/examples": len(held_rows)})
-        log.info("rnn_lm held-out loss: %.4f before -> %.4f after", initial, final_loss)
-    final = ctx.stage_dir / "final"
-    if ctx.is_main:
-        save_checkpoint(trainer.model, tok, final)
-        write_summary(ctx.stage_dir, summary)
-        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=trainer.state.global_step)
-    logger.close()
-    return final
+        summary.update(held_out_loss(trainer, initial_path, len(held_rows), ctx.name))
+    return finish_stage(trainer.model, tok, ctx, summary, logger, trainer.state.global_step)
