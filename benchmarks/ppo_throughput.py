@@ -308,7 +308,7 @@ def worker_ppo(spec: dict) -> dict:
         with sections("forwards"):
             return real_forward(*a, **kw)
 
-    real_decode = ppo_trainer._decode
+    real_decode = ppo_trainer.decode_responses
 
     def timed_decode(*a, **kw):
         with sections("scoring"):  # the trainer's scoring phase starts by decoding the responses
@@ -361,7 +361,7 @@ def worker_ppo(spec: dict) -> dict:
             after_step(step)
 
     ppo_trainer.generate, ppo_trainer._rollout_forward = timed_generate, timed_forward
-    ppo_trainer._decode = timed_decode
+    ppo_trainer.decode_responses = timed_decode
     ppo_trainer.CombinedReward, ppo_trainer.MetricsLogger = TimedReward, TimedLogger
     t0 = time.perf_counter()
     recipe_mod.run(recipe_mod.load_recipe(path))

@@ -106,6 +106,12 @@ class StageContext:
     report_to: list[str]
     is_main: bool = True
 
+    def produces(self, path: str) -> bool:
+        """Whether ``path`` is the ``final/`` of one of this recipe's stages,
+        which validation (before anything runs) must accept as a source."""
+        finals = {(self.recipe.stage_dir(s.name) / "final").resolve() for s in self.recipe.stages}
+        return Path(path).resolve() in finals
+
     def loadable(self, model):
         """The ModelConfig to read tokenizer and shapes from before training.
 

@@ -237,20 +237,6 @@ def check_inputs(cfg: Config, label: Callable[[str], str], producible: Callable[
 # ---------------------------------------------------------------- model passes
 
 
-def _decode(tok, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
-
-
-@torch.no_grad()
-def _response_logprobs(model, ids, attn, q: int, temperature: float) -> torch.Tensor:
-    """log p(response tokens) under ``model``. Shape: ids (b, q + r) -> (b, r)."""
-    from rlhf.ppo.core import logprobs_from_logits
-    from rlhf.ppo.policy import position_ids_from
-
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from(attn), use_cache=False)
-    return logprobs_from_logits(out.logits[:, q - 1:-1], ids[:, q:], temperature)
-
-
 class Samples:
     """One checkpoint's responses, in prompt order (each prompt repeated n times)."""
 
@@ -265,7 +251,8 @@ class Samples:
 def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, device,
                   reference=None) -> Samples:
     """Sample every prompt ``samples_per_prompt`` times; KL per sequence to ``reference``."""
-    from rlhf.ppo.trainer import GenerationConfig, generate
+    from rlhf.ppo.policy import response_logprobs
+    from rlhf.ppo.trainer import GenerationConfig, decode_responses, generate
 
     settings = GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature)
     repeated = [p for p in prompts for _ in range(gen.samples_per_prompt)]
@@ -276,15 +263,15 @@ def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, de
     for i in range(0, len(repeated), gen.batch_size):
         texts = [render_prompt(tok, p) for p in repeated[i:i + gen.batch_size]]
         q_ids, q_mask, r_ids, r_mask = generate(policy, tok, texts, settings, device)
-        out.texts += _decode(tok, r_ids, r_mask)
+        out.texts += decode_responses(tok, r_ids, r_mask)
         out.lengths += r_mask.sum(1).tolist()
         out.eos += (r_ids == tok.eos_token_id).any(1).tolist()
         if reference is not None:
             ids = torch.cat([q_ids, r_ids], 1)
             attn = torch.cat([q_mask, r_mask.long()], 1)
             q = q_ids.size(1)
-            lp = _response_logprobs(policy, ids, attn, q, gen.temperature)
-            ref_lp = _response_logprobs(reference, ids, attn, q, gen.temperature)
+            lp = response_logprobs(policy, ids, attn, q, gen.temperature)
+            ref_lp = response_logprobs(reference, ids, attn, q, gen.temperature)
             out.kl += M.sequence_kl(lp.cpu().numpy(), ref_lp.cpu().numpy(), r_mask.cpu().numpy()).tolist()
     return out
 
@@ -493,13 +480,8 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
 # ---------------------------------------------------------------- recipe stage
 
 
-def _producible(ctx) -> Callable[[str], bool]:
-    finals = {str((ctx.recipe.stage_dir(s.name) / "final").resolve()) for s in ctx.recipe.stages}
-    return lambda source: str(Path(source).resolve()) in finals
-
-
 def validate(cfg: Config, ctx) -> None:
-    check_inputs(cfg, lambda key: f"stages.{ctx.name}.{key}", _producible(ctx), ctx.loadable)
+    check_inputs(cfg, lambda key: f"stages.{ctx.name}.{key}", ctx.produces, ctx.loadable)
 
 
 def train(cfg: Config, ctx) -> Path:

@@ -56,6 +56,18 @@ def response_logits(model: nn.Module, input_ids, attention_mask, position_ids, r
     return out, out.logits[:, -(response_length + 1):-1]
 
 
+def response_logprobs(model: nn.Module, input_ids, attention_mask, context_length: int,
+                      temperature: float) -> torch.Tensor:
+    """fp32 log p(response tokens) under ``model`` at the sampling temperature.
+
+    Shape: input_ids (b, s) = left-padded prompt (width context_length) +
+    right-padded response -> (b, s - context_length).
+    """
+    _, logits = response_logits(model, input_ids, attention_mask, position_ids_from(attention_mask),
+                                input_ids.size(1) - context_length)
+    return logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
+
+
 class ScalarHeadModel(nn.Module):
     """A transformer trunk and a linear head giving one value per position.
 
@@ -139,6 +151,4 @@ class Reference:
         model = self.model if self.model is not None else policy
         ctx = policy.disable_adapter() if self.model is None else contextlib.nullcontext()
         with ctx:
-            _, logits = response_logits(model, input_ids, attention_mask, position_ids_from(attention_mask),
-                                        input_ids.size(1) - context_length)
-        return logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
+            return response_logprobs(model, input_ids, attention_mask, context_length, temperature)

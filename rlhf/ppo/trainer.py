@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,9 +40,9 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_tokenizer, peft_config, save_checkpoint)
 from rlhf.ppo import core
-from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, position_ids_from
+from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, response_logprobs
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
-from rlhf.tracking import MetricsLogger, write_summary
+from rlhf.tracking import MetricsLogger, read_metrics, write_summary
 from rlhf.training import precision_flags
 
 log = logging.getLogger(__name__)
@@ -139,19 +139,6 @@ class Config:
             raise fail("kl.target", "expected > 0")
 
 
-class Rollout(NamedTuple):
-    """One step's experience. Shapes: (b, s) full sequences, (b, r) response tokens."""
-
-    input_ids: torch.Tensor  # (b, s) left-padded prompt + right-padded response
-    attention_mask: torch.Tensor  # (b, s)
-    response_mask: torch.Tensor  # (b, r) valid response tokens (through EOS)
-    logprobs: torch.Tensor  # (b, r) policy at sampling time
-    ref_logprobs: torch.Tensor  # (b, r)
-    values: torch.Tensor  # (b, r)
-    advantages: torch.Tensor  # (b, r) whitened
-    returns: torch.Tensor  # (b, r)
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -159,19 +146,13 @@ def _prompts(path: str, columns: dict, limit: int | None = None, split: str = "t
     return normalize_prompts(read_records(path, split, columns, limit))
 
 
-def _producible(ctx):
-    """Sources an earlier stage of this recipe will create (final/ dirs)."""
-    finals = {str((ctx.recipe.stage_dir(s.name) / "final").resolve()) for s in ctx.recipe.stages}
-    return lambda source: str(Path(source).resolve()) in finals
-
-
 def validate(cfg: Config, ctx) -> None:
     source = ctx.loadable(cfg.model)
     tok = load_tokenizer(source)
     for spec in as_specs(cfg.reward):
-        check_source(spec.source, _producible(ctx))
+        check_source(spec.source, ctx.produces)
     if cfg.value_model not in ("reward", "policy_head"):
-        check_source(cfg.value_model, _producible(ctx))
+        check_source(cfg.value_model, ctx.produces)
     if cfg.eval.gold:
         check_source(cfg.eval.gold)
     limit = context_length(source)
@@ -284,7 +265,7 @@ def _finished(eos_hits: torch.Tensor, texts: list[str], stop_strings: list[str] 
     return done
 
 
-def _decode(tok, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
+def decode_responses(tok, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
 
 
@@ -349,13 +330,12 @@ def _gold_eval(cfg: Config, policy, reference: Reference, trained_policy, tok, d
         attn = torch.cat([q_mask, r_mask.long()], 1)
         q = q_ids.size(1)
         with torch.no_grad():
-            out = policy(input_ids=ids, attention_mask=attn, position_ids=position_ids_from(attn), use_cache=False)
-            lp = core.logprobs_from_logits(out.logits[:, q - 1:-1], r_ids, cfg.generation.temperature)
+            lp = response_logprobs(policy, ids, attn, q, cfg.generation.temperature)
             ref_lp = reference.logprobs(trained_policy, ids, attn, q, cfg.generation.temperature)
         kls.append(((lp - ref_lp) * r_mask).sum(1))
         lengths.append(r_mask.sum(1).float())
         if gold is not None:
-            scores += gold(batch, _decode(tok, r_ids, r_mask))
+            scores += gold(batch, decode_responses(tok, r_ids, r_mask))
     return {"gold": float(np.mean(scores)) if scores else float("nan"),
             "kl": torch.cat(kls).mean().item(), "response_length": torch.cat(lengths).mean().item()}
 
@@ -458,7 +438,7 @@ def train(cfg: Config, ctx) -> Path:
 
         # 3. score
         t0 = time.time()
-        texts = _decode(tok, response, response_mask)
+        texts = decode_responses(tok, response, response_mask)
         raw_scores = torch.tensor(reward_fn(batch_prompts, texts), dtype=torch.float32, device=device)
         has_eos = _finished(response == tok.eos_token_id, texts, cfg.generation.stop_strings)
         scores = raw_scores.clone()
@@ -573,7 +553,7 @@ def train(cfg: Config, ctx) -> Path:
     final = ctx.stage_dir / "final"
     summary: dict[str, float] = {"train/steps": cfg.steps, "dist/world_size": world,
                                  "train/episodes": cfg.steps * cfg.rollout_batch_size * world}
-    history = [r for r in _read_jsonl(logger.path) if "objective/scores" in r]
+    history = [r for r in read_metrics(logger.path) if "objective/scores" in r]
     if history:
         summary["objective/scores_first"] = history[0]["objective/scores"]
         summary["objective/scores_last"] = history[-1]["objective/scores"]
@@ -612,12 +592,6 @@ class _AdaptersOff(torch.nn.Module):
     def generate(self, **kw):
         with self.policy.disable_adapter():
             return self.policy.generate(**kw)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _save_state(accelerator, root: Path, step: int) -> None:
