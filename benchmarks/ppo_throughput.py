@@ -298,9 +298,9 @@ def worker_ppo(spec: dict) -> dict:
     sections = Sections()
     real_generate, real_forward = ppo_trainer.generate, ppo_trainer._rollout_forward
 
-    def timed_generate(policy, tok, prompt_texts, gen, device, generator_seed=None):
+    def timed_generate(policy, tok, prompt_texts, gen, device, **kw):
         with sections("generation"):
-            out = real_generate(policy, tok, prompt_texts, gen, device, generator_seed)
+            out = real_generate(policy, tok, prompt_texts, gen, device, **kw)
         captured["batch"], captured["tok"] = out, tok
         return out
 

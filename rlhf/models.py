@@ -309,6 +309,15 @@ def peft_config(spec: LoraSpec, task_type: str):
                       modules_to_save=spec.modules_to_save)
 
 
+def with_lora(model, spec: LoraSpec | None, task_type: str):
+    """``model`` with fresh LoRA adapters from ``spec``; unchanged when None."""
+    if spec is None:
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(spec, task_type))
+
+
 def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:
     """Save a loadable HF checkpoint (safetensors + tokenizer) atomically.
 

@@ -28,7 +28,7 @@ from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_preferences, render_pair
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
-                         load_tokenizer, peft_config)
+                         load_tokenizer, peft_config, with_lora)
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
 
@@ -209,7 +209,9 @@ def train(cfg: Config, ctx) -> Path:
                         "eval/pairs": after["pairs"], "eval/accuracy_before": before["accuracy"]})
         log.info("reward model held-out accuracy: %.3f before -> %.3f after, over all %d pairs",
                  before["accuracy"], after["accuracy"], after["pairs"])
-    return finish_stage(model, tok, ctx, summary, logger, trainer.state.global_step)
+    return finish_stage(trainer, tok, ctx, summary, logger,
+                        lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed), model_cfg.lora,
+                                          "SEQ_CLS"))
 
 
 class RewardModel:

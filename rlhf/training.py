@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,16 +99,18 @@ def last_checkpoint(stage_dir: Path) -> str | None:
     return str(path)
 
 
-def finish_stage(model, tok, ctx, summary: dict, logger, step: int) -> Path:
-    """Main process: save ``final/`` and ``metrics.json``, log the summary; every
-    process closes its logger. Returns the final checkpoint dir."""
-    from rlhf.models import save_checkpoint
+def finish_stage(trainer, tok, ctx, summary: dict, logger, fresh: Callable) -> Path:
+    """Save ``final/`` (every rank joins when the weights are sharded; see
+    ``rlhf.sharding.save_full``: ``fresh`` builds an unsharded copy of the
+    model), then on the main process write ``metrics.json`` and log the
+    summary; every process closes its logger. Returns the final checkpoint dir."""
+    from rlhf.sharding import save_full
     from rlhf.tracking import write_summary
 
     final = ctx.stage_dir / "final"
+    save_full(trainer.accelerator, trainer.model_wrapped, tok, final, fresh)
     if ctx.is_main:
-        save_checkpoint(model, tok, final)
         write_summary(ctx.stage_dir, summary)
-        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=step)
+        logger.log({f"summary/{k}": v for k, v in summary.items()}, step=trainer.state.global_step)
     logger.close()
     return final

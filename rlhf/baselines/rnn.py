@@ -186,4 +186,5 @@ def train(cfg: Config, ctx) -> Path:
                "model/params": sum(p.numel() for p in model.parameters())}
     if held_rows:
         summary.update(held_out_loss(trainer, initial_path, len(held_rows), ctx.name))
-    return finish_stage(trainer.model, tok, ctx, summary, logger, trainer.state.global_step)
+    return finish_stage(trainer, tok, ctx, summary, logger,
+                        lambda: build_model(cfg.rnn, tok, cfg.max_length, ctx.seed))

@@ -249,12 +249,17 @@ class Samples:
 
 @torch.no_grad()
 def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, device,
-                  reference=None) -> Samples:
-    """Sample every prompt ``samples_per_prompt`` times; KL per sequence to ``reference``."""
+                  reference=None, settings=None, synced_gpus: bool = False) -> Samples:
+    """Sample every prompt ``samples_per_prompt`` times; KL per sequence to ``reference``.
+
+    ``settings`` (a PPO ``GenerationConfig``: stop strings, top-k/top-p) replaces
+    the plain temperature sampling of ``gen``; ``synced_gpus`` keeps every rank
+    stepping until all are done (a sharded model whose weights are not gathered).
+    """
     from rlhf.ppo.policy import response_logprobs
     from rlhf.ppo.trainer import GenerationConfig, decode_responses, generate
 
-    settings = GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature)
+    settings = settings or GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature)
     repeated = [p for p in prompts for _ in range(gen.samples_per_prompt)]
     out = Samples()
     if reference is None:
@@ -262,7 +267,7 @@ def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, de
     torch.manual_seed(seed)  # the same random numbers for every checkpoint
     for i in range(0, len(repeated), gen.batch_size):
         texts = [render_prompt(tok, p) for p in repeated[i:i + gen.batch_size]]
-        q_ids, q_mask, r_ids, r_mask = generate(policy, tok, texts, settings, device)
+        q_ids, q_mask, r_ids, r_mask = generate(policy, tok, texts, settings, device, synced_gpus=synced_gpus)
         out.texts += decode_responses(tok, r_ids, r_mask)
         out.lengths += r_mask.sum(1).tolist()
         out.eos += (r_ids == tok.eos_token_id).any(1).tolist()
@@ -270,8 +275,8 @@ def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, de
             ids = torch.cat([q_ids, r_ids], 1)
             attn = torch.cat([q_mask, r_mask.long()], 1)
             q = q_ids.size(1)
-            lp = response_logprobs(policy, ids, attn, q, gen.temperature)
-            ref_lp = response_logprobs(reference, ids, attn, q, gen.temperature)
+            lp = response_logprobs(policy, ids, attn, q, settings.temperature)
+            ref_lp = response_logprobs(reference, ids, attn, q, settings.temperature)
             out.kl += M.sequence_kl(lp.cpu().numpy(), ref_lp.cpu().numpy(), r_mask.cpu().numpy()).tolist()
     return out
 

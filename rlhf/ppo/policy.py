@@ -106,6 +106,25 @@ class PolicyAndValue(nn.Module):
         else:
             self.value_head = None
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """Re-tie the policy's shared input/output embeddings. Accelerate's FSDP2
+        preparation moves the model to the meta device and calls this on the
+        root it was given; without it a tied LM head becomes a separate,
+        untrained copy of the embeddings."""
+        self.policy.tie_weights(*args, **kwargs)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The transformer block classes of policy and value model: FSDP's
+        transformer-based auto-wrap shards each block as one unit (read by
+        Accelerate, as on a transformers model)."""
+        parts = [self.policy] + ([self.value_model.trunk] if self.value_model is not None else [])
+        names: list[str] = []
+        for part in parts:
+            base = part.get_base_model() if hasattr(part, "get_base_model") else part
+            names += [n for n in getattr(base, "_no_split_modules", None) or [] if n not in names]
+        return names
+
     def forward(self, input_ids, attention_mask, context_length: int, temperature: float,
                 with_entropy: bool = False, with_values: bool = True, entropy_grad: bool = True):
         """Shape: input_ids (b, s) = left-padded prompt (width context_length)

@@ -37,11 +37,19 @@ from tqdm.auto import tqdm
 from rlhf.config import opt
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
 from rlhf.errors import BadInput
-from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
-                         load_tokenizer, peft_config, save_checkpoint)
+from rlhf.models import (
+    ModelConfig,
+    as_model_config,
+    context_length,
+    load_causal_lm,
+    load_sequence_classifier,
+    load_tokenizer,
+    with_lora,
+)
 from rlhf.ppo import core
-from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, response_logprobs
+from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
+from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
 from rlhf.tracking import MetricsLogger, read_metrics, write_summary
 from rlhf.training import precision_flags
 
@@ -189,6 +197,11 @@ def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, 
     return ScalarHeadModel(clf)
 
 
+def _policy(policy_cfg: ModelConfig, tok, seed: int):
+    """The initial policy, with fresh LoRA adapters when the config asks for them."""
+    return with_lora(load_causal_lm(policy_cfg, tok, seed=seed), policy_cfg.lora, "CAUSAL_LM")
+
+
 def _disable_dropout(model: torch.nn.Module) -> None:
     # PPO.md: dropout off in every model, or log-probs differ between the
     # rollout and the first training pass and the ratio is not 1.
@@ -236,15 +249,19 @@ def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def generate(policy, tok, prompt_texts: list[str], gen: GenerationConfig, device,
-             generator_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample responses. Returns (query_ids (b, q), query_mask (b, q),
-    response_ids (b, r) cut after EOS and padded, response_mask (b, r))."""
+    response_ids (b, r) cut after EOS and padded, response_mask (b, r)).
+
+    ``synced_gpus``: for a sharded model whose weights are not gathered, every
+    rank keeps calling forward until all ranks are done (transformers' ZeRO-3 mode).
+    """
     encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
     query, query_mask = _pad_left(encoded, tok.pad_token_id)
     query, query_mask = query.to(device), query_mask.to(device)
     kwargs = dict(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                   max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  use_cache=True)
+                  use_cache=True, synced_gpus=synced_gpus)
     if gen.stop_strings:
         kwargs.update(stop_strings=gen.stop_strings, tokenizer=tok)
     out = policy.generate(input_ids=query, attention_mask=query_mask, **kwargs)
@@ -314,30 +331,39 @@ def _rollout_forward(model: PolicyAndValue, reference: Reference, input_ids, att
     return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
 
-def _gold_eval(cfg: Config, policy, reference: Reference, trained_policy, tok, device,
-               seed: int) -> dict[str, float]:
-    """Mean gold score of ``policy``'s held-out responses and their KL to the
-    reference (``trained_policy`` is what a LoRA reference disables adapters on)."""
+def _gold_eval(cfg: Config, accelerator, model, reference: Reference, tok, seed: int) -> dict[str, float]:
+    """Held-out check: gold score and response length of the initial and the
+    trained policy, and KL(trained || initial) per sequence.
+
+    Every rank samples its share of the prompts (padded to equal shares, so
+    sharded models see the same number of batches on every rank) from weights
+    gathered once; the means are over all ranks' real prompts.
+    """
+    from accelerate.utils import gather_object
+
+    from rlhf.evaluation.runner import SamplingConfig, sample_and_kl
+
     prompts = _prompts(cfg.eval.prompts, cfg.data.columns, cfg.eval.max_prompts, "test")
-    gold = CombinedReward([RewardSpec(source=cfg.eval.gold)]) if cfg.eval.gold else None
-    torch.manual_seed(seed)  # the same samples for the same policy
-    scores, kls, lengths = [], [], []
-    for sl in _chunks(len(prompts), cfg.eval.batch_size):
-        batch = prompts[sl]
-        texts = [render_prompt(tok, p) for p in batch]
-        q_ids, q_mask, r_ids, r_mask = generate(policy, tok, texts, cfg.generation, device)
-        ids = torch.cat([q_ids, r_ids], 1)
-        attn = torch.cat([q_mask, r_mask.long()], 1)
-        q = q_ids.size(1)
-        with torch.no_grad():
-            lp = response_logprobs(policy, ids, attn, q, cfg.generation.temperature)
-            ref_lp = reference.logprobs(trained_policy, ids, attn, q, cfg.generation.temperature)
-        kls.append(((lp - ref_lp) * r_mask).sum(1))
-        lengths.append(r_mask.sum(1).float())
+    share, real = pad_shard(prompts, accelerator.process_index, accelerator.num_processes)
+    gold = CombinedReward([RewardSpec(source=cfg.eval.gold)], device=accelerator.device) if cfg.eval.gold else None
+    sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size)
+    policy = accelerator.unwrap_model(model).policy
+    ref_weights = (full_weights(reference.model, accelerator) if reference.model is not None
+                   else contextlib.nullcontext(True))
+    with full_weights(model, accelerator) as policy_local, ref_weights as ref_local:
+        initial = reference.model if reference.model is not None else _AdaptersOff(policy)
+        before = sample_and_kl(initial, tok, share, sampling, seed, accelerator.device, settings=cfg.generation,
+                               synced_gpus=not ref_local)
+        after = sample_and_kl(policy, tok, share, sampling, seed, accelerator.device, reference=initial,
+                              settings=cfg.generation, synced_gpus=not policy_local)
+    out = {}
+    for name, samples in (("sft", before), ("ppo", after)):
+        texts = samples.texts[:real]
         if gold is not None:
-            scores += gold(batch, decode_responses(tok, r_ids, r_mask))
-    return {"gold": float(np.mean(scores)) if scores else float("nan"),
-            "kl": torch.cat(kls).mean().item(), "response_length": torch.cat(lengths).mean().item()}
+            out[f"gold/{name}"] = float(np.mean(gather_object(gold(share[:real], texts))))
+        out[f"response_length/{name}"] = float(np.mean(gather_object(samples.lengths[:real])))
+    out["kl/ppo"] = float(np.mean(gather_object(after.kl[:real])))
+    return out
 
 
 def train(cfg: Config, ctx) -> Path:
@@ -348,6 +374,7 @@ def train(cfg: Config, ctx) -> Path:
     mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
     accelerator = Accelerator(mixed_precision=mixed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    sharding(accelerator)  # FSDP1 cannot run PPO's local generation: say so before loading anything
     # seed + rank: each rank samples its own responses (one process: the seed
     # itself). Models still start identical: presets and new heads seed
     # themselves, and prepare() broadcasts rank 0's weights.
@@ -357,18 +384,14 @@ def train(cfg: Config, ctx) -> Path:
     policy_cfg = as_model_config(cfg.model)
     tok = load_tokenizer(policy_cfg)
     tok.padding_side = "left"
-    policy = load_causal_lm(policy_cfg, tok, seed=ctx.seed)
+    policy = _policy(policy_cfg, tok, ctx.seed)
     specs = as_specs(cfg.reward)
     if policy_cfg.lora:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, peft_config(policy_cfg.lora, "CAUSAL_LM"))
         reference = Reference(None)  # adapters disabled = the initial policy
     else:
-        ref_model = load_causal_lm(policy_cfg, tok, seed=ctx.seed).to(device).eval()
-        ref_model.requires_grad_(False)
+        ref_model = load_causal_lm(policy_cfg, tok, seed=ctx.seed)
         _disable_dropout(ref_model)
-        reference = Reference(ref_model)
+        reference = Reference(prepare_frozen(ref_model, accelerator))
     value = _value_model(cfg, specs, policy_cfg, tok, ctx.seed)
     model = PolicyAndValue(policy, value)
     _disable_dropout(model)
@@ -376,6 +399,7 @@ def train(cfg: Config, ctx) -> Path:
     for _, fn, _ in reward_fn.parts:
         if hasattr(fn, "model"):
             _disable_dropout(fn.model)
+            fn.model = prepare_frozen(fn.model, accelerator)
 
     # ---- optimisation: one optimizer for policy + value, LR annealed per optimiser step
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
@@ -420,21 +444,24 @@ def train(cfg: Config, ctx) -> Path:
         batch_prompts = _step_prompts(prompts, step, cfg.rollout_batch_size, rank, world, ctx.seed)
         prompt_texts = [render_prompt(tok, p) for p in batch_prompts]
 
-        # 1. generate
-        t0 = time.time()
-        query, query_mask, response, response_mask = generate(unwrapped.policy, tok, prompt_texts,
-                                                              cfg.generation, device)
-        q = query.size(1)
-        input_ids = torch.cat([query, response], 1)
-        attention_mask = torch.cat([query_mask, response_mask.long()], 1)
-        t_gen = time.time() - t0
+        # Sharded (FSDP2 / ZeRO-3): gather the policy and value weights once
+        # for the whole rollout instead of once per token (rlhf.sharding).
+        with full_weights(model, accelerator):
+            # 1. generate
+            t0 = time.time()
+            query, query_mask, response, response_mask = generate(unwrapped.policy, tok, prompt_texts,
+                                                                  cfg.generation, device)
+            q = query.size(1)
+            input_ids = torch.cat([query, response], 1)
+            attention_mask = torch.cat([query_mask, response_mask.long()], 1)
+            t_gen = time.time() - t0
 
-        # 2. forward: old log-probs, reference log-probs, values
-        t0 = time.time()
-        with torch.no_grad():
-            logprobs, ref_logprobs, values = _rollout_forward(unwrapped, reference, input_ids, attention_mask,
-                                                              q, cfg)
-        t_fwd = time.time() - t0
+            # 2. forward: old log-probs, reference log-probs, values
+            t0 = time.time()
+            with torch.no_grad():
+                logprobs, ref_logprobs, values = _rollout_forward(unwrapped, reference, input_ids,
+                                                                  attention_mask, q, cfg)
+            t_fwd = time.time() - t0
 
         # 3. score
         t0 = time.time()
@@ -558,18 +585,14 @@ def train(cfg: Config, ctx) -> Path:
         summary["objective/scores_first"] = history[0]["objective/scores"]
         summary["objective/scores_last"] = history[-1]["objective/scores"]
         summary["objective/kl_last"] = history[-1]["objective/kl"]
-    if cfg.eval.prompts and accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model).policy
-        initial = reference.model if reference.model is not None else _AdaptersOff(policy)
-        before = _gold_eval(cfg, initial, reference, policy, tok, device, ctx.seed)
-        after = _gold_eval(cfg, policy, reference, policy, tok, device, ctx.seed)
-        summary.update({"gold/sft": before["gold"], "gold/ppo": after["gold"], "kl/ppo": after["kl"],
-                        "response_length/sft": before["response_length"],
-                        "response_length/ppo": after["response_length"]})
+    if cfg.eval.prompts:
+        held_out = _gold_eval(cfg, accelerator, model, reference, tok, ctx.seed)
+        summary.update(held_out)
         log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
-                 before["gold"], after["gold"], after["kl"])
+                 held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
+                 held_out["kl/ppo"])
+    save_full(accelerator, model, tok, final, lambda: _policy(policy_cfg, tok, ctx.seed), prefix="policy.")
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model).policy, tok, final)
         write_summary(ctx.stage_dir, summary)
         if ckpt_root.exists():
             shutil.rmtree(ckpt_root)  # finished: the resumable state is no longer needed
