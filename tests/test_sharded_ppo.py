@@ -119,3 +119,36 @@ def test_fsdp2_chain_matches_ddp_step_for_step(tmp_path):
     # PPO moved the policy (so the comparison above compares trained weights).
     sft, ppo = (load_file(runs["fsdp"] / s / "final" / "model.safetensors") for s in ("sft", "ppo"))
     assert any(not ppo[k].equal(sft[k]) for k in sft)
+
+
+def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
+    """Crash after the step-2 checkpoint, resume: the same metrics as an uninterrupted run."""
+    stage = {
+        "type": "ppo", "model": "tiny", "reward": "ppo_rewards:count_letter_e", "value_model": "policy_head",
+        "data": {"path": str(QUICKSTART / "prompts_train.jsonl")},
+        "steps": 4, "save_every": 2, "rollout_batch_size": 4, "num_minibatches": 2, "micro_batch_size": 2,
+        "ppo_epochs": 2, "learning_rate": 1e-3, "generation": {"max_new_tokens": 8}, "sample_every": 100,
+        "kl": {"adaptive": True, "target": 1.0, "horizon": 100},
+    }
+    launcher = str(TESTS / "fsdp_cpu.py")
+    runs = {}
+    for name in ("full", "resumed"):
+        runs[name] = tmp_path / name
+        write_recipe(tmp_path / f"{name}.yaml", {"output_dir": str(runs[name]), "seed": 5, "stages": {"ppo": stage}})
+    proc = _torchrun(launcher, "run", str(tmp_path / "full.yaml"), port=29554)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    crashed = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"), port=29555,
+                        extra_env={"RLHF_TEST_CRASH_AFTER_SAVE": "1"})
+    assert crashed.returncode != 0
+    assert (runs["resumed"] / "ppo" / "checkpoints" / "step-2").is_dir()
+    assert not (runs["resumed"] / "ppo" / "final").exists()
+    proc = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"), port=29556)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    a, b = (_rows(runs[k] / "ppo" / "metrics.jsonl") for k in ("full", "resumed"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key, value in ra.items():
+            if isinstance(value, float) and not key.startswith("perf/") and key != "time":
+                assert _close(value, rb[key]), (ra["step"], key, value, rb[key])
