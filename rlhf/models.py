@@ -300,13 +300,20 @@ def _read_config(name: str, gguf_file: str | None, revision: str | None, trust_r
 _read_config_cached = functools.lru_cache(maxsize=8)(_read_config)
 
 
-def peft_config(spec: LoraSpec, task_type: str):
-    """``peft.LoraConfig`` for ``task_type`` ("CAUSAL_LM" or "SEQ_CLS")."""
-    from peft import LoraConfig
+def peft_config(spec: LoraSpec, task_type: str, model=None):
+    """``peft.LoraConfig`` for ``task_type`` ("CAUSAL_LM" or "SEQ_CLS").
 
+    ``model``: GPT-2-style models store linear weights transposed (``Conv1D``);
+    LoRA must then be told so (``fan_in_fan_out``), which peft otherwise
+    corrects with a warning on every load.
+    """
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = model is not None and any(isinstance(m, Conv1D) for m in model.modules())
     return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                       target_modules=spec.target_modules, task_type=task_type,
-                      modules_to_save=spec.modules_to_save)
+                      modules_to_save=spec.modules_to_save, fan_in_fan_out=transposed)
 
 
 def with_lora(model, spec: LoraSpec | None, task_type: str):
@@ -315,7 +322,7 @@ def with_lora(model, spec: LoraSpec | None, task_type: str):
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(spec, task_type))
+    return get_peft_model(model, peft_config(spec, task_type, model))
 
 
 def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:

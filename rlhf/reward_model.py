@@ -30,7 +30,7 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
 from rlhf.tracking import MetricsCallback, MetricsLogger
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -187,12 +187,12 @@ def train(cfg: Config, ctx) -> Path:
         model=model, args=args, processing_class=tok,
         train_dataset=Dataset.from_list(train_pairs),
         eval_dataset=Dataset.from_list(held_pairs) if held_pairs else None,
-        peft_config=peft_config(model_cfg.lora, "SEQ_CLS") if model_cfg.lora else None,
+        peft_config=peft_config(model_cfg.lora, "SEQ_CLS", model) if model_cfg.lora else None,
         callbacks=[MetricsCallback(logger)],
     )
     trainer.model.config.pad_token_id = tok.pad_token_id
     before = pairwise_accuracy(trainer.model.eval(), held_pairs, tok.pad_token_id) if held_pairs else None
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx.stage_dir))
+    train_or_resume(trainer, ctx.stage_dir)
     summary = {
         "train/steps": trainer.state.global_step, "train/pairs": len(train_pairs),
         "dist/world_size": trainer.args.world_size,

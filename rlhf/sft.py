@@ -22,7 +22,7 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_tokenizer,
                          peft_config, with_lora)
 from rlhf.tracking import MetricsCallback, MetricsLogger
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,10 @@ def train(cfg: Config, ctx) -> Path:
         model=model, args=args, processing_class=tok,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(held_rows) if held_rows else None,
-        peft_config=peft_config(model_cfg.lora, "CAUSAL_LM") if model_cfg.lora else None,
+        peft_config=peft_config(model_cfg.lora, "CAUSAL_LM", model) if model_cfg.lora else None,
         callbacks=[MetricsCallback(logger), _InitialEval(initial_path, ctx.is_main)],
     )
-    resume = last_checkpoint(ctx.stage_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    train_or_resume(trainer, ctx.stage_dir)
     summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows),
                "dist/world_size": trainer.args.world_size}
     if held_rows:

@@ -99,6 +99,33 @@ def last_checkpoint(stage_dir: Path) -> str | None:
     return str(path)
 
 
+def train_or_resume(trainer, stage_dir: Path) -> None:
+    """``trainer.train()``, resuming from the stage's newest checkpoint.
+
+    A checkpoint at the last step (the run died between it and ``final/``) is
+    loaded rather than resumed: transformers resumes it by training one step
+    past ``max_steps``. Its ``_load_from_checkpoint`` is private API, but it is
+    what ``train`` itself uses and knows every format (full, LoRA adapters,
+    safetensors shards). With sharded weights (FSDP, ZeRO-3) it needs the
+    wrapped model, so there the extra step is left to happen (and logged).
+    """
+    from transformers import TrainerState
+
+    resume = last_checkpoint(stage_dir)
+    if resume is not None:
+        state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            from rlhf.sharding import is_sharded
+
+            if not is_sharded(trainer.accelerator):
+                log.info("%s is the last step: loading it instead of training on", resume)
+                trainer._load_from_checkpoint(resume)
+                trainer.state = state
+                return
+            log.warning("%s is the last step; resuming a sharded model from it trains one extra step", resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+
 def finish_stage(trainer, tok, ctx, summary: dict, logger, fresh: Callable) -> Path:
     """Save ``final/`` (every rank joins when the weights are sharded; see
     ``rlhf.sharding.save_full``: ``fresh`` builds an unsharded copy of the

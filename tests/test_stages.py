@@ -211,3 +211,32 @@ def test_interrupted_stage_resumes_from_last_checkpoint(make_recipe, tmp_path, c
     steps = [r["step"] for r in read_metrics(stage / "metrics.jsonl") if "train/loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]  # rows past the checkpoint were replaced, not duplicated
     assert (stage / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage_name", ["sft", "reward"])
+def test_crash_after_last_checkpoint_loads_it_without_training_on(make_recipe, tmp_path, stage_name):
+    """A crash between the last step's checkpoint and final/: the rerun loads
+    that checkpoint. transformers would resume it by training a step past
+    max_steps (seen: train/steps 5 of 4)."""
+    from safetensors.torch import load_file
+
+    def edit(cfg):
+        cfg["stages"][stage_name]["train"].update(max_steps=4, save_steps=2, save_total_limit=3)
+        if stage_name == "reward":  # LoRA: the checkpoint holds adapters, final/ the merged model
+            cfg["stages"]["reward"]["model"] = {"name": "${output_dir}/sft/final", "lora": {"r": 4, "alpha": 8}}
+
+    recipe = make_recipe(edit)
+    stage = tmp_path / "out" / stage_name
+    assert run_in_process("run", recipe) == 0
+    complete = load_file(stage / "final" / "model.safetensors")
+    shutil.rmtree(stage / "final")
+    (stage / "metrics.json").unlink()
+
+    assert run_in_process("run", recipe) == 0
+    summary = json.loads((stage / "metrics.json").read_text())
+    assert summary["train/steps"] == 4
+    assert not (stage / "checkpoints" / "checkpoint-5").exists()
+    assert max(r["step"] for r in read_metrics(stage / "metrics.jsonl")) == 4
+    reloaded = load_file(stage / "final" / "model.safetensors")
+    assert reloaded.keys() == complete.keys()
+    assert all(reloaded[k].equal(complete[k]) for k in complete)

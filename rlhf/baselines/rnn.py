@@ -30,7 +30,7 @@ from rlhf.errors import BadInput
 from rlhf.models import ModelConfig, as_model_config, load_tokenizer
 from rlhf.tracking import MetricsCallback, MetricsLogger, read_metrics
 from rlhf.sft import held_out_loss
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, last_checkpoint
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
 
 __all__ = ["Config", "RnnConfig", "RnnForCausalLM", "RnnForSequenceClassification", "RnnModel", "train",
            "validate"]
@@ -179,7 +179,7 @@ def train(cfg: Config, ctx) -> Path:
         if ctx.is_main:
             initial_path.write_text(json.dumps({"eval/loss": initial}))
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=last_checkpoint(ctx.stage_dir))
+    train_or_resume(trainer, ctx.stage_dir)
     summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows),
                "train/wall_s": time.time() - t0, "train/time_budget_s": budget if budget is not None else float("nan"),
                "train/stopped_by_time_budget": time_budget.stopped,
