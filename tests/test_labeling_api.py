@@ -166,3 +166,26 @@ def test_page_has_no_inline_script_and_sends_security_headers(env):
     assert not re.search(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML\(|document\.write|eval\(", js)
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/../store.py").status_code == 404
+
+
+def test_revoked_token_is_refused_at_once_and_its_open_pair_goes_to_others(env):
+    client, tokens, store, _ = env
+    project = store.project("api")
+    first = client.get("/api/next", headers=auth(tokens["alice"])).json()["pair"]["id"]
+    assert client.post("/api/labels", headers=auth(tokens["alice"]), json=label(first)).status_code == 201
+    held = client.get("/api/next", headers=auth(tokens["alice"])).json()["pair"]["id"]  # leased to alice
+
+    assert store.revoke_labeler(project, "alice") == (True, 1)  # the leased pair is released
+    assert store.revoke_labeler(project, "alice") == (False, 0)  # idempotent
+    for method, path in [("GET", "/api/me"), ("GET", "/api/next"), ("POST", "/api/labels")]:
+        assert client.request(method, path, headers=auth(tokens["alice"]), json=label(held)).status_code == 401
+    # overlap 1: alice's labeled pair stays done; the one she held is open to bob again.
+    given = set()
+    while (r := client.get("/api/next", headers=auth(tokens["bob"])).json())["pair"] is not None:
+        given.add(r["pair"]["id"])
+        assert client.post("/api/labels", headers=auth(tokens["bob"]), json=label(r["pair"]["id"])).status_code == 201
+    assert held in given and first not in given
+    assert {r.labeler for r in store.current_labels(project.id)} == {"alice", "bob"}  # her label is kept
+    # A new token reinstates her.
+    store.add_labeler(project, "alice", "tok-alice-new-" + "q" * 30, replace_token=True)
+    assert client.get("/api/me", headers=auth("tok-alice-new-" + "q" * 30)).status_code == 200

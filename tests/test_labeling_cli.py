@@ -169,3 +169,42 @@ def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, caps
     assert code == 0, err
     code, _, err = rlhf(capsys, "validate", recipe, f"stages.reward.data.path={db}?project=nope")
     assert code == 2 and "no such project" in err
+
+
+def test_revoke_and_export_without_a_labeler(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 6,
+                "--overlap", 2)[0] == 0
+    tokens = {}
+    for name in ("ann", "ben"):
+        tokens[name] = json.loads(rlhf(capsys, "label", "add-labeler", "--db", db, "--name", name, "--json")[1])
+    store = Store.open(db)
+    project = store.project(None)
+    for name, choice in (("ann", "A"), ("ben", "B")):  # they disagree on every pair
+        who = store.authenticate(tokens[name]["token"])
+        while (view := store.next_pair(who)) is not None:
+            store.submit(who, Submission(uuid.uuid4().hex, view.id, choice))
+    store.close()
+
+    code, out, _ = rlhf(capsys, "label", "revoke", "--db", db, "--name", "ben")
+    assert code == 0 and "revoked ben" in out and "labels are kept" in out
+    store = Store.open(db)
+    assert store.authenticate(tokens["ben"]["token"]) is None
+    assert store.authenticate(tokens["ann"]["token"]) is not None
+    store.close()
+    code, out, _ = rlhf(capsys, "label", "revoke", "--db", db, "--name", "ben")
+    assert code == 0 and "already revoked" in out
+
+    # With both votes every pair is a 1-1 split (dropped); without ben's, ann's choice wins.
+    dest = tmp_path / "prefs.jsonl"
+    code, _, err = rlhf(capsys, "label", "export", "--db", db, "--out", dest)
+    assert code == 2 and "no labeled pairs" in err and not dest.exists()
+    code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", dest, "--exclude-labeler", "ben")
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert code == 0 and len(rows) == 6 and all(r["chosen_votes"] == 1 and r["votes"] == 1 for r in rows)
+
+    for argv, needle in ((("revoke", "--name", "zed"), "--name zed: not a labeler of project qs"),
+                         (("export", "--out", tmp_path / "x.jsonl", "--exclude-labeler", "zed"),
+                          "exclude_labelers: 'zed' is not a labeler")):
+        code, _, err = rlhf(capsys, "label", argv[0], "--db", db, *argv[1:])
+        assert code == 2 and needle in err, err

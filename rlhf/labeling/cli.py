@@ -89,6 +89,15 @@ def add_parser(sub) -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server URL to print a sign-in link for")
     p.add_argument("--json", action="store_true", help="print {name, role, token, link} as JSON")
 
+    p = cmds.add_parser("revoke", help="revoke a labeler's token at once; their open pairs go back to the pool",
+                        description="The labeler's next request is refused (HTTP 401). Their labels stay in the "
+                                    "database (labels are append-only): leave them out of an export with "
+                                    "`export --exclude-labeler NAME`. `add-labeler --new-token` reinstates "
+                                    "them.", epilog=EPILOG, formatter_class=fmt)
+    _db(p)
+    _project(p)
+    p.add_argument("--name", required=True, help="the labeler (or admin) to revoke")
+
     p = cmds.add_parser("serve", help="run the labeling web app", epilog=EPILOG, formatter_class=fmt)
     _db(p)
     _project(p)
@@ -111,6 +120,8 @@ def add_parser(sub) -> None:
     p.add_argument("--ties", choices=("drop", "random"), help="pairs without a strict winner (default drop)")
     p.add_argument("--margin", action="store_true", default=None, help="add a vote-margin column")
     p.add_argument("--seed", type=int, help="seed for --ties random (default 0)")
+    p.add_argument("--exclude-labeler", action="append", metavar="NAME",
+                   help="leave this labeler's labels out (repeatable), e.g. one revoked for bad work")
 
     p = cmds.add_parser("stats", help="counts, per-labeler throughput and agreement (kappa)",
                         epilog=EPILOG, formatter_class=fmt)
@@ -241,6 +252,23 @@ def cmd_add_labeler(args) -> int:
     return 0
 
 
+def cmd_revoke(args) -> int:
+    from rlhf.labeling.store import Store
+
+    store = Store.open(args.db)
+    try:
+        project = store.project(args.project)
+        revoked, released = store.revoke_labeler(project, args.name)
+    finally:
+        store.close()
+    if revoked:
+        print(f"revoked {args.name} of project {project.name}: their token no longer works; "
+              f"{released} open pair(s) released to other labelers; their labels are kept")
+    else:
+        print(f"{args.name} of project {project.name} was already revoked")
+    return 0
+
+
 def _check_bind(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise BadInput(f"--port {port}: expected 1-65535")
@@ -292,7 +320,7 @@ def cmd_export(args) -> int:
     try:
         project = store.project(args.project)
         cfg = replace(ExportConfig(project=project.name), min_votes=args.min_votes, ties=args.ties,
-                      margin=args.margin, seed=args.seed)
+                      margin=args.margin, seed=args.seed, exclude_labelers=args.exclude_labeler)
         rows, st = export_rows(store, project, cfg)
     finally:
         store.close()
@@ -319,8 +347,8 @@ def cmd_stats(args) -> int:
     return 0
 
 
-COMMANDS = {"pairs": cmd_pairs, "project": cmd_project, "add-labeler": cmd_add_labeler, "serve": cmd_serve,
-            "export": cmd_export, "stats": cmd_stats}
+COMMANDS = {"pairs": cmd_pairs, "project": cmd_project, "add-labeler": cmd_add_labeler, "revoke": cmd_revoke,
+            "serve": cmd_serve, "export": cmd_export, "stats": cmd_stats}
 
 
 def run(args) -> int:

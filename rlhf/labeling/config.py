@@ -82,6 +82,7 @@ class ExportConfig:
                 "a side at random (seeded)")
     margin: bool = opt(False, "add a `margin` column: (winner votes - loser votes) / votes, for margin losses")
     seed: int = opt(0, "seed of the random tie-breaks")
+    exclude_labelers: list[str] = opt([], "labelers whose labels are left out (e.g. ones revoked for bad work)")
 
     def check(self, fail):
         if self.min_votes < 1:

@@ -59,8 +59,9 @@ def preference_rows(pairs: dict[int, Pair], current: list[LabelRow], cfg: Export
                     ) -> tuple[list[dict[str, Any]], ExportSummary]:
     """Resolve each pair's votes into a ``{prompt, chosen, rejected, ...}`` row."""
     votes: dict[int, Counter] = {pid: Counter() for pid in pairs}
+    excluded = set(cfg.exclude_labelers)
     for r in current:
-        if r.choice != "skip" and r.pair_id in votes:
+        if r.choice != "skip" and r.pair_id in votes and r.labeler not in excluded:
             votes[r.pair_id][r.choice] += 1
     summary = ExportSummary(pairs=len(pairs))
     rows = []
@@ -91,6 +92,11 @@ def preference_rows(pairs: dict[int, Pair], current: list[LabelRow], cfg: Export
 
 
 def export_rows(store: Store, project: ProjectInfo, cfg: ExportConfig) -> tuple[list[dict[str, Any]], ExportSummary]:
+    known = {lab.name for lab in store.labelers(project)}
+    for name in cfg.exclude_labelers:
+        if name not in known:
+            raise BadInput(f"exclude_labelers: {name!r} is not a labeler of project {project.name} "
+                           f"(labelers: {', '.join(sorted(known)) or 'none'})")
     return preference_rows(store.pairs(project), store.current_labels(project.id), cfg)
 
 

@@ -378,6 +378,26 @@ class Store:
             s.flush()
             return LabelerInfo(row.id, row.project_id, row.name, row.role)
 
+    def revoke_labeler(self, project: ProjectInfo, name: str) -> tuple[bool, int]:
+        """Revoke a labeler's token: their next request is refused. Pairs they
+        hold open go back to the pool; their labels stay (labels are
+        append-only; leave them out of an export with ``exclude_labelers``).
+        Returns (newly revoked, open pairs released). ``add-labeler
+        --new-token`` reinstates them."""
+        with self.transaction() as s:
+            row = s.scalar(select(Labeler).where(Labeler.project_id == project.id, Labeler.name == name))
+            if row is None:
+                names = s.scalars(select(Labeler.name).where(Labeler.project_id == project.id)).all()
+                raise BadInput(f"--name {name}: not a labeler of project {project.name} "
+                               f"(labelers: {', '.join(sorted(names)) or 'none'})")
+            if row.revoked_at is not None:
+                return False, 0
+            row.revoked_at = time.time()
+            released = s.execute(update(Assignment).where(Assignment.labeler_id == row.id,
+                                                          Assignment.status == "open")
+                                 .values(status="released")).rowcount
+            return True, released
+
     def authenticate(self, token: str) -> LabelerInfo | None:
         with self.reading() as s:
             row = s.scalar(_Q.by_token, {"hash": hash_token(token)})
