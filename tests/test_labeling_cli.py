@@ -202,6 +202,11 @@ def test_revoke_and_export_without_a_labeler(tmp_path, capsys):
     code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", dest, "--exclude-labeler", "ben")
     rows = [json.loads(line) for line in dest.read_text().splitlines()]
     assert code == 0 and len(rows) == 6 and all(r["chosen_votes"] == 1 and r["votes"] == 1 for r in rows)
+    # The reward stage reading the database directly takes the same option on the URL.
+    from rlhf.labeling.export import read_db_records
+
+    records = read_db_records(f"{db}?project=qs&exclude_labelers=[ben]")
+    assert [r.data for r in records] == rows
 
     for argv, needle in ((("revoke", "--name", "zed"), "--name zed: not a labeler of project qs"),
                          (("export", "--out", tmp_path / "x.jsonl", "--exclude-labeler", "zed"),

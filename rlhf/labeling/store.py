@@ -40,7 +40,7 @@ from rlhf.labeling.config import ProjectConfig
 from rlhf.labeling.schema import SCHEMA_VERSION, Assignment, Base, Label, Labeler, Meta, Pair, Project
 
 # URL query keys that select what to read, not how to connect (see export.py).
-READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed")
+READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed", "exclude_labelers")
 
 
 class NotFound(Exception):
