@@ -16,10 +16,10 @@ mixed-precision AdamW accounting (ZeRO paper, Rajbhandari et al. 2020, sec. 3):
   ZeRO-3  (2*(T+F) + 2T + 12T) / N + 2*L                 everything sharded; L = one layer gathered
   FSDP    (4*(T+F) + 4T + 8T) / N + 2*L                  fp32 shards, one bf16 layer unsharded at a time
 
-Frozen models that rlhf keeps outside ``accelerate.prepare`` (PPO's reference
-copy and reward models, every eval model) are replicated on every GPU under
-every strategy: w * params each. LoRA removes the reference copy (the policy
-with adapters off is the reference).
+Frozen models: PPO's reference copy and reward models are sharded like the
+policy under ZeRO-3 and FSDP (w * params / N + one 16-bit layer gathered) and
+replicated otherwise (w * params); eval models are replicated. LoRA removes
+the reference copy (the policy with adapters off is the reference).
 
 Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation",
 with memory-efficient attention so no s^2 term), 16-bit:
@@ -28,7 +28,9 @@ with memory-efficient attention so no s^2 term), 16-bit:
   log-softmax and their gradient: 12 * b * t * V (t = scored tokens: the whole
   sequence in SFT, the response in PPO; no LM head in reward models).
 Generation (PPO rollout, eval) holds a KV cache: 2 * layers * b * s * kv_dim * 2.
-PPO's peak is model state + max(KV cache of a rollout batch, training activations).
+Under ZeRO-3 and FSDP, PPO gathers the policy and value weights once per
+rollout (16-bit, 2 * params; rlhf/sharding.py). PPO's peak is model state +
+frozen models + max(rollout: gathered weights + KV cache, training activations).
 
 Then 10% for fragmentation and 1.5 GiB for the CUDA context and workspace.
 Estimates, not measurements: real peaks vary with kernels, sequence lengths and
@@ -212,9 +214,17 @@ def model_state(shape: Shape, strategy: str, gpus: int) -> float:
     raise ValueError(strategy)
 
 
-def frozen(shape: Shape) -> float:
-    """A model rlhf keeps outside accelerate.prepare: its weights, on every GPU."""
+def frozen(shape: Shape, strategy: str = "DDP", gpus: int = 1) -> float:
+    """A frozen model's weights per GPU: sharded under ZeRO-3/FSDP (PPO's
+    reference and reward models), else replicated."""
+    if strategy in ("ZeRO-3", "FSDP"):
+        return shape.bytes_per_weight * shape.params / gpus + 2 * shape.layer_params
     return shape.bytes_per_weight * shape.params
+
+
+def gathered_for_rollout(shapes: list[Shape], strategy: str) -> float:
+    """Full 16-bit weights PPO gathers for generation under ZeRO-3/FSDP."""
+    return 2 * sum(s.params for s in shapes) if strategy in ("ZeRO-3", "FSDP") else 0.0
 
 
 def activations(shape: Shape, batch: int, seq: int, scored: int, lm_head: bool) -> float:
@@ -320,11 +330,12 @@ def _plan_ppo(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
     if value is not None:
         train_act += activations(value, micro, seq, 0, lm_head=False)
     gen = kv_cache(policy, cfg.rollout_batch_size, seq) + 4 * cfg.rollout_batch_size * policy.vocab
-    fixed = sum(frozen(r) for r in rewards) + (frozen(reference) if reference else 0)
     per = {}
     for k in STRATEGIES:
+        fixed = sum(frozen(r, k, gpus) for r in rewards) + (frozen(reference, k, gpus) if reference else 0)
         state = model_state(policy, k, gpus) + (model_state(value, k, gpus) if value else 0)
-        per[k] = _total(state + fixed + max(gen, train_act))
+        rollout = gen + gathered_for_rollout([policy] + ([value] if value else []), k)
+        per[k] = _total(state + fixed + max(rollout, train_act))
     models = [f"policy {_describe(policy)}"]
     models.append("reference: policy with LoRA off (no copy)" if reference is None
                   else f"reference {_describe(reference, frozen_only=True)}")

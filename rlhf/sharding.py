@@ -92,7 +92,8 @@ def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
         model = prepare_deepspeed(model, accelerator)
     else:
         model = model.to(accelerator.device)
-    return model.eval()
+    model.eval()  # not `return model.eval()`: DeepSpeedEngine.eval() returns None
+    return model
 
 
 @contextlib.contextmanager

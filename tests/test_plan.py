@@ -37,6 +37,16 @@ def test_model_state_formulas():
     assert P.model_state(lora, "ZeRO-2", 2) == 2 * 110 + 14 * 10 / 2
 
 
+def test_frozen_and_gathered_weights_follow_ppo_sharding():
+    ref = _shape(trainable=0)
+    # Replicated under DDP and ZeRO-2; sharded with one 16-bit layer gathered under ZeRO-3 and FSDP.
+    assert P.frozen(ref, "DDP", 4) == P.frozen(ref, "ZeRO-2", 4) == 400
+    assert P.frozen(ref, "ZeRO-3", 4) == P.frozen(ref, "FSDP", 4) == 400 / 4 + 20
+    # A rollout gathers the policy and value weights once, in 16 bits, only when they are sharded.
+    assert P.gathered_for_rollout([_shape(), _shape(params=50)], "FSDP") == 300
+    assert P.gathered_for_rollout([_shape()], "ZeRO-2") == 0
+
+
 def test_activation_and_cache_formulas():
     s = _shape()
     # 34 * b * s * h per layer (Korthikanti et al.), 2 layers; logits: 12 bytes * b * t * V.

@@ -348,14 +348,16 @@ def _gold_eval(cfg: Config, accelerator, model, reference: Reference, tok, seed:
     gold = CombinedReward([RewardSpec(source=cfg.eval.gold)], device=accelerator.device) if cfg.eval.gold else None
     sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size)
     policy = accelerator.unwrap_model(model).policy
-    ref_weights = (full_weights(reference.model, accelerator) if reference.model is not None
-                   else contextlib.nullcontext(True))
-    with full_weights(model, accelerator) as policy_local, ref_weights as ref_local:
-        initial = reference.model if reference.model is not None else _AdaptersOff(policy)
+    initial = reference.model if reference.model is not None else _AdaptersOff(policy)
+    # One model's weights gathered at a time: the initial policy's to sample
+    # from it, then the trained policy's; the reference's KL forwards stay
+    # sharded (collective; equal shares keep the ranks in step).
+    with full_weights(initial if reference.model is not None else model, accelerator) as local:
         before = sample_and_kl(initial, tok, share, sampling, seed, accelerator.device, settings=cfg.generation,
-                               synced_gpus=not ref_local)
+                               synced_gpus=not local)
+    with full_weights(model, accelerator) as local:
         after = sample_and_kl(policy, tok, share, sampling, seed, accelerator.device, reference=initial,
-                              settings=cfg.generation, synced_gpus=not policy_local)
+                              settings=cfg.generation, synced_gpus=not local)
     out = {}
     for name, samples in (("sft", before), ("ppo", after)):
         texts = samples.texts[:real]
@@ -375,6 +377,8 @@ def train(cfg: Config, ctx) -> Path:
     accelerator = Accelerator(mixed_precision=mixed)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     sharding(accelerator)  # FSDP1 cannot run PPO's local generation: say so before loading anything
+    if accelerator.state.deepspeed_plugin is not None:
+        _deepspeed_config(accelerator, cfg)
     # seed + rank: each rank samples its own responses (one process: the seed
     # itself). Models still start identical: presets and new heads seed
     # themselves, and prepare() broadcasts rank 0's weights.
@@ -503,7 +507,7 @@ def train(cfg: Config, ctx) -> Path:
                     idx = mb_ids[mc]
                     # DDP: all-reduce gradients once per minibatch, not per micro-batch.
                     last_micro = mc_index == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                    with contextlib.nullcontext() if last_micro else _no_sync(accelerator, model):
                         mask = response_mask[idx]
                         new_lp, new_v, ent = model(input_ids[idx], attention_mask[idx], q,
                                                    cfg.generation.temperature, with_entropy=True,
@@ -615,6 +619,41 @@ class _AdaptersOff(torch.nn.Module):
     def generate(self, **kw):
         with self.policy.disable_adapter():
             return self.policy.generate(**kw)
+
+
+def _deepspeed_config(accelerator, cfg: Config) -> None:
+    """Fill in what DeepSpeed needs before any model is prepared.
+
+    The accelerate configs leave the batch sizes "auto", which Accelerate
+    fills from a dataloader passed to prepare() and TRL's prepare_deepspeed
+    (reference, reward model) does not fill at all; PPO has no dataloader, so
+    both would fail. One engine step per minibatch: gradient accumulation over
+    its micro-batches is ours (``_no_sync``), so DeepSpeed's is 1. Clipping
+    happens inside the engine step, with the config's value: the recipe's
+    max_grad_norm replaces it (0 = off, as under DDP/FSDP).
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    micro = min(cfg.micro_batch_size, cfg.rollout_batch_size // cfg.num_minibatches)
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
+              train_batch_size=micro * accelerator.num_processes, gradient_clipping=cfg.max_grad_norm)
+
+
+@contextlib.contextmanager
+def _no_sync(accelerator, model):
+    """Accumulate a micro-batch's gradients: no all-reduce, no optimiser step."""
+    if accelerator.state.deepspeed_plugin is None:
+        with accelerator.no_sync(model):
+            yield
+        return
+    # DeepSpeed: accelerator.no_sync is a no-op under ZeRO-2/3 and
+    # accelerator.backward runs engine.step() (clip + optimiser step) after
+    # every backward unless sync_gradients is False; it then marks the
+    # micro-batch as not an accumulation boundary. No public setter (accelerate 1.15).
+    accelerator.gradient_state._set_sync_gradients(False)
+    try:
+        yield
+    finally:
+        accelerator.gradient_state._set_sync_gradients(True)
 
 
 def _save_state(accelerator, root: Path, step: int) -> None:
