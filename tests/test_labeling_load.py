@@ -4,7 +4,8 @@ Load: 20 concurrent labelers submit >= 2,000 labels (10% of them re-sent
 with the same client id, as a client that lost the answer would); zero lost,
 zero duplicated. Crash: SIGKILL the server mid-load, restart it on the same
 database; every acknowledged label is there, and the clients' retries (same
-client ids) did not double-count anything.
+client ids) did not double-count anything. Both run on SQLite and on a local
+PostgreSQL server (skipped where none can be started; CI installs one).
 
 Loops are bounded by a label count and a deadline; traffic stays on loopback.
 """
@@ -12,67 +13,97 @@ Loops are bounded by a label count and a deadline; traffic stays on loopback.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
 from pathlib import Path
 
-from rlhf.labeling.testing import LoadResult, ServerProcess, make_load_project, simulate_labelers
+import pytest
+from sqlalchemy import create_engine, text
+
+from rlhf.labeling.store import parse_db_url
+from rlhf.labeling.testing import (LoadResult, ServerProcess, make_load_project, simulate_labelers,
+                                   temporary_postgres)
 
 LABELERS = 20
 TOTAL = 2000
 OVERLAP = 3
 
 
-def db_labels(db_path: Path) -> dict[tuple[int, str], tuple[int, int, str]]:
-    """(labeler id, client id) -> (label id, pair id, choice), read straight from the file."""
-    with sqlite3.connect(db_path) as con:
-        rows = con.execute("SELECT labeler_id, client_id, id, pair_id, choice FROM labeling_labels").fetchall()
+@pytest.fixture(scope="module")
+def postgres_server():
+    try:
+        with temporary_postgres() as url:
+            yield url
+    except RuntimeError as e:
+        pytest.skip(f"PostgreSQL not available: {e}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path) -> str:
+    """A fresh database URL: an SQLite file, or a new database on a local PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'labels.db'}"
+    server = request.getfixturevalue("postgres_server")
+    name = f"load_{request.node.name.split('[')[0][-20:]}_{int(time.time() * 1000) % 10**8}"
+    admin = create_engine(parse_db_url(server).url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as con:
+        con.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def query(db: str, sql: str, **params) -> list[tuple]:
+    """Rows straight from the database, bypassing the server and the Store."""
+    engine = create_engine(parse_db_url(db).url)
+    try:
+        with engine.connect() as con:
+            return [tuple(r) for r in con.execute(text(sql), params)]
+    finally:
+        engine.dispose()
+
+
+def db_labels(db: str) -> dict[tuple[int, str], tuple[int, int, str]]:
+    """(labeler id, client id) -> (label id, pair id, choice)."""
+    rows = query(db, "SELECT labeler_id, client_id, id, pair_id, choice FROM labeling_labels")
     return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
 
 
-def labeler_ids(db_path: Path) -> dict[str, int]:
-    with sqlite3.connect(db_path) as con:
-        return dict(con.execute("SELECT name, id FROM labeling_labelers").fetchall())
+def labeler_ids(db: str) -> dict[str, int]:
+    return dict(query(db, "SELECT name, id FROM labeling_labelers"))
 
 
-def assert_exactly_once(db_path: Path, result: LoadResult) -> dict:
+def assert_exactly_once(db: str, result: LoadResult) -> dict:
     """Every acknowledged label is stored with its id, pair and choice; nothing stored twice."""
-    stored = db_labels(db_path)
-    ids = labeler_ids(db_path)
+    stored = db_labels(db)
+    ids = labeler_ids(db)
     lost = [cid for cid, (name, label_id, pair, choice) in result.acked.items()
             if stored.get((ids[name], cid)) != (label_id, pair, choice)]
     assert not lost, f"{len(lost)} acknowledged labels missing or changed, e.g. {lost[:3]}"
-    with sqlite3.connect(db_path) as con:
-        doubled = con.execute("SELECT pair_id, labeler_id, count(*) FROM labeling_labels "
-                              "GROUP BY pair_id, labeler_id HAVING count(*) > 1").fetchall()
-        over = con.execute("SELECT pair_id, count(*) FROM labeling_labels WHERE choice != 'skip' "
-                           "GROUP BY pair_id HAVING count(*) > ?", (OVERLAP,)).fetchall()
-        counts = con.execute("SELECT p.id FROM labeling_pairs p WHERE p.labeled_count != (SELECT count(*) "
-                             "FROM labeling_labels l WHERE l.pair_id = p.id AND l.choice != 'skip')").fetchall()
+    doubled = query(db, "SELECT pair_id, labeler_id, count(*) FROM labeling_labels "
+                        "GROUP BY pair_id, labeler_id HAVING count(*) > 1")
+    over = query(db, "SELECT pair_id, count(*) FROM labeling_labels WHERE choice != 'skip' "
+                     "GROUP BY pair_id HAVING count(*) > :overlap", overlap=OVERLAP)
+    counts = query(db, "SELECT p.id FROM labeling_pairs p WHERE p.labeled_count != (SELECT count(*) "
+                       "FROM labeling_labels l WHERE l.pair_id = p.id AND l.choice != 'skip')")
     assert not doubled, f"a labeler labeled the same pair twice: {doubled[:3]}"
     assert not over, f"pairs labeled beyond the overlap of {OVERLAP}: {over[:3]}"
     assert not counts, f"pairs whose cached label count disagrees with the labels: {counts[:3]}"
     return stored
 
 
-def test_20_concurrent_labelers_2000_labels_none_lost_none_duplicated(tmp_path):
-    db_path = tmp_path / "load.db"
-    db = f"sqlite:///{db_path}"
+def test_20_concurrent_labelers_2000_labels_none_lost_none_duplicated(db, tmp_path):
     tokens = make_load_project(db, n_pairs=800, n_labelers=LABELERS, overlap=OVERLAP)
     with ServerProcess(db, log_path=tmp_path / "server.log") as server:
         result = asyncio.run(simulate_labelers(server.url, tokens, TOTAL, deadline_s=75, replay_fraction=0.1))
     assert not result.errors and result.server_errors == 0, (result.errors, result.server_errors)
     assert len(result.acked) >= TOTAL, f"only {len(result.acked)} labels in {result.elapsed_s:.0f}s"
     assert result.replays >= 100 and result.replays_mismatched == 0
-    stored = assert_exactly_once(db_path, result)
+    stored = assert_exactly_once(db, result)
     assert len(stored) == len(result.acked)  # nothing stored that was not acknowledged, nothing twice
     assert len({name for name, *_ in result.acked.values()}) == LABELERS  # all 20 really took part
 
 
-def test_sigkill_mid_load_keeps_every_acknowledged_label(tmp_path):
-    db_path = tmp_path / "crash.db"
-    db = f"sqlite:///{db_path}"
+def test_sigkill_mid_load_keeps_every_acknowledged_label(db, tmp_path):
     tokens = make_load_project(db, n_pairs=400, n_labelers=LABELERS, overlap=OVERLAP)
     server = ServerProcess(db, log_path=tmp_path / "server.log").start()
     live: dict[str, LoadResult] = {}
@@ -92,9 +123,9 @@ def test_sigkill_mid_load_keeps_every_acknowledged_label(tmp_path):
         time.sleep(0.3)
         result = live["result"]
         acked_before_restart = dict(result.acked)
-        # With no server running, the file alone holds every label acknowledged so far.
-        stored = db_labels(db_path)
-        ids = labeler_ids(db_path)
+        # With no server running, the database alone holds every label acknowledged so far.
+        stored = db_labels(db)
+        ids = labeler_ids(db)
         missing = [cid for cid, (name, label_id, _, _) in acked_before_restart.items()
                    if stored.get((ids[name], cid), (None,))[0] != label_id]
         assert not missing, f"{len(missing)} acknowledged labels lost in the crash"
@@ -106,7 +137,7 @@ def test_sigkill_mid_load_keeps_every_acknowledged_label(tmp_path):
     assert not result.errors, result.errors
     assert result.retries > 0, "the kill interrupted no request"
     assert len(result.acked) >= 700 and set(acked_before_restart) <= set(result.acked)
-    stored = assert_exactly_once(db_path, result)
+    stored = assert_exactly_once(db, result)
     # Requests in flight at the kill were retried with their client ids: each
     # landed once, whether or not its first attempt had committed.
     assert len(stored) == len(result.acked)
