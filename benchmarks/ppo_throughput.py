@@ -171,7 +171,7 @@ class BareCompute:
         if lora:
             from peft import get_peft_model
 
-            self.policy = get_peft_model(self.policy, peft_config(LoraSpec(**LORA), "CAUSAL_LM"))
+            self.policy = get_peft_model(self.policy, peft_config(LoraSpec(**LORA), "CAUSAL_LM", self.policy))
             self.reference = None
         else:
             self.reference = load_causal_lm(ModelConfig(name=policy_dir), tok).eval().requires_grad_(False)

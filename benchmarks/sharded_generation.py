@@ -86,6 +86,8 @@ def worker(args) -> None:
                   **{f"{k}_s": statistics.median(v) for k, v in times.items()},
                   **{f"{k}_all_gathers": gathers[k] for k in ways}}
         Path(args.out).write_text(json.dumps(result))
+    accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()  # an exit with gloo threads running can abort
 
 
 def main() -> None:

@@ -319,6 +319,12 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
         # A later stage reads this one's output: every rank waits for it.
         state.wait_for_everyone()
         log.info("stage %s: done in %.1fs -> %s", stage.name, time.time() - t0, results[stage.name])
+    if state.use_distributed:
+        # Leave the process group cleanly: a rank exiting while gloo/NCCL
+        # threads still run can abort ("terminate called without an active
+        # exception") after all the work is done.
+        state.wait_for_everyone()
+        state.destroy_process_group()
     return results
 
 

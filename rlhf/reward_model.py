@@ -30,6 +30,7 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
 from rlhf.tracking import MetricsCallback, MetricsLogger
+from rlhf.sharding import unpartitioned
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ def train(cfg: Config, ctx) -> Path:
         callbacks=[MetricsCallback(logger)],
     )
     trainer.model.config.pad_token_id = tok.pad_token_id
-    before = pairwise_accuracy(trainer.model.eval(), held_pairs, tok.pad_token_id) if held_pairs else None
+    with unpartitioned(trainer.model):  # ZeRO-3 built it partitioned; HF's trainer has not wrapped it yet
+        before = pairwise_accuracy(trainer.model.eval(), held_pairs, tok.pad_token_id) if held_pairs else None
     train_or_resume(trainer, ctx.stage_dir)
     summary = {
         "train/steps": trainer.state.global_step, "train/pairs": len(train_pairs),

@@ -68,7 +68,20 @@ def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[],
         return
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        copy = fresh()
+        if sharding(accelerator) == "zero3":
+            # With zero3_init_flag (recipes/accelerate/deepspeed_zero3.yaml)
+            # transformers builds every new model inside deepspeed.zero.Init,
+            # whose partitioning is collective: fresh() on the main process
+            # alone would hang. Build it whole, then restore the flag.
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            try:
+                copy = fresh()
+            finally:
+                accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+        else:
+            copy = fresh()
         copy.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         save_checkpoint(copy, tok, out)
 
@@ -145,6 +158,22 @@ def full_weights(model: torch.nn.Module, accelerator) -> Iterator[bool]:
                 add_hooks(model)
     else:
         yield kind == "none"
+
+
+@contextlib.contextmanager
+def unpartitioned(model: torch.nn.Module) -> Iterator[None]:
+    """Forward passes of a model that is not yet prepared but was built inside
+    ZeRO-3's ``deepspeed.zero.Init`` (transformers does that whenever a ZeRO-3
+    config with ``zero3_init_flag`` is active): its weights are empty
+    partitions until gathered. Every rank must enter. A no-op otherwise."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
 
 
 def pad_shard(items: list, rank: int, world: int) -> tuple[list, int]:

@@ -12,6 +12,9 @@ generation, the final checkpoint gathered from partitions) without a GPU.
 Needs deepspeed importable (CI: `pip install deepspeed` in a separate target,
 see tests/test_zero3_ppo.py) and a C++ compiler: DeepSpeed JIT-builds its
 shared-memory collective op on first use.
+
+RLHF_TEST_CRASH_AFTER_SAVE=1 makes every rank die right after PPO's first
+resumable checkpoint is written (a simulated crash, for the resume test).
 """
 
 import os
@@ -28,8 +31,8 @@ os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "true"
 os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = "true"
 os.environ["ACCELERATE_GRADIENT_CLIPPING"] = "1.0"
 
-from accelerate import state  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
+from accelerate import state
+from accelerate.utils import DistributedType
 
 _init = state.AcceleratorState.__init__
 
@@ -53,5 +56,16 @@ state.AcceleratorState.__init__ = _zero3_on_cpu
 
 if __name__ == "__main__":
     from rlhf.cli import main
+
+    if os.environ.get("RLHF_TEST_CRASH_AFTER_SAVE"):  # as in tests/fsdp_cpu.py
+        from rlhf.ppo import trainer
+
+        real_save = trainer._save_state
+
+        def crash_after_save(accelerator, root, step):
+            real_save(accelerator, root, step)
+            sys.exit(3)
+
+        trainer._save_state = crash_after_save
 
     sys.exit(main())

@@ -70,3 +70,5 @@ with torch.no_grad():
     policy = accelerator.unwrap_model(model).policy
     generate_counted("policy_full_weights", policy, full_weights(model, accelerator))
 Path(sys.argv[1], f"rank{accelerator.process_index}.json").write_text(json.dumps(results))
+accelerator.wait_for_everyone()
+accelerator.state.destroy_process_group()  # an exit with gloo threads running can abort

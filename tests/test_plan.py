@@ -69,7 +69,7 @@ def test_parameter_counts_match_the_loaded_models():
     assert shape.params == sum(p.numel() for p in model.parameters()) and shape.trainable == shape.params
     spec = LoraSpec(r=4)
     lora = P.model_shape(ModelConfig("tiny", lora=spec))
-    peft_model = get_peft_model(model, peft_config(spec, "CAUSAL_LM"))
+    peft_model = get_peft_model(model, peft_config(spec, "CAUSAL_LM", model))
     assert lora.trainable == peft_model.get_nb_trainable_parameters()[0]
     # Offline shapes of hub models: exact published sizes.
     assert P.model_shape("EleutherAI/pythia-1b-deduped").params == 1_011_781_632

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,16 +33,19 @@ from conftest import OFFLINE_ENV, QUICKSTART, REPO, tiny_recipe_dict, write_reci
 TESTS = Path(__file__).resolve().parent
 
 
-def _torchrun(script: str, *args: str, port: int, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def _torchrun(script: str, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", **(extra_env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
+    with socket.socket() as s:  # a free port for the rendezvous, not a fixed one another job may hold
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_generation_gathers_weights_once_not_per_token(tmp_path):
-    proc = _torchrun(str(TESTS / "fsdp_generation_check.py"), str(tmp_path), port=29551)
+    proc = _torchrun(str(TESTS / "fsdp_generation_check.py"), str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -88,10 +92,10 @@ def _close(a: float, b: float) -> bool:
 
 def test_fsdp2_chain_matches_ddp_step_for_step(tmp_path):
     runs = {}
-    for name, launch, port in (("ddp", ("-m", "rlhf"), 29552), ("fsdp", (str(TESTS / "fsdp_cpu.py"),), 29553)):
+    for name, launch in (("ddp", ("-m", "rlhf")), ("fsdp", (str(TESTS / "fsdp_cpu.py"),))):
         out = tmp_path / name
         recipe = write_recipe(tmp_path / f"{name}.yaml", _chain(out))
-        proc = _torchrun(*launch, "run", str(recipe), port=port)
+        proc = _torchrun(*launch, "run", str(recipe))
         assert proc.returncode == 0, (name, proc.stderr[-4000:])
         runs[name] = out
 
@@ -135,15 +139,15 @@ def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
     for name in ("full", "resumed"):
         runs[name] = tmp_path / name
         write_recipe(tmp_path / f"{name}.yaml", {"output_dir": str(runs[name]), "seed": 5, "stages": {"ppo": stage}})
-    proc = _torchrun(launcher, "run", str(tmp_path / "full.yaml"), port=29554)
+    proc = _torchrun(launcher, "run", str(tmp_path / "full.yaml"))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
-    crashed = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"), port=29555,
+    crashed = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"),
                         extra_env={"RLHF_TEST_CRASH_AFTER_SAVE": "1"})
     assert crashed.returncode != 0
     assert (runs["resumed"] / "ppo" / "checkpoints" / "step-2").is_dir()
     assert not (runs["resumed"] / "ppo" / "final").exists()
-    proc = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"), port=29556)
+    proc = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     a, b = (_rows(runs[k] / "ppo" / "metrics.jsonl") for k in ("full", "resumed"))
