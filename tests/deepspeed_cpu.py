@@ -13,6 +13,7 @@ Needs deepspeed importable (CI: `pip install deepspeed` in a separate target,
 see tests/test_zero3_ppo.py) and a C++ compiler: DeepSpeed JIT-builds its
 shared-memory collective op on first use.
 
+RLHF_TEST_ZERO_STAGE=2 runs ZeRO-2 instead (recipes/accelerate/deepspeed_zero2.yaml).
 RLHF_TEST_CRASH_AFTER_SAVE=1 makes every rank die right after PPO's first
 resumable checkpoint is written (a simulated crash, for the resume test).
 """
@@ -24,10 +25,10 @@ import sys
 # passes to the processes; Accelerator() builds its DeepSpeedPlugin from them.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "3"
+os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = os.environ.get("RLHF_TEST_ZERO_STAGE", "3")  # 2: deepspeed_zero2.yaml
 os.environ["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"] = "none"
 os.environ["ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE"] = "none"
-os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = "true"
+os.environ["ACCELERATE_DEEPSPEED_ZERO3_INIT"] = str(os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3").lower()
 os.environ["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] = "true"
 os.environ["ACCELERATE_GRADIENT_CLIPPING"] = "1.0"
 

@@ -1,4 +1,4 @@
-"""PPO under DeepSpeed ZeRO-3 on two CPU processes (tests/deepspeed_cpu.py).
+"""PPO under DeepSpeed ZeRO-3 (and ZeRO-2) on two CPU processes (tests/deepspeed_cpu.py).
 
 The ZeRO-3 twin of tests/test_sharded_ppo.py: the policy and value model
 partitioned by DeepSpeed's training engine and gathered once per rollout
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,36 +29,48 @@ if not (shutil.which("c++") or shutil.which("g++")):
     pytest.skip("DeepSpeed JIT-builds its CPU collective op: no C++ compiler", allow_module_level=True)
 
 
-def test_zero3_chain_matches_ddp(tmp_path):
-    runs = {}
-    for name, launch in (("ddp", ("-m", "rlhf")), ("zero3", (str(TESTS / "deepspeed_cpu.py"),))):
-        runs[name] = tmp_path / name
-        proc = _torchrun(*launch, "run", str(write_recipe(tmp_path / f"{name}.yaml", _chain(runs[name]))))
-        assert proc.returncode == 0, (name, proc.stderr[-4000:])
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    proc = _torchrun("-m", "rlhf", "run", str(write_recipe(out.parent / "ddp.yaml", _chain(out))))
+    assert proc.returncode == 0, ("ddp", proc.stderr[-4000:])
+    return out
+
+
+@pytest.mark.parametrize("zero_stage", [3, 2])
+def test_zero_chain_matches_ddp(tmp_path, ddp_run, zero_stage):
+    """ZeRO-3 (partitioned weights: the gathering paths) and ZeRO-2 (replicated
+    weights; the engine still owns gradient accumulation and clipping)."""
+    name = f"zero{zero_stage}"
+    runs = {"ddp": ddp_run, name: tmp_path / name}
+    proc = _torchrun(str(TESTS / "deepspeed_cpu.py"), "run",
+                     str(write_recipe(tmp_path / f"{name}.yaml", _chain(runs[name]))),
+                     extra_env={"RLHF_TEST_ZERO_STAGE": str(zero_stage)})
+    assert proc.returncode == 0, (name, proc.stderr[-4000:])
 
     from safetensors.torch import load_file
 
     for stage in ("sft", "reward", "ppo", "ppo_lora"):
-        ddp, zero3 = (_rows(runs[k] / stage / "metrics.jsonl") for k in ("ddp", "zero3"))
-        assert len(ddp) == len(zero3) >= 2, stage
-        for a, b in zip(ddp, zero3):
+        ddp, zero = (_rows(runs[k] / stage / "metrics.jsonl") for k in ("ddp", name))
+        assert len(ddp) == len(zero) >= 2, stage
+        for a, b in zip(ddp, zero):
             for key, value in a.items():
                 if isinstance(value, float) and not key.startswith("perf/") \
                         and not key.endswith(("runtime", "per_second")) and key != "time":
                     assert _close(value, b[key]), (stage, a.get("step"), key, value, b[key])
-        s_ddp, s_zero3 = (json.loads((runs[k] / stage / "metrics.json").read_text()) for k in ("ddp", "zero3"))
-        assert s_zero3["dist/world_size"] == 2
+        s_ddp, s_zero = (json.loads((runs[k] / stage / "metrics.json").read_text()) for k in ("ddp", name))
+        assert s_zero["dist/world_size"] == 2
         for key in ("gold/sft", "gold/ppo", "kl/ppo", "eval/loss", "eval/accuracy", "eval/accuracy_before"):
             if key in s_ddp:
-                assert _close(s_ddp[key], s_zero3[key]), (stage, key)
-        # final/ gathered from the partitions: DDP's weights, LoRA merged.
-        w_ddp, w_zero3 = (load_file(runs[k] / stage / "final" / "model.safetensors") for k in ("ddp", "zero3"))
-        assert w_ddp.keys() == w_zero3.keys() and not any("lora" in k for k in w_zero3), stage
-        diffs = torch.cat([(w_zero3[k].float() - w_ddp[k].float()).abs().flatten() for k in w_ddp])
+                assert _close(s_ddp[key], s_zero[key]), (stage, key)
+        # final/ (gathered from the partitions under ZeRO-3): DDP's weights, LoRA merged.
+        w_ddp, w_zero = (load_file(runs[k] / stage / "final" / "model.safetensors") for k in ("ddp", name))
+        assert w_ddp.keys() == w_zero.keys() and not any("lora" in k for k in w_zero), stage
+        diffs = torch.cat([(w_zero[k].float() - w_ddp[k].float()).abs().flatten() for k in w_ddp])
         assert diffs.max() < 1e-4, (stage, diffs.max())
         assert (diffs > 1e-6).float().mean() < 1e-3, (stage, (diffs > 1e-6).float().mean())
     # PPO moved the policy (so the comparison above compares trained weights).
-    sft, ppo = (load_file(runs["zero3"] / s / "final" / "model.safetensors") for s in ("sft", "ppo"))
+    sft, ppo = (load_file(runs[name] / s / "final" / "model.safetensors") for s in ("sft", "ppo"))
     assert any(not ppo[k].equal(sft[k]) for k in sft)
 
 
