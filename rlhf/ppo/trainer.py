@@ -37,15 +37,8 @@ from tqdm.auto import tqdm
 from rlhf.config import opt
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
 from rlhf.errors import BadInput
-from rlhf.models import (
-    ModelConfig,
-    as_model_config,
-    context_length,
-    load_causal_lm,
-    load_sequence_classifier,
-    load_tokenizer,
-    with_lora,
-)
+from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
+                         load_tokenizer, with_lora)
 from rlhf.ppo import core
 from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
