@@ -15,6 +15,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Callable, NamedTuple
 
 import pytest
@@ -140,3 +141,16 @@ def make_recipe(tmp_path) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def cli() -> Callable[..., CliResult]:
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """URL of a private PostgreSQL server on a loopback port, one for the session
+    (rlhf.labeling.testing.temporary_postgres); the test is skipped without one."""
+    from rlhf.labeling.testing import temporary_postgres
+
+    try:
+        with temporary_postgres() as url:
+            yield url
+    except RuntimeError as e:
+        pytest.skip(f"PostgreSQL not available: {e}")

@@ -14,8 +14,7 @@ see tests/test_zero3_ppo.py) and a C++ compiler: DeepSpeed JIT-builds its
 shared-memory collective op on first use.
 
 RLHF_TEST_ZERO_STAGE=2 runs ZeRO-2 instead (recipes/accelerate/deepspeed_zero2.yaml).
-RLHF_TEST_CRASH_AFTER_SAVE=1 makes every rank die right after PPO's first
-resumable checkpoint is written (a simulated crash, for the resume test).
+RLHF_TEST_CRASH_AFTER_SAVE=1: see cpu_launch.py.
 """
 
 import os
@@ -56,17 +55,6 @@ def _zero3_on_cpu(self, *args, deepspeed_plugin=None, **kwargs):
 state.AcceleratorState.__init__ = _zero3_on_cpu
 
 if __name__ == "__main__":
-    from rlhf.cli import main
-
-    if os.environ.get("RLHF_TEST_CRASH_AFTER_SAVE"):  # as in tests/fsdp_cpu.py
-        from rlhf.ppo import trainer
-
-        real_save = trainer._save_state
-
-        def crash_after_save(accelerator, root, step):
-            real_save(accelerator, root, step)
-            sys.exit(3)
-
-        trainer._save_state = crash_after_save
+    from cpu_launch import main
 
     sys.exit(main())

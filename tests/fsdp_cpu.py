@@ -8,11 +8,9 @@ drive the sharded code paths (weights gathered once for generation, sharded
 reference and reward models, checkpoints gathered from shards) on the CI
 machine, which has no GPU.
 
-RLHF_TEST_CRASH_AFTER_SAVE=1 makes every rank die right after PPO's first
-resumable checkpoint is written (a simulated crash, for the resume test).
+RLHF_TEST_CRASH_AFTER_SAVE=1: see cpu_launch.py.
 """
 
-import os
 import sys
 
 from accelerate import state
@@ -33,17 +31,6 @@ def _fsdp_on_cpu(self, *args, **kwargs):
 state.AcceleratorState.__init__ = _fsdp_on_cpu
 
 if __name__ == "__main__":
-    from rlhf.cli import main
-
-    if os.environ.get("RLHF_TEST_CRASH_AFTER_SAVE"):
-        from rlhf.ppo import trainer
-
-        real_save = trainer._save_state
-
-        def crash_after_save(accelerator, root, step):
-            real_save(accelerator, root, step)
-            sys.exit(3)
-
-        trainer._save_state = crash_after_save
+    from cpu_launch import main
 
     sys.exit(main())

@@ -18,7 +18,6 @@ from rlhf.labeling.export import export_rows, resolve_vote, write_rows
 from rlhf.labeling.pairs import Candidate, make_pairs, read_pair_file
 from rlhf.labeling.stats import compute
 from rlhf.labeling.store import Conflict, NewPair, NotFound, Store, Submission, parse_db_url
-from rlhf.labeling.testing import temporary_postgres
 
 # ---------------------------------------------------------------- agreement (hand-computed)
 
@@ -309,13 +308,9 @@ def test_stats_counts_throughput_and_agreement(sqlite_url):
 # ---------------------------------------------------------------- PostgreSQL
 
 
-@pytest.fixture(scope="module")
-def postgres_url():
-    try:
-        with temporary_postgres() as url:
-            yield url
-    except RuntimeError as e:
-        pytest.skip(f"PostgreSQL not available: {e}")
+@pytest.fixture
+def postgres_url(postgres_server):
+    return postgres_server
 
 
 def test_postgres_store_same_rules_and_concurrent_submits(postgres_url):

@@ -21,21 +21,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from rlhf.labeling.store import parse_db_url
-from rlhf.labeling.testing import (LoadResult, ServerProcess, make_load_project, simulate_labelers,
-                                   temporary_postgres)
+from rlhf.labeling.testing import LoadResult, ServerProcess, make_load_project, simulate_labelers
 
 LABELERS = 20
 TOTAL = 2000
 OVERLAP = 3
-
-
-@pytest.fixture(scope="module")
-def postgres_server():
-    try:
-        with temporary_postgres() as url:
-            yield url
-    except RuntimeError as e:
-        pytest.skip(f"PostgreSQL not available: {e}")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -90,42 +90,45 @@ def _close(a: float, b: float) -> bool:
     return b == pytest.approx(a, rel=1e-4, abs=1e-6)
 
 
-def test_fsdp2_chain_matches_ddp_step_for_step(tmp_path):
-    runs = {}
-    for name, launch in (("ddp", ("-m", "rlhf")), ("fsdp", (str(TESTS / "fsdp_cpu.py"),))):
-        out = tmp_path / name
-        recipe = write_recipe(tmp_path / f"{name}.yaml", _chain(out))
-        proc = _torchrun(*launch, "run", str(recipe))
-        assert proc.returncode == 0, (name, proc.stderr[-4000:])
-        runs[name] = out
-
+def assert_chain_matches(ddp: Path, other: Path) -> None:
+    """``other`` (a sharded run of ``_chain``) agrees with the DDP run: every
+    logged float step for step, the summaries, and the final weights."""
     from safetensors.torch import load_file
 
     for stage in ("sft", "reward", "ppo", "ppo_lora"):
-        ddp, fsdp = (_rows(runs[k] / stage / "metrics.jsonl") for k in ("ddp", "fsdp"))
-        assert len(ddp) == len(fsdp) >= 2, stage
-        for a, b in zip(ddp, fsdp):
+        rows_ddp, rows_other = _rows(ddp / stage / "metrics.jsonl"), _rows(other / stage / "metrics.jsonl")
+        assert len(rows_ddp) == len(rows_other) >= 2, stage
+        for a, b in zip(rows_ddp, rows_other):
             for key, value in a.items():
                 if isinstance(value, float) and not key.startswith("perf/") \
                         and not key.endswith(("runtime", "per_second")) and key != "time":
                     assert _close(value, b[key]), (stage, a.get("step"), key, value, b[key])
-        s_ddp, s_fsdp = (json.loads((runs[k] / stage / "metrics.json").read_text()) for k in ("ddp", "fsdp"))
-        assert s_fsdp["dist/world_size"] == 2
-        for key in ("gold/sft", "gold/ppo", "kl/ppo", "eval/loss", "eval/accuracy"):
+        s_ddp, s_other = (json.loads((d / stage / "metrics.json").read_text()) for d in (ddp, other))
+        assert s_other["dist/world_size"] == 2
+        for key in ("gold/sft", "gold/ppo", "kl/ppo", "eval/loss", "eval/accuracy", "eval/accuracy_before"):
             if key in s_ddp:
-                assert _close(s_ddp[key], s_fsdp[key]), (stage, key)
+                assert _close(s_ddp[key], s_other[key]), (stage, key)
         # final/ gathered from the shards: the same weights as DDP's, LoRA merged.
-        w_ddp, w_fsdp = (load_file(runs[k] / stage / "final" / "model.safetensors") for k in ("ddp", "fsdp"))
-        assert w_ddp.keys() == w_fsdp.keys() and not any("lora" in k for k in w_fsdp), stage
-        diffs = torch.cat([(w_fsdp[k].float() - w_ddp[k].float()).abs().flatten() for k in w_ddp])
+        w_ddp, w_other = (load_file(d / stage / "final" / "model.safetensors") for d in (ddp, other))
+        assert w_ddp.keys() == w_other.keys() and not any("lora" in k for k in w_other), stage
+        diffs = torch.cat([(w_other[k].float() - w_ddp[k].float()).abs().flatten() for k in w_ddp])
         assert diffs.max() < 1e-4, (stage, diffs.max())
         assert (diffs > 1e-6).float().mean() < 1e-3, (stage, (diffs > 1e-6).float().mean())
     # PPO moved the policy (so the comparison above compares trained weights).
-    sft, ppo = (load_file(runs["fsdp"] / s / "final" / "model.safetensors") for s in ("sft", "ppo"))
+    sft, ppo = (load_file(other / s / "final" / "model.safetensors") for s in ("sft", "ppo"))
     assert any(not ppo[k].equal(sft[k]) for k in sft)
 
 
-def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
+def test_fsdp2_chain_matches_ddp_step_for_step(tmp_path):
+    runs = {}
+    for name, launch in (("ddp", ("-m", "rlhf")), ("fsdp", (str(TESTS / "fsdp_cpu.py"),))):
+        runs[name] = tmp_path / name
+        proc = _torchrun(*launch, "run", str(write_recipe(tmp_path / f"{name}.yaml", _chain(runs[name]))))
+        assert proc.returncode == 0, (name, proc.stderr[-4000:])
+    assert_chain_matches(runs["ddp"], runs["fsdp"])
+
+
+def check_ppo_resume(tmp_path: Path, launcher: str, extra_env: dict | None = None) -> None:
     """Crash after the step-2 checkpoint, resume: the same metrics as an uninterrupted run."""
     stage = {
         "type": "ppo", "model": "tiny", "reward": "ppo_rewards:count_letter_e", "value_model": "policy_head",
@@ -134,20 +137,19 @@ def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
         "ppo_epochs": 2, "learning_rate": 1e-3, "generation": {"max_new_tokens": 8}, "sample_every": 100,
         "kl": {"adaptive": True, "target": 1.0, "horizon": 100},
     }
-    launcher = str(TESTS / "fsdp_cpu.py")
     runs = {}
     for name in ("full", "resumed"):
         runs[name] = tmp_path / name
         write_recipe(tmp_path / f"{name}.yaml", {"output_dir": str(runs[name]), "seed": 5, "stages": {"ppo": stage}})
-    proc = _torchrun(launcher, "run", str(tmp_path / "full.yaml"))
+    proc = _torchrun(launcher, "run", str(tmp_path / "full.yaml"), extra_env=extra_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     crashed = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"),
-                        extra_env={"RLHF_TEST_CRASH_AFTER_SAVE": "1"})
+                        extra_env={**(extra_env or {}), "RLHF_TEST_CRASH_AFTER_SAVE": "1"})
     assert crashed.returncode != 0
     assert (runs["resumed"] / "ppo" / "checkpoints" / "step-2").is_dir()
     assert not (runs["resumed"] / "ppo" / "final").exists()
-    proc = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"))
+    proc = _torchrun(launcher, "run", str(tmp_path / "resumed.yaml"), extra_env=extra_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     a, b = (_rows(runs[k] / "ppo" / "metrics.jsonl") for k in ("full", "resumed"))
@@ -156,3 +158,7 @@ def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
         for key, value in ra.items():
             if isinstance(value, float) and not key.startswith("perf/") and key != "time":
                 assert _close(value, rb[key]), (ra["step"], key, value, rb[key])
+
+
+def test_fsdp2_ppo_resumes_from_sharded_checkpoint(tmp_path):
+    check_ppo_resume(tmp_path, str(TESTS / "fsdp_cpu.py"))
