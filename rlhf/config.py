@@ -34,6 +34,14 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def require_positive(cfg: Any, fail: Callable, *keys: str) -> None:
+    """For a config's ``check``: raise ``fail(key, ...)`` for the first of
+    ``keys`` whose value is below 1 (counts, sizes, step intervals)."""
+    for key in keys:
+        if getattr(cfg, key) < 1:
+            raise fail(key, f"expected a positive integer, got {getattr(cfg, key)}")
+
+
 def required(help: str) -> Any:
     return field(metadata={"help": help})
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,7 @@ class TrainingConfig:
     eval_batch_size: int = opt(64, "per-device batch size for evaluation")
 
     def check(self, fail):
-        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size")
         if self.learning_rate <= 0:
             raise fail("learning_rate", f"expected > 0, got {self.learning_rate}")
         if self.max_steps <= 0 and self.epochs <= 0:

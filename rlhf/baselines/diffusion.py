@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from rlhf.baselines import image_metrics as M
 from rlhf.baselines import image_stage as S
 from rlhf.baselines.images import ImageDataConfig
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 from rlhf.errors import BadInput
 from rlhf.tracking import MetricsLogger
 
@@ -69,8 +69,7 @@ class UNetArchitecture:
             raise fail("block_out_channels", "expected a non-empty list of positive integers")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise fail("norm_num_groups", f"must divide every channel count {self.block_out_channels}")
-        if self.layers_per_block < 1:
-            raise fail("layers_per_block", f"expected a positive integer, got {self.layers_per_block}")
+        require_positive(self, fail, "layers_per_block")
 
 
 @dataclass
@@ -93,9 +92,7 @@ class RestorationConfig:
             raise fail("noise_std", f"expected > 0, got {self.noise_std}")
         if not 0.0 < self.hole < 1.0:
             raise fail("hole", f"expected a number in (0, 1), got {self.hole}")
-        for key in ("inpaint_steps", "jump_length", "jump_n_sample"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "inpaint_steps", "jump_length", "jump_n_sample")
 
 
 @dataclass

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from rlhf.baselines.images import ImageData
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ class ImageMetricsConfig:
                                              "else ~/.cache/rlhf/feature_nets)")
 
     def check(self, fail):
-        if self.k < 1:
-            raise fail("k", f"expected a positive integer, got {self.k}")
-        if self.classifier_epochs < 1:
-            raise fail("classifier_epochs", f"expected a positive integer, got {self.classifier_epochs}")
+        require_positive(self, fail, "k", "classifier_epochs")
 
 
 # ---------------------------------------------------------------- pure metric functions

@@ -21,7 +21,7 @@ import torch
 
 from rlhf.baselines import image_metrics as M
 from rlhf.baselines.images import ImageData, ImageDataConfig, as_image_data, check_source, load_images, save_grid
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 from rlhf.errors import BadInput
 from rlhf.tracking import MetricsLogger, read_metrics, write_summary
 
@@ -46,9 +46,7 @@ class ImageTrainConfig:
     threads: int | None = opt(1, "torch CPU threads for this stage (null: leave torch's setting)")
 
     def check(self, fail):
-        for key in ("steps", "batch_size", "log_every"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "steps", "batch_size", "log_every")
         for key in ("eval_every", "save_every"):
             if getattr(self, key) < 0:
                 raise fail(key, f"expected 0 or a positive integer, got {getattr(self, key)}")

@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from rlhf.baselines.rnn_model import RnnConfig, RnnForCausalLM, RnnForSequenceClassification, RnnModel
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import ModelConfig, as_model_config, load_tokenizer
@@ -49,10 +49,7 @@ class RnnArchitecture:
     tie_word_embeddings: bool = opt(True, "share the input embedding with the output head (Press & Wolf 2017)")
 
     def check(self, fail):
-        if self.hidden_size < 1:
-            raise fail("hidden_size", f"expected a positive integer, got {self.hidden_size}")
-        if self.num_layers < 1:
-            raise fail("num_layers", f"expected a positive integer, got {self.num_layers}")
+        require_positive(self, fail, "hidden_size", "num_layers")
         if not 0.0 <= self.dropout < 1.0:
             raise fail("dropout", f"expected a number in [0, 1), got {self.dropout}")
 

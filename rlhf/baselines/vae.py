@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from rlhf.baselines import image_metrics as M
 from rlhf.baselines import image_stage as S
 from rlhf.baselines.images import ImageDataConfig, save_grid
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ class VaeArchitecture:
     width: int = opt(32, "base channel count")
 
     def check(self, fail):
-        for key in ("latent_dim", "width"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "latent_dim", "width")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from rlhf.config import opt, to_dict
+from rlhf.config import opt, require_positive, to_dict
 from rlhf.data import (normalize_preferences, normalize_prompts, normalize_sft, read_records, render_prompt)
 from rlhf.errors import BadInput
 from rlhf.evaluation import metrics as M
@@ -79,9 +79,7 @@ class SamplingConfig:
                                  "(default: the recipe seed; rlhf eval: --seed)")
 
     def check(self, fail):
-        for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "max_new_tokens", "samples_per_prompt", "batch_size")
         if self.temperature <= 0:
             raise fail("temperature", f"expected > 0, got {self.temperature}")
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 import yaml
 
-from rlhf.config import build, opt, to_dict
+from rlhf.config import build, opt, require_positive, to_dict
 from rlhf.errors import BadInput
 
 DEFAULT_GUIDELINES = """\
@@ -34,8 +34,7 @@ class ProjectConfig:
                                   "offered to someone else")
 
     def check(self, fail):
-        if self.overlap < 1:
-            raise fail("overlap", f"expected a positive integer, got {self.overlap}")
+        require_positive(self, fail, "overlap")
         if self.lease_seconds < 10:
             raise fail("lease_seconds", f"expected >= 10, got {self.lease_seconds}")
         if not self.guidelines.strip():
@@ -85,8 +84,7 @@ class ExportConfig:
     exclude_labelers: list[str] = opt([], "labelers whose labels are left out (e.g. ones revoked for bad work)")
 
     def check(self, fail):
-        if self.min_votes < 1:
-            raise fail("min_votes", f"expected a positive integer, got {self.min_votes}")
+        require_positive(self, fail, "min_votes")
 
 
 def replace(cfg, **changes):

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from rlhf.config import opt
+from rlhf.config import opt, require_positive
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
@@ -125,10 +125,8 @@ class Config:
     eval: EvalConfig = opt(EvalConfig(), "held-out gold evaluation at the end")
 
     def check(self, fail):
-        for key in ("steps", "rollout_batch_size", "num_minibatches", "micro_batch_size",
-                    "forward_batch_size", "ppo_epochs", "log_every", "sample_every"):
-            if getattr(self, key) < 1:
-                raise fail(key, f"expected a positive integer, got {getattr(self, key)}")
+        require_positive(self, fail, "steps", "rollout_batch_size", "num_minibatches", "micro_batch_size",
+                                     "forward_batch_size", "ppo_epochs", "log_every", "sample_every")
         if self.rollout_batch_size % self.num_minibatches:
             raise fail("num_minibatches", f"must divide rollout_batch_size ({self.rollout_batch_size})")
         mini = self.rollout_batch_size // self.num_minibatches
