@@ -206,12 +206,9 @@ def cmd_pairs(args) -> int:
                                          args.top_p, args.seed, limit=args.limit)
     pairs, st = make_pairs(candidates, args.seed)
     # Everything above can fail on bad input without the database being touched.
-    store = Store.open(args.db, create=True)
-    try:
+    with Store.open(args.db, create=True) as store:
         project = _open_project(store, args, create=True)
         added, already = store.add_pairs(project, pairs)
-    finally:
-        store.close()
     print(f"{st.candidates} candidate pairs: dropped {st.identical} with identical responses, {st.empty} with an "
           f"empty response, {st.duplicates} duplicates; {added} added to project {project.name}"
           + (f" ({already} were already there)" if already else ""))
@@ -222,11 +219,8 @@ def cmd_project(args) -> int:
     from rlhf.config import to_dict
     from rlhf.labeling.store import Store
 
-    store = Store.open(args.db, create=True)
-    try:
+    with Store.open(args.db, create=True) as store:
         project = _open_project(store, args, create=True)
-    finally:
-        store.close()
     print(json.dumps(to_dict(project.config), indent=2, ensure_ascii=False))
     return 0
 
@@ -235,14 +229,11 @@ def cmd_add_labeler(args) -> int:
     from rlhf.labeling.store import Store
 
     _check_name(args.name, "--name")
-    store = Store.open(args.db)
-    try:
+    with Store.open(args.db) as store:
         project = store.project(args.project)
         token = "rlhf_" + secrets.token_urlsafe(32)  # 256 bits; the prefix helps secret scanners spot leaks
         role = "admin" if args.admin else "labeler"
         store.add_labeler(project, args.name, token, role=role, replace_token=args.new_token)
-    finally:
-        store.close()
     link = args.url.rstrip("/") + ("/admin" if args.admin else "/") + f"#token={token}"
     if args.json:
         print(json.dumps({"name": args.name, "role": role, "project": project.name, "token": token, "link": link}))
@@ -255,12 +246,9 @@ def cmd_add_labeler(args) -> int:
 def cmd_revoke(args) -> int:
     from rlhf.labeling.store import Store
 
-    store = Store.open(args.db)
-    try:
+    with Store.open(args.db) as store:
         project = store.project(args.project)
         revoked, released = store.revoke_labeler(project, args.name)
-    finally:
-        store.close()
     if revoked:
         print(f"revoked {args.name} of project {project.name}: their token no longer works; "
               f"{released} open pair(s) released to other labelers; their labels are kept")
@@ -288,8 +276,7 @@ def cmd_serve(args) -> int:
     if args.max_body_kb < 1:
         raise BadInput(f"--max-body-kb {args.max_body_kb}: expected a positive integer")
     _check_bind(args.host, args.port)
-    store = Store.open(args.db)
-    try:
+    with Store.open(args.db) as store:
         project = store.project(args.project)
         try:
             loopback = ipaddress.ip_address(args.host).is_loopback
@@ -301,8 +288,6 @@ def cmd_serve(args) -> int:
         url = f"http://{args.host}:{args.port}"
         print(f"serving project {project.name} from {store.display} on {url} (Ctrl-C to stop)", flush=True)
         serve(store, project, args.host, args.port, args.max_body_kb * 1024, args.access_log)
-    finally:
-        store.close()
     return 0
 
 
@@ -316,14 +301,11 @@ def cmd_export(args) -> int:
     if args.min_votes is not None and args.min_votes < 1:
         raise BadInput(f"--min-votes {args.min_votes}: expected a positive integer")
     db = parse_db_url(args.db)
-    store = Store.open(db)
-    try:
+    with Store.open(db) as store:
         project = store.project(args.project)
         cfg = replace(ExportConfig(project=project.name), min_votes=args.min_votes, ties=args.ties,
                       margin=args.margin, seed=args.seed, exclude_labelers=args.exclude_labeler)
         rows, st = export_rows(store, project, cfg)
-    finally:
-        store.close()
     protect = [Path(db.url.database)] if db.url.get_backend_name() == "sqlite" else []
     if not rows:
         raise BadInput(f"--project {project.name}: no labeled pairs to export yet ({st.pairs} pairs, "
@@ -338,11 +320,8 @@ def cmd_stats(args) -> int:
     from rlhf.labeling.stats import compute, format_stats
     from rlhf.labeling.store import Store
 
-    store = Store.open(args.db)
-    try:
+    with Store.open(args.db) as store:
         st = compute(store, store.project(args.project))
-    finally:
-        store.close()
     print(json.dumps(st, indent=2, ensure_ascii=False) if args.json else format_stats(st))
     return 0
 

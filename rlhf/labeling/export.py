@@ -174,12 +174,9 @@ def read_db_records(path: str) -> list:
         except yaml.YAMLError:
             options[key] = raw
     cfg = build(ExportConfig, options, "", lambda key: f"data.path {db.display}: ")
-    store = Store.open(db, create=False, flag="data.path")
-    try:
+    with Store.open(db, create=False, flag="data.path") as store:
         project = store.project(cfg.project, flag=f"data.path {db.display} ?project=")
         rows, summary = export_rows(store, project, cfg)
-    finally:
-        store.close()
     log.info("%s project %s: %d preference pairs from %d pairs (%d with too few votes, %d ties dropped)",
              db.display, project.name, summary.exported, summary.pairs, summary.too_few_votes, summary.ties_dropped)
     if not rows:

@@ -301,6 +301,12 @@ class Store:
         self.engine.dispose()
         self.read_engine.dispose()
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """One write transaction, committed on success: the unit of durability."""

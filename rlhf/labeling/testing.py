@@ -281,8 +281,7 @@ def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, proj
     from rlhf.labeling.config import ProjectConfig
     from rlhf.labeling.store import NewPair, Store
 
-    store = Store.open(db, create=True)
-    try:
+    with Store.open(db, create=True) as store:
         proj = store.create_project(project, ProjectConfig(overlap=overlap))
         store.add_pairs(proj, [NewPair(f"Prompt {i}: review film #{i}", f"Response {i} A\nline two",
                                        f"Response {i} B <b>bold?</b>", "model-a", "model-b")
@@ -292,6 +291,4 @@ def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, proj
             token = f"rlhf_load_{uuid.uuid4().hex}"
             store.add_labeler(proj, f"labeler{j:02d}", token)
             tokens[f"labeler{j:02d}"] = token
-    finally:
-        store.close()
     return tokens
