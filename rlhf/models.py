@@ -325,6 +325,11 @@ def with_lora(model, spec: LoraSpec | None, task_type: str):
     return get_peft_model(model, peft_config(spec, task_type, model))
 
 
+def load_policy(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0):
+    """The causal LM a stage trains: ``cfg``'s weights, with fresh LoRA adapters when ``cfg.lora`` is set."""
+    return with_lora(load_causal_lm(cfg, tok, seed=seed), cfg.lora, "CAUSAL_LM")
+
+
 def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:
     """Save a loadable HF checkpoint (safetensors + tokenizer) atomically.
 

@@ -20,7 +20,7 @@ from rlhf.config import opt
 from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_tokenizer,
-                         peft_config, with_lora)
+                         load_policy, peft_config)
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
 
@@ -131,4 +131,4 @@ def train(cfg: Config, ctx) -> Path:
     if held_rows:
         summary.update(held_out_loss(trainer, initial_path, len(held_rows), ctx.name))
     return finish_stage(trainer, tok, ctx, summary, logger,
-                        lambda: with_lora(load_causal_lm(model_cfg, tok, seed=ctx.seed), model_cfg.lora, "CAUSAL_LM"))
+                        lambda: load_policy(model_cfg, tok, ctx.seed))

@@ -38,7 +38,7 @@ from rlhf.config import opt, require_positive
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
-                         load_tokenizer, with_lora)
+                         load_policy, load_tokenizer)
 from rlhf.ppo import core
 from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
@@ -186,11 +186,6 @@ def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, 
     if source.name == policy_cfg.name:
         torch.nn.init.zeros_(clf.score.weight)
     return ScalarHeadModel(clf)
-
-
-def _policy(policy_cfg: ModelConfig, tok, seed: int):
-    """The initial policy, with fresh LoRA adapters when the config asks for them."""
-    return with_lora(load_causal_lm(policy_cfg, tok, seed=seed), policy_cfg.lora, "CAUSAL_LM")
 
 
 def _disable_dropout(model: torch.nn.Module) -> None:
@@ -379,7 +374,7 @@ def train(cfg: Config, ctx) -> Path:
     policy_cfg = as_model_config(cfg.model)
     tok = load_tokenizer(policy_cfg)
     tok.padding_side = "left"
-    policy = _policy(policy_cfg, tok, ctx.seed)
+    policy = load_policy(policy_cfg, tok, ctx.seed)
     specs = as_specs(cfg.reward)
     if policy_cfg.lora:
         reference = Reference(None)  # adapters disabled = the initial policy
@@ -586,7 +581,7 @@ def train(cfg: Config, ctx) -> Path:
         log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
                  held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
                  held_out["kl/ppo"])
-    save_full(accelerator, model, tok, final, lambda: _policy(policy_cfg, tok, ctx.seed), prefix="policy.")
+    save_full(accelerator, model, tok, final, lambda: load_policy(policy_cfg, tok, ctx.seed), prefix="policy.")
     if accelerator.is_main_process:
         write_summary(ctx.stage_dir, summary)
         if ckpt_root.exists():
