@@ -25,28 +25,29 @@ import torch
 from rlhf.errors import BadInput
 
 
-def sharding(accelerator) -> str:
-    """``"fsdp2"``, ``"zero3"`` or ``"none"`` (weights replicated on every rank)."""
+def _kind(accelerator) -> str:
+    """``"fsdp1"``, ``"fsdp2"``, ``"zero3"`` or ``"none"`` (weights replicated on every rank)."""
     from accelerate.utils import DistributedType
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        if not accelerator.is_fsdp2:
-            raise BadInput("accelerate config: PPO needs FSDP version 2 (fsdp_config.fsdp_version: 2, as in "
-                           "recipes/accelerate/fsdp.yaml); FSDP1 cannot run a forward pass on gathered weights")
-        return "fsdp2"
-    if kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "fsdp2" if accelerator.is_fsdp2 else "fsdp1"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         return "zero3"
     return "none"
 
 
+def sharding(accelerator) -> str:
+    """``"fsdp2"``, ``"zero3"`` or ``"none"``; BadInput for FSDP1, which PPO cannot use."""
+    kind = _kind(accelerator)
+    if kind == "fsdp1":
+        raise BadInput("accelerate config: PPO needs FSDP version 2 (fsdp_config.fsdp_version: 2, as in "
+                       "recipes/accelerate/fsdp.yaml); FSDP1 cannot run a forward pass on gathered weights")
+    return kind
+
+
 def is_sharded(accelerator) -> bool:
     """Whether ranks hold slices of the weights (any FSDP version, ZeRO-3)."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED
-        and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    return _kind(accelerator) != "none"
 
 
 def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[], torch.nn.Module],
@@ -68,7 +69,7 @@ def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[],
         return
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        if sharding(accelerator) == "zero3":
+        if _kind(accelerator) == "zero3":
             # With zero3_init_flag (recipes/accelerate/deepspeed_zero3.yaml)
             # transformers builds every new model inside deepspeed.zero.Init,
             # whose partitioning is collective: fresh() on the main process
