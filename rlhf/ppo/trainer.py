@@ -648,6 +648,9 @@ def _save_state(accelerator, root: Path, step: int) -> None:
     path = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
     accelerator.save_state(str(tmp))
+    # save_state returns on each rank when its own files are written (every
+    # rank writes its RNG state): renaming before all are done races them.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "step.json").write_text(json.dumps({"step": step}))
         if path.exists():
