@@ -21,10 +21,14 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
-from rlhf.labeling.testing import ServerProcess, make_load_project, percentile, simulate_labelers, temporary_postgres
+# The load generator and server harness are test helpers (tests/helpers/labeling.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.labeling import (ServerProcess, make_load_project, percentile,  # noqa: E402
+                              simulate_labelers, temporary_postgres)
 
 
 def main() -> None:
@@ -35,7 +39,13 @@ def main() -> None:
     p.add_argument("--postgres", action="store_true", help="use a temporary local PostgreSQL, not SQLite")
     p.add_argument("--deadline", type=float, default=300, help="stop after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--threads", type=int, default=1,
+                   help="OMP/MKL threads for the server process and this one (default 1; no torch work here)")
     args = p.parse_args()
+    if args.threads < 1:
+        p.error(f"--threads {args.threads}: expected a positive integer")
+    # The server subprocess inherits these; set before anything could start an OpenMP pool.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     # Enough open slots to never run dry: each pair takes min(overlap, labelers) labels, plus warm-up.
     n_pairs = (args.labels + args.labelers * 5) // min(args.overlap, args.labelers) + args.labelers * 10
 
@@ -61,6 +71,7 @@ def main() -> None:
         "submit_p99_ms": ms(r.submit_latency_s, 99),
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
+        "threads": args.threads,
     }
     if args.json:
         print(json.dumps(figures))
@@ -69,6 +80,7 @@ def main() -> None:
     print(f"machine:        {figures['cpu_cores']} CPU cores, Python {figures['python']} "
           "(server and load generator share them)")
     print(f"labelers:       {args.labelers} concurrent, closed loop")
+    print(f"threads:        {args.threads} (OMP_NUM_THREADS for server and load generator)")
     print(f"labels:         {figures['labels']} in {figures['seconds']} s")
     print(f"throughput:     {figures['labels_per_s']} labels/s")
     print(f"submit latency: p50 {figures['submit_p50_ms']} ms, p99 {figures['submit_p99_ms']} ms "

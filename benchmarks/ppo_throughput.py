@@ -296,34 +296,25 @@ def worker_ppo(spec: dict) -> dict:
     # logged, run the bare compute on that batch.
     captured: dict = {}
     sections = Sections()
-    real_generate, real_forward = ppo_trainer.generate, ppo_trainer._rollout_forward
+    real_generate = ppo_trainer.generate
 
     def timed_generate(policy, tok, prompt_texts, gen, device, **kw):
-        with sections("generation"):
+        with sections("generation"):  # sampling and decoding the responses
             out = real_generate(policy, tok, prompt_texts, gen, device, **kw)
-        captured["batch"], captured["tok"] = out, tok
+        captured["batch"] = (out.query_ids, out.query_mask, out.response_ids, out.response_mask)
+        captured["tok"] = tok
         return out
 
-    def timed_forward(*a, **kw):
-        with sections("forwards"):
-            return real_forward(*a, **kw)
+    import rlhf.rewards
 
-    real_decode = ppo_trainer.decode_responses
-
-    def timed_decode(*a, **kw):
-        with sections("scoring"):  # the trainer's scoring phase starts by decoding the responses
-            return real_decode(*a, **kw)
-
-    import rlhf.reward_model
-
-    real_score_ids = rlhf.reward_model.score_ids
+    real_score_ids = rlhf.rewards.score_ids
 
     def recording_score_ids(model, sequences, *a, **kw):
         # The reward model scores re-tokenised text: note how wide that is.
         captured["reward_width"] = max(len(x) for x in sequences)
         return real_score_ids(model, sequences, *a, **kw)
 
-    rlhf.reward_model.score_ids = recording_score_ids
+    rlhf.rewards.score_ids = recording_score_ids
 
     class TimedReward(ppo_trainer.CombinedReward):
         def __call__(self, prompts, responses):
@@ -357,11 +348,12 @@ def worker_ppo(spec: dict) -> dict:
 
     class TimedLogger(ppo_trainer.MetricsLogger):
         def log(self, metrics, step):
+            # The rollout forwards are timed by the trainer itself (wall clock only).
+            sections.wall["forwards"] = sections.wall.get("forwards", 0.0) + metrics.get("perf/forward_s", 0.0)
             super().log(metrics, step)
             after_step(step)
 
-    ppo_trainer.generate, ppo_trainer._rollout_forward = timed_generate, timed_forward
-    ppo_trainer.decode_responses = timed_decode
+    ppo_trainer.generate = timed_generate
     ppo_trainer.CombinedReward, ppo_trainer.MetricsLogger = TimedReward, TimedLogger
     t0 = time.perf_counter()
     recipe_mod.run(recipe_mod.load_recipe(path))

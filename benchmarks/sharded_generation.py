@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ def worker(args) -> None:
     from rlhf.models import as_model_config, load_causal_lm, load_tokenizer
     from rlhf.sharding import full_weights, prepare_frozen
 
+    torch.set_num_threads(args.threads)
     accelerator = Accelerator(cpu=True)
     cfg = as_model_config(args.preset)
     tok = load_tokenizer(cfg)
@@ -83,6 +85,7 @@ def worker(args) -> None:
     if accelerator.is_main_process:
         result = {"preset": args.preset, "params": sum(p.numel() for p in plain.parameters()),
                   "batch_per_rank": args.batch, "new_tokens": args.new_tokens, "world": accelerator.num_processes,
+                  "threads": torch.get_num_threads(),
                   **{f"{k}_s": statistics.median(v) for k, v in times.items()},
                   **{f"{k}_all_gathers": gathers[k] for k in ways}}
         Path(args.out).write_text(json.dumps(result))
@@ -96,6 +99,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="prompts per rank")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads per rank (default 1: 2 ranks on a shared machine spin otherwise)")
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -103,14 +108,20 @@ def main() -> None:
         return worker(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581",
+        if args.threads < 1:
+            p.error(f"--threads {args.threads}: expected a positive integer")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+        with socket.socket() as s:  # a free port for the rendezvous, not a fixed one another job may hold
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                __file__, "--worker", "--out", str(out), "--preset", args.preset, "--batch", str(args.batch),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads)]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
         r = json.loads(out.read_text())
     print(f"Sharded generation benchmark: {r['preset']} ({r['params'] / 1e6:.1f}M params), FSDP2 over "
-          f"{r['world']} CPU processes (gloo), {r['batch_per_rank']} prompts x {r['new_tokens']} new tokens per rank")
+          f"{r['world']} CPU processes (gloo), {r['batch_per_rank']} prompts x {r['new_tokens']} new tokens per rank, "
+          f"{r['threads']} torch thread(s) per rank")
     print(f"{'way':<14}{'s/rollout':>11}{'all-gathers':>13}")
     for name in ("per_token", "full_weights", "unsharded"):
         print(f"{name:<14}{r[name + '_s']:>11.3f}{r[name + '_all_gathers']:>13}")

@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 
-from rlhf.errors import BadInput
+from rlhf.errors import BadInput, RunFailed
 
 # Subcommands that live beside their feature: each module has add_parser(sub) and run(args).
 SUBCOMMANDS = {"label": "rlhf.labeling.cli", "eval": "rlhf.evaluation.cli", "plan": "rlhf.plan"}
@@ -22,7 +22,8 @@ EPILOG_RUN = """\
 examples:
   rlhf run recipes/quickstart.yaml
   rlhf run recipes/quickstart.yaml output_dir=runs/try2 stages.sft.train.max_steps=50
-  rlhf run recipes/quickstart.yaml --force --only reward
+  rlhf run recipes/quickstart.yaml --force --only reward   # redo reward; ppo and eval are then stale
+  rlhf run recipes/quickstart.yaml --threads 2
   torchrun --nproc_per_node 2 -m rlhf run recipes/quickstart.yaml        # 2 CPU processes
   accelerate launch --config_file accelerate_config.yaml -m rlhf run RECIPE  # GPUs
 """
@@ -51,15 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a recipe's stages in order",
-                       description="Validate the whole recipe, then run its stages in order. Finished stages "
+                       description=textwrap.fill("Validate the whole recipe, then run its stages in order. Finished stages "
                                    "(final/ exists) are skipped; an interrupted stage resumes from its last "
-                                   "checkpoint.",
+                                   "checkpoint. A finished stage re-runs when a stage it consumes (its config "
+                                   "names a path in that stage's dir) re-runs or finished after it did. If a "
+                                   "finished stage's settings differ from its saved config.yaml, nothing runs "
+                                   "(exit 2, naming the keys): use --force, --force --only STAGE or a new "
+                                   "output_dir. Keys that do not change results are not compared: "
+                                   "logging_steps, log_every, sample_every, save_steps, save_every, and the "
+                                   "top-level report_to, wandb_project, description, threads. With --only, "
+                                   "other stages are left as they are (reported if stale), and a selected "
+                                   "stage whose upstream output does not exist is an error.", 100),
                        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("recipe", help="recipe YAML file")
     r.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
     r.add_argument("--force", action="store_true", help="redo stages even if their final/ exists")
     r.add_argument("--only", action="append", metavar="STAGE",
                    help="run only this stage (repeatable, or comma-separated); other stages are left as they are")
+    r.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads per process (default: the recipe's threads, else $OMP_NUM_THREADS, "
+                        "else the CPUs this process may use / local ranks)")
 
     v = sub.add_parser("validate", help="check a recipe and its data without training",
                        description="Load the recipe, apply overrides, resolve ${...}, check every key and type, "
@@ -85,9 +97,12 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _run(args) -> int:
+    from rlhf import recipe as recipe_mod
+
+    if args.command != "schema":
+        recipe_mod.load_plugins()
     if args.command in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
-    from rlhf import recipe as recipe_mod
 
     if args.command == "schema":
         if args.stage_type not in recipe_mod.STAGE_MODULES:
@@ -102,11 +117,58 @@ def _run(args) -> int:
         print(f"{args.recipe}: OK — stages: {names}; output_dir: {recipe.run.output_dir}")
         return 0
     only = [name for item in args.only for name in item.split(",") if name] if args.only else None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BadInput(f"--threads: expected a positive integer, got {args.threads}")
+        recipe.run.threads = recipe.resolved["threads"] = args.threads
     results = recipe_mod.run(recipe, force=args.force, only=only)
     if int(os.environ.get("RANK", "0")) == 0:
         for name, final in results.items():
             print(f"{name}: {final}")
     return 0
+
+
+def _hub_reachable(timeout: float = 2.0) -> tuple[bool, str]:
+    """(can this process open a TCP connection to the hub, host:port) within
+    ``timeout`` seconds, name lookup included; uses $HF_ENDPOINT when set."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:
+        port = 443
+    ok: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok), f"{host}:{port}"
+
+
+def _offline_if_no_network(command: str) -> None:
+    """Without network, huggingface_hub retries each request for minutes; one
+    quick probe here (before transformers, datasets or huggingface_hub are
+    imported: they read the environment at import) turns that into offline
+    mode. Skipped when HF_HUB_OFFLINE is set either way."""
+    if command == "schema" or "HF_HUB_OFFLINE" in os.environ:
+        return
+    reachable, where = _hub_reachable()
+    if not reachable:
+        for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+        logging.getLogger("rlhf").info("hub %s unreachable: working offline (HF_HUB_OFFLINE=1); set "
+                                       "HF_HUB_OFFLINE=0 to skip this check", where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,14 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = list(args.overrides) + extra
     _setup_logging(args.quiet)
+    _offline_if_no_network(args.command)
     try:
         return _run(args)
     except BadInput as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {textwrap.shorten(msg, 2000)}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted: re-run the same command to resume", file=sys.stderr)
+        # PPO saves a checkpoint on the first Ctrl-C; SFT and reward resume from
+        # their last save_steps checkpoint.
+        print("interrupted: re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
 
 

@@ -1,8 +1,10 @@
 """Dataset loading and format normalisation, with errors that name file and line.
 
 Sources: local JSONL / JSON / CSV / Parquet files, or a Hugging Face hub
-dataset name (``datasets.load_dataset``). Every record keeps where it came
-from (``file:line``) so a bad record is reported precisely.
+dataset name (``datasets.load_dataset``), or a URL whose scheme a higher layer
+registered a reader for (``register_reader``; rlhf.labeling registers its label
+database). Every record keeps where it came from (``file:line``) so a bad
+record is reported precisely.
 
 Formats, after the recipe's column mapping is applied:
 
@@ -22,10 +24,14 @@ Formats, after the recipe's column mapping is applied:
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
 from rlhf.config import opt
@@ -55,6 +61,9 @@ class DataConfig:
             raise fail("path", "required: a data file or a hub dataset name")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise fail("eval_fraction", f"expected a number in [0, 1), got {self.eval_fraction}")
+        for key in ("max_samples", "max_eval_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise fail(key, f"expected a positive integer or null, got {getattr(self, key)}")
 
 
 class Record(NamedTuple):
@@ -66,6 +75,20 @@ def is_local(path: str) -> bool:
     return Path(path).suffix.lower() in LOCAL_SUFFIXES or os.path.exists(path)
 
 
+def _read_text(p: Path, path: str) -> str:
+    """The file's text (a leading BOM dropped); BadInput naming the line and byte
+    offset of the first byte that is not UTF-8."""
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - data.rfind(b"\n", 0, e.start)
+        raise BadInput(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start}, "
+                       f"byte {column} of the line); save the file as UTF-8") from None
+    return text.removeprefix("\ufeff")
+
+
 def _read_local(path: str) -> list[Record]:
     p = Path(path)
     if not p.is_file():
@@ -75,7 +98,7 @@ def _read_local(path: str) -> list[Record]:
         raise BadInput(f"{path}: unsupported file type '{p.suffix}' (expected .jsonl, .json, .csv or .parquet)")
     records = []
     if kind == "jsonl":
-        with p.open(encoding="utf-8") as f:
+        with io.StringIO(_read_text(p, path), newline=None) as f:
             for i, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -88,7 +111,7 @@ def _read_local(path: str) -> list[Record]:
                 records.append(Record(obj, f"{path}:{i}"))
     elif kind == "json":
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
+            obj = json.loads(_read_text(p, path))
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if isinstance(obj, dict) and len(obj) == 1 and isinstance(next(iter(obj.values())), list):
@@ -97,9 +120,13 @@ def _read_local(path: str) -> list[Record]:
             raise BadInput(f"{path}: expected a JSON list of objects")
         records = [Record(o, f"{path}: item {i}") for i, o in enumerate(obj)]
     elif kind == "csv":
-        with p.open(encoding="utf-8", newline="") as f:
+        with io.StringIO(_read_text(p, path), newline="") as f:
             # Row numbers count the header as line 1, like a spreadsheet.
-            records = [Record(dict(row), f"{path}:{i}") for i, row in enumerate(csv.DictReader(f), start=2)]
+            reader = csv.DictReader(f)
+            try:
+                records = [Record(dict(row), f"{path}:{i}") for i, row in enumerate(reader, start=2)]
+            except csv.Error as e:
+                raise BadInput(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
     else:
         import pyarrow.parquet as pq
 
@@ -125,12 +152,43 @@ def _read_hub(name: str, split: str) -> list[Record]:
     return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
 
 
+# Readers for data paths that are URLs, by scheme (``sqlite``, ``postgresql``, ...).
+# This module reads files and hub datasets itself; a higher layer registers a
+# reader for its own kind of source (rlhf.labeling: the label database, so a
+# reward stage's ``data.path`` may be ``sqlite:///labels.db?project=NAME``), and
+# the entry points import it (rlhf.recipe.load_plugins).
+_READERS: dict[str, Callable[[str], list[Record]]] = {}
+# Schemes the package's own plug-ins serve, for a helpful error when none is registered.
+_KNOWN_SCHEMES = {"sqlite": "rlhf.labeling", "postgresql": "rlhf.labeling", "postgres": "rlhf.labeling"}
+
+
+def register_reader(schemes: Iterable[str], reader: Callable[[str], list[Record]]) -> None:
+    """Make ``read_records`` call ``reader(path)`` for paths ``SCHEME:...`` (or
+    ``SCHEME+driver:...``) with any of ``schemes``."""
+    for scheme in schemes:
+        _READERS[scheme.lower()] = reader
+
+
+def _reader_for(path: str) -> Callable[[str], list[Record]] | None:
+    scheme, colon, _ = path.partition(":")
+    scheme = scheme.split("+", 1)[0].lower()
+    if not colon or not scheme.isidentifier():
+        return None
+    if scheme in _READERS:
+        return _READERS[scheme]
+    if scheme in _KNOWN_SCHEMES:
+        raise BadInput(f"{path}: no reader registered for {scheme}: data paths "
+                       f"(import {_KNOWN_SCHEMES[scheme]} first, or run through `rlhf`)")
+    return None
+
+
 def read_records(path: str, split: str = "train", columns: dict[str, str] | None = None,
                  limit: int | None = None) -> list[Record]:
-    """Read raw records from a local file, a labeling database or a hub dataset; rename columns."""
-    if path.startswith(("sqlite:", "postgresql:", "postgresql+", "postgres:")):  # rlhf label's database
-        from rlhf.labeling.export import read_db_records
-        records = read_db_records(path)
+    """Read raw records from a local file, a registered URL reader (e.g. a labeling
+    database) or a hub dataset; rename columns."""
+    reader = _reader_for(path)
+    if reader is not None:
+        records = reader(path)
     else:
         records = _read_local(path) if is_local(path) else _read_hub(path, split)
     if limit is not None:
@@ -227,6 +285,23 @@ def split_hh(transcript: str) -> tuple[str, str]:
     return transcript[:cut], transcript[cut:]
 
 
+def _number(r: Record, key: str) -> float:
+    """``r``'s ``key`` as a finite float: a number, or numeric text (CSV cells are text)."""
+    value = r.data[key]
+    num = None
+    if isinstance(value, str):
+        try:
+            num = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
+        num = float(value)
+    if num is None or not math.isfinite(num):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise BadInput(f"{r.where}: '{key}' must be a finite number, got {type(value).__name__} {shown}")
+    return num
+
+
 def normalize_preferences(records: list[Record], on_invalid: str = "error") -> tuple[list[dict], int]:
     """Preference records -> ``{prompt, chosen, rejected[, margin]}``.
 
@@ -268,14 +343,15 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
                     raise BadInput(f"{r.where}: '{key}' response is empty")
             if chosen == rejected:
                 raise BadInput(f"{r.where}: 'chosen' and 'rejected' are identical")
+            margin = _number(r, "margin") if "margin" in d else None
         except BadInput:
             if on_invalid == "drop":
                 dropped += 1
                 continue
             raise
         rec = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-        if "margin" in d:
-            rec["margin"] = float(d["margin"])
+        if margin is not None:
+            rec["margin"] = margin
         out.append(rec)
     if not out:
         raise BadInput(f"{records[0].where.split(':')[0]}: no valid preference pairs")

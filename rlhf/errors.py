@@ -7,3 +7,9 @@ class BadInput(Exception):
     The message is one line that names the file, line or key and what was
     expected. The CLI prints it without a traceback and exits with code 2.
     """
+
+
+class RunFailed(Exception):
+    """A run cannot go on for a reason the user should read, not a bug (e.g.
+    training diverged: too many steps skipped for non-finite values). The CLI
+    prints the one-line message without a traceback and exits with code 1."""

@@ -18,9 +18,12 @@ the other accepted format, dequantised by transformers into a trainable model.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import importlib.util
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +44,17 @@ from transformers import (
 
 from rlhf.config import opt
 from rlhf.errors import BadInput
-# Registers the RNN LM baseline (model type rlhf_rnn) with transformers' Auto
-# classes, so its checkpoints load through this module like any other.
-import rlhf.baselines.rnn_model  # noqa: F401
+
+# Architectures outside transformers (the RNN LM baseline, model type rlhf_rnn)
+# register themselves with transformers' Auto classes when imported; the entry
+# points import them (rlhf.recipe.load_plugins), so their checkpoints load
+# through this module like any other and this module imports none of them.
 
 log = logging.getLogger(__name__)
 
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
-# GPT-2 shapes. Dropout is 0: RLHF wants dropout off everywhere (PPO.md) and
+# GPT-2 shapes. Dropout is 0: RLHF wants dropout off everywhere (docs/ppo.md) and
 # the tiny task is too small to need it.
 PRESETS: dict[str, dict] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=128, n_positions=256),  # ~0.7M parameters
@@ -67,6 +72,14 @@ class LoraSpec:
     dropout: float = opt(0.0, "dropout on the adapter input (keep 0 for PPO)")
     target_modules: str | list[str] = opt("all-linear", "module names to adapt, or 'all-linear'")
     modules_to_save: list[str] | None = opt(None, "modules trained in full beside the adapters (e.g. [score])")
+
+    def check(self, fail):
+        if self.r < 1:
+            raise fail("r", f"expected a positive integer, got {self.r}")
+        if self.alpha < 1:
+            raise fail("alpha", f"expected a positive integer, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise fail("dropout", f"expected a number in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -166,21 +179,95 @@ def _gguf_kwargs(cfg: ModelConfig) -> dict:
     return {"gguf_file": cfg.gguf_file, "quantization_config": GgufConfig(dequantize=True)}
 
 
-def _check_exists(cfg: ModelConfig) -> str:
-    """The name to load from (``pkg://`` resolved); raises BadInput for a missing local dir or GGUF file."""
+def _offline() -> bool:
+    """Whether the hub must not be contacted (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.is_offline_mode() or any(
+        (v or "").strip().upper() in ("1", "ON", "YES", "TRUE") for v in flags)
+
+
+def _looks_local(name: str) -> bool:
+    """A name that is a path, never a hub id: ./x, /x, ~/x, a/b/c, or anything that exists."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def _in_hub_cache(name: str, cfg: ModelConfig) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    files = [cfg.gguf_file] if cfg.gguf_file else ["config.json", "tokenizer_config.json"]
+    try:
+        return any(isinstance(try_to_load_from_cache(name, f, revision=cfg.revision), str) for f in files)
+    except Exception:  # an odd name or revision: not cached
+        return False
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_problem(name: str, revision: str | None) -> str | None:
+    """Why hub id ``name`` cannot load (one quick request, no retries); None when it can (or may)."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        return None  # exists; access is the loader's (and the user's token's) business
+    except RepositoryNotFoundError:
+        return "no such model on the hub (or it is private: log in with `hf auth login`)"
+    except RevisionNotFoundError:
+        return f"revision '{revision}' not found on the hub"
+    except HfHubHTTPError:
+        return None  # the hub answered with another error: let the loader report it
+    except Exception as e:  # noqa: BLE001 - httpx/requests/OS errors: no network
+        return f"cannot reach the hub ({type(e).__name__}: {e})"
+    return None
+
+
+def check_model(cfg: ModelConfig) -> str:
+    """The name to load ``cfg`` from: a preset as is, ``pkg://`` resolved, a local
+    checkpoint dir (``~`` expanded), or a hub id. Raises BadInput at once (no hub
+    retries) for a missing dir, a file given as a dir, a missing GGUF file, or a hub
+    id that is neither cached nor reachable. Every loader and validation use it."""
+    if is_preset(cfg.name):
+        return cfg.name
     name = resolve_name(cfg.name)
-    looks_local = name.startswith((".", "/", "~")) or Path(name).exists()
-    if looks_local and not Path(name).is_dir():
-        raise BadInput(f"model '{cfg.name}': directory not found")
-    if looks_local and cfg.gguf_file and not (Path(name) / cfg.gguf_file).is_file():
-        raise BadInput(f"model '{cfg.name}': GGUF file '{cfg.gguf_file}' not found in {name}")
+    presets = ", ".join(PRESETS)
+    if _looks_local(name):
+        path = Path(name).expanduser()
+        if path.is_file():
+            hint = (f"; for a GGUF file use name: {path.parent} and gguf_file: {path.name}"
+                    if path.suffix.lower() == ".gguf" else "")
+            raise BadInput(f"model '{cfg.name}': {path.resolve()} is a file, not a checkpoint directory{hint}")
+        if not path.is_dir():
+            raise BadInput(f"model '{cfg.name}': directory not found: {path.resolve()} "
+                           f"(nor a preset: {presets})")
+        if cfg.gguf_file and not (path / cfg.gguf_file).is_file():
+            raise BadInput(f"model '{cfg.name}': GGUF file '{cfg.gguf_file}' not found in {path}")
+        return str(path)
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except Exception:  # noqa: BLE001 - HFValidationError
+        raise BadInput(f"model '{cfg.name}': not a preset ({presets}), no directory {Path(name).resolve()}, "
+                       "and not a valid hub id (owner/name)") from None
+    if _in_hub_cache(name, cfg):
+        return name
+    if _offline():
+        raise BadInput(f"model '{cfg.name}': not a preset ({presets}), no directory {Path(name).resolve()}, "
+                       "and not in the local hub cache (offline: HF_HUB_OFFLINE is set)")
+    problem = _hub_problem(name, cfg.revision)
+    if problem:
+        raise BadInput(f"model '{cfg.name}': not a preset ({presets}), no directory {Path(name).resolve()}, "
+                       f"and as a hub id: {problem}")
     return name
 
 
 def load_tokenizer(cfg: ModelConfig, require_eos: bool = True) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token distinct from EOS.
 
-    PPO.md: with pad == EOS the model never learns to stop and reward models
+    docs/ppo.md: with pad == EOS the model never learns to stop and reward models
     read the wrong token. A tokenizer without a distinct pad gets a new
     ``<|pad|>`` token; the model loaders resize embeddings to match.
     ``require_eos=False`` is for encoder classifiers used as reward sources
@@ -189,7 +276,7 @@ def load_tokenizer(cfg: ModelConfig, require_eos: bool = True) -> PreTrainedToke
     if is_preset(cfg.name):
         tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     else:
-        name = _check_exists(cfg)
+        name = check_model(cfg)
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision,
                                             trust_remote_code=cfg.trust_remote_code, **kwargs)
@@ -222,13 +309,23 @@ def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: ModelConf
     return model
 
 
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Initialise weights from ``seed`` without touching the caller's RNG
+    stream: loading a model (a reward model, a value head) must not re-seed
+    the sampling that follows, or every seed and every rank draws the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     """A causal LM from a preset (random init, seeded), a local dir or the hub."""
     if is_preset(cfg.name):
-        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
-        model = GPT2LMHeadModel(_preset_config(cfg.name, tok))
+        with _seeded(cfg.seed if cfg.seed is not None else seed):
+            model = GPT2LMHeadModel(_preset_config(cfg.name, tok))
     else:
-        name = _check_exists(cfg)
+        name = check_model(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
                       **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if cfg.attn_implementation:
@@ -247,18 +344,18 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
     sentiment classifier used as a reward source).
     """
     if is_preset(cfg.name):
-        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)
-        model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels or 1))
+        with _seeded(cfg.seed if cfg.seed is not None else seed):
+            model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels or 1))
     else:
-        name = _check_exists(cfg)
-        torch.manual_seed(cfg.seed if cfg.seed is not None else seed)  # the new head's init
+        name = check_model(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
                       **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        with _seeded(cfg.seed if cfg.seed is not None else seed):  # the new head's init
+            model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     return _finish(model, tok, cfg)
 
 
@@ -282,7 +379,11 @@ def load_config(cfg: ModelConfig):
     (e.g. a hub id on a machine without network)."""
     if is_preset(cfg.name):
         return None
-    args = (resolve_name(cfg.name), cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
+    try:
+        name = check_model(cfg)  # fails fast instead of retrying an unreachable hub
+    except BadInput:
+        return None
+    args = (name, cfg.gguf_file, cfg.revision, cfg.trust_remote_code)
     # GGUF metadata is cached: validation asks several times per recipe and
     # parsing it takes seconds. A plain checkpoint dir is read each time: a
     # stage may (re)write it within a run. Callers only read the config.
@@ -330,12 +431,14 @@ def load_policy(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0):
     return with_lora(load_causal_lm(cfg, tok, seed=seed), cfg.lora, "CAUSAL_LM")
 
 
-def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:
+def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path, extra: dict[str, dict] | None = None) -> Path:
     """Save a loadable HF checkpoint (safetensors + tokenizer) atomically.
 
     Written to ``out.tmp`` then renamed, so a crash never leaves a half-written
     ``final/`` that a re-run would mistake for a finished stage. LoRA models are
-    merged first so ``final/`` loads with plain ``from_pretrained``.
+    merged first so ``final/`` loads with plain ``from_pretrained``. ``extra``:
+    file name -> JSON content saved beside the weights (e.g. how a reward
+    model reads text), inside the same atomic rename.
     """
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
@@ -344,6 +447,8 @@ def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path) -> Path:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
+    for name, content in (extra or {}).items():
+        (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

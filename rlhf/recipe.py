@@ -30,6 +30,7 @@ import yaml
 
 from rlhf.config import build, opt, to_dict
 from rlhf.errors import BadInput
+from rlhf.threads import apply_threads, choose_threads  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,25 @@ STAGE_MODULES = {
     "reward": "rlhf.reward_model",
     "ppo": "rlhf.ppo.trainer",
     "eval": "rlhf.evaluation",
-    # Baselines (rlhf/baselines/README_SECTION.md): the other generative architectures.
+    # Baselines (docs/baselines.md): the other generative architectures.
     "rnn_lm": "rlhf.baselines.rnn",
     "gan": "rlhf.baselines.gan",
     "vae": "rlhf.baselines.vae",
     "diffusion": "rlhf.baselines.diffusion",
     "baseline_report": "rlhf.baselines.report",
 }
+
+
+def load_plugins() -> None:
+    """Import the modules that register themselves with the lower layers, so
+    those layers never import them: the RNN LM baseline's architecture (model
+    type ``rlhf_rnn``) with transformers' Auto classes, through which
+    ``rlhf.models`` loads every checkpoint; and the labeling database reader
+    with ``rlhf.data`` (``data.path: sqlite:///labels.db?project=NAME``).
+    Every entry point (``rlhf`` commands, ``load_recipe``, ``validate``,
+    ``run``) calls it; it is idempotent."""
+    import rlhf.baselines.rnn_model  # noqa: F401
+    import rlhf.labeling  # noqa: F401
 
 
 @dataclass
@@ -75,6 +88,12 @@ class RunConfig:
     report_to: list[Literal["wandb", "tensorboard"]] = opt([], "extra trackers besides metrics.jsonl")
     wandb_project: str = opt("rlhf", "wandb project name")
     description: str = opt("", "free text, for people")
+    threads: int | None = opt(None, "torch CPU threads per process (null = auto: $OMP_NUM_THREADS if set, else "
+                                    "the CPUs this process may use / local ranks, at most 4 with a GPU)")
+
+    def check(self, fail) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise fail("threads", f"expected a positive integer or null (auto), got {self.threads}")
 
 
 @dataclass
@@ -183,6 +202,8 @@ def _set(tree: dict, keys: list[str], value: Any) -> None:
 def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     """Load, override, interpolate and schema-check a recipe. Raises BadInput."""
     from omegaconf import OmegaConf
+
+    load_plugins()
     from omegaconf.errors import OmegaConfBaseException
 
     path = Path(path)
@@ -198,6 +219,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise BadInput(f"{path}: expected a mapping with 'stages' at the top level")
     lines = _line_map(text)
+    file_stages = list(raw["stages"]) if isinstance(raw.get("stages"), dict) else []
     overridden = set()
     for item in overrides:
         keys, value = _parse_override(item)
@@ -234,6 +256,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         key = f"stages.{name}"
         if not isinstance(body, dict):
             raise BadInput(f"{where(key)}key '{key}': expected a mapping")
+        if name not in file_stages and "type" not in body:  # e.g. a mistyped stage name in an override
+            raise BadInput(f"{where(key)}no stage named {name!r} (recipe has: {', '.join(map(str, file_stages))})")
         body = dict(body)
         stype = body.pop("type", name)
         if stype not in STAGE_MODULES:
@@ -254,21 +278,162 @@ def _context(recipe: Recipe, stage: Stage, is_main: bool = True) -> StageContext
 def validate(recipe: Recipe) -> None:
     """Check every stage's inputs (files exist and parse, references resolve,
     prompts fit the context) without training. Raises BadInput."""
+    load_plugins()
     for stage in recipe.stages:
         module = importlib.import_module(STAGE_MODULES[stage.type])
         module.validate(stage.config, _context(recipe, stage))
 
 
+# ---------------------------------------------------------------- threads
+
+
+# ---------------------------------------------------------------- what to run
+
+# Keys that do not change a stage's results (how often it logs, samples for
+# people or checkpoints): a finished stage is not "changed" by them.
+IGNORED_KEYS = frozenset({"logging_steps", "log_every", "sample_every", "save_steps", "save_every"})
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, (list, tuple)):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+def _under(path: str, root: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(root)
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def upstream(recipe: Recipe) -> dict[str, dict[str, str]]:
+    """Stage name -> {earlier stage it consumes -> the path it names there}:
+    a stage consumes another when its config names a path in that stage's dir."""
+    deps: dict[str, dict[str, str]] = {}
+    for i, stage in enumerate(recipe.stages):
+        refs = _strings(to_dict(stage.config))
+        deps[stage.name] = {}
+        for other in recipe.stages[:i]:
+            root = recipe.stage_dir(other.name).resolve()
+            hit = next((r for r in refs if _under(r, root)), None)
+            if hit is not None:
+                deps[stage.name][other.name] = hit
+    return deps
+
+
+def _config_diff(saved: Any, new: Any, out_dir: Path, key: str = "") -> list[str]:
+    """``key: old -> new`` for each leaf that differs. A path into the run dir
+    matches the same path in a moved run dir (same tail after output_dir)."""
+    if isinstance(saved, dict) and isinstance(new, dict):
+        diffs = []
+        for k in list(saved) + [k for k in new if k not in saved]:
+            if k in IGNORED_KEYS:
+                continue
+            diffs += _config_diff(saved.get(k, "<unset>"), new.get(k, "<unset>"), out_dir, f"{key}.{k}" if key else k)
+        return diffs
+    if isinstance(saved, list) and isinstance(new, list) and len(saved) == len(new):
+        return [d for i, (a, b) in enumerate(zip(saved, new)) for d in _config_diff(a, b, out_dir, f"{key}.{i}")]
+    if saved == new:
+        return []
+    if isinstance(saved, str) and isinstance(new, str) and _under(new, out_dir):
+        tail = Path(new).resolve().relative_to(out_dir).as_posix()
+        if saved == tail or saved.endswith("/" + tail):
+            return []
+    return [f"{key}: {saved!r} -> {new!r}"]
+
+
+def stage_changes(recipe: Recipe, stage: Stage) -> list[str]:
+    """How the stage's config differs from the one its finished run saved
+    (``<stage>/config.yaml``); empty when equal or nothing was saved."""
+    saved_path = recipe.stage_dir(stage.name) / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    new = yaml.safe_load(yaml.safe_dump(_saved_config(recipe, stage), sort_keys=False))
+    if "seed" not in saved:  # written before the seed was saved with the stage
+        new.pop("seed")
+    return _config_diff(saved, new, Path(recipe.run.output_dir).resolve())
+
+
+def _saved_config(recipe: Recipe, stage: Stage) -> dict:
+    """What ``<stage>/config.yaml`` holds: the stage's type, the run's seed and its config."""
+    return {"type": stage.type, "seed": recipe.run.seed, **to_dict(stage.config)}
+
+
+def plan_stages(recipe: Recipe, force: bool = False, only: list[str] | None = None,
+                notes: list[tuple[int, str]] | None = None) -> list[str]:
+    """The names of the stages this run trains, in order (make-like); appends
+    (log level, message) to ``notes`` for the caller to log once input is valid.
+
+    A selected stage (all, or those in ``only``) runs when it has not finished
+    (no ``final/``), when forced, or when a stage it consumes (its config names
+    a path in that stage's dir) re-runs now or finished after it did. A
+    finished stage left out by ``only`` whose input re-runs is reported stale.
+    Raises BadInput, before anything is loaded, when a selected stage needs an
+    upstream output that does not exist and will not be made, or when a
+    finished stage's settings differ from its saved ``config.yaml``
+    (``IGNORED_KEYS`` aside) and it is not forced."""
+    notes = [] if notes is None else notes
+    deps = upstream(recipe)
+    finals = {s.name: recipe.stage_dir(s.name) / "final" for s in recipe.stages}
+    done = {name: final.exists() for name, final in finals.items()}
+    todo: list[str] = []
+    changed: dict[str, list[str]] = {}
+    for stage in recipe.stages:
+        selected = not only or stage.name in only
+        redone = [d for d in deps[stage.name] if d in todo]
+        if done[stage.name] and not redone:  # an input that finished after this stage did
+            mtime = finals[stage.name].stat().st_mtime
+            redone = [d for d in deps[stage.name] if done[d] and finals[d].stat().st_mtime > mtime]
+        if not selected:
+            if done[stage.name] and redone:
+                notes.append((logging.WARNING, f"stage {stage.name}: stale: it was built from an older output of "
+                              f"stage {redone[0]}; a later run without --only (or with --only {stage.name}) re-runs it"))
+            continue
+        for dep, ref in deps[stage.name].items():
+            if not done[dep] and dep not in todo:
+                missing = "" if Path(ref).resolve() == finals[dep].resolve() else f" ({finals[dep]} missing)"
+                raise BadInput(f"stage {stage.name} needs {ref}, the output of stage {dep}, which does not exist"
+                               f"{missing}: run without --only, or add --only {dep}")
+        if not done[stage.name] or force:
+            todo.append(stage.name)
+            continue
+        diffs = stage_changes(recipe, stage)
+        if diffs:
+            changed[stage.name] = diffs
+        elif redone:
+            notes.append((logging.INFO, f"stage {stage.name}: re-running: it consumes the output of stage "
+                                        f"{redone[0]}, which is newer or re-runs now"))
+            todo.append(stage.name)
+    if changed:
+        what = "; ".join(f"stage {name}: {', '.join(diffs)}" for name, diffs in changed.items())
+        raise BadInput(f"settings changed since these finished stages ran ({what}): to redo them run with "
+                       f"--force --only {','.join(changed)} (or --force for every stage), or use a new output_dir")
+    return todo
+
+
 def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> dict[str, Path]:
-    """Run the recipe's stages in order; returns stage name -> final checkpoint dir."""
+    """Run the recipe's stages in order (those ``plan_stages`` picks); returns
+    stage name -> final checkpoint dir, for the stages that ran or had finished."""
     import torch
     from accelerate import PartialState
 
+    load_plugins()
     if not torch.cuda.is_available():
         # Without this Accelerate ignores torchrun's environment on CPU and every
         # rank believes it is alone; HF Trainer and our PPO Accelerator read it too.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     state = PartialState(cpu=not torch.cuda.is_available())
+    threads = apply_threads(recipe.run.threads, on_gpu=torch.cuda.is_available())
     if "wandb" in recipe.run.report_to:
         # Offline unless the user configured wandb: these machines have no network.
         if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
@@ -279,7 +444,13 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
         if unknown:
             raise BadInput(f"--only {unknown[0]}: no such stage (recipe has: "
                            f"{', '.join(s.name for s in recipe.stages)})")
+    notes: list[tuple[int, str]] = []
+    todo = plan_stages(recipe, force, only, notes)
     validate(recipe)
+    # Logged after validation: bad input gets one line on stderr.
+    log.info("threads: %d (%s)", *threads)
+    for level, msg in notes:
+        log.log(level, msg)
     out = Path(recipe.run.output_dir)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -290,18 +461,17 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
     for stage in recipe.stages:
         ctx = _context(recipe, stage, state.is_main_process)
         final = ctx.stage_dir / "final"
-        if only and stage.name not in only:
-            results[stage.name] = final
-            continue
-        if final.exists() and not force:
-            log.info("stage %s: %s exists, skipping (use --force to redo)", stage.name, final)
-            results[stage.name] = final
+        if stage.name not in todo:
+            if final.exists():
+                if not only or stage.name in only:
+                    log.info("stage %s: %s exists, skipping (use --force to redo)", stage.name, final)
+                results[stage.name] = final
             continue
         state.wait_for_everyone()
         if state.is_main_process:
             ctx.stage_dir.mkdir(parents=True, exist_ok=True)
-            if force:
-                # A forced stage starts from scratch: without this it would
+            if force or final.exists():
+                # A forced (or re-run) stage starts from scratch: without this it would
                 # resume from the previous run's last checkpoint and append to
                 # its metrics.jsonl.
                 for old in (final, ctx.stage_dir / "checkpoints"):
@@ -309,8 +479,7 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
                         shutil.rmtree(old)
                 for old in ("metrics.jsonl", "metrics.json", "initial_eval.json"):
                     (ctx.stage_dir / old).unlink(missing_ok=True)
-            (ctx.stage_dir / "config.yaml").write_text(yaml.safe_dump(
-                {"type": stage.type, **to_dict(stage.config)}, sort_keys=False))
+            (ctx.stage_dir / "config.yaml").write_text(yaml.safe_dump(_saved_config(recipe, stage), sort_keys=False))
         state.wait_for_everyone()
         log.info("stage %s (%s): starting", stage.name, stage.type)
         t0 = time.time()

@@ -12,8 +12,10 @@ held-out set. Here an over-long pair is truncated from the left of the prompt
 and the number truncated is reported. Held-out pairwise accuracy is computed
 by our own pass over every held-out pair.
 
-Also home of ``RewardModel``: score (prompt, response) text with a trained
-checkpoint; PPO and eval use it as a reward source.
+How the model reads text (max length, the truncation rule, EOS after the
+response) is saved with the checkpoint in ``final/reward_config.json``; PPO,
+eval and labeling score through ``rlhf.rewards.RewardModel``, which reads it,
+so every consumer scores exactly as this stage's held-out evaluation does.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from pathlib import Path
 import torch
 
 from rlhf.config import opt
-from rlhf.data import DataConfig, load_splits, normalize_preferences, render_pair
+from rlhf.data import DataConfig, load_splits, normalize_preferences
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
+from rlhf.rewards import READ_SETTINGS_FILE, ReadSettings, pairwise_accuracy, tokenize_pairs
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.sharding import unpartitioned
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
@@ -51,94 +54,9 @@ class Config:
     def check(self, fail):
         if self.max_length < 4:
             raise fail("max_length", f"expected >= 4, got {self.max_length}")
-
-
-@dataclass
-class PairStats:
-    pairs: int = 0
-    prompt_truncated: int = 0  # lost prompt tokens on the left
-    response_truncated: int = 0  # response alone exceeded max_length: kept its start
-
-
-def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
-                  stats: PairStats | None = None) -> list[int]:
-    """prompt + response within ``max_length``, dropping prompt tokens from the left.
-
-    If the response alone does not fit, one prompt token is kept and the
-    response is cut on the right (counted separately); nothing is dropped.
-    """
-    if len(prompt_ids) + len(response_ids) <= max_length:
-        return prompt_ids + response_ids
-    keep = max_length - len(response_ids)
-    if keep >= 1:
-        if stats:
-            stats.prompt_truncated += 1
-        return prompt_ids[-keep:] + response_ids
-    if stats:
-        stats.response_truncated += 1
-    return prompt_ids[-1:] + response_ids[: max_length - 1]
-
-
-def encode_response(tok, prompt, response) -> tuple[list[int], list[int]]:
-    """Token ids of the prompt and of the response (with EOS for plain text).
-
-    The reward model always sees ``prompt_ids + response_ids`` where the
-    response ends in EOS, exactly what the PPO policy produces when it stops.
-    """
-    p_text, r_text = render_pair(tok, prompt, response)
-    # verbose=False: over-long pairs are truncated and counted by truncate_pair,
-    # so transformers' "sequence length is longer than..." warning is noise.
-    p_ids = tok(p_text, add_special_tokens=False, verbose=False)["input_ids"]
-    r_ids = tok(r_text, add_special_tokens=False, verbose=False)["input_ids"]
-    if isinstance(response, str) and (not r_ids or r_ids[-1] != tok.eos_token_id):
-        r_ids = r_ids + [tok.eos_token_id]
-    return p_ids, r_ids
-
-
-def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], PairStats]:
-    stats = PairStats()
-    out = []
-    for row in rows:
-        stats.pairs += 1
-        p_c, r_c = encode_response(tok, row["prompt"], row["chosen"])
-        p_r, r_r = encode_response(tok, row["prompt"], row["rejected"])
-        item = {"chosen_ids": truncate_pair(p_c, r_c, max_length, stats),
-                "rejected_ids": truncate_pair(p_r, r_r, max_length, stats)}
-        if "margin" in row:
-            item["margin"] = row["margin"]
-        out.append(item)
-    return out, stats
-
-
-@torch.no_grad()
-def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, label: int = 0) -> torch.Tensor:
-    """Scalar scores of token sequences: the logit of output ``label``. Shape: (n,).
-
-    Right-padded batches; transformers' sequence classifiers read the logit at
-    the last non-pad token, which is why pad must differ from EOS.
-    """
-    device = next(model.parameters()).device
-    scores = []
-    for i in range(0, len(sequences), batch_size):
-        chunk = sequences[i:i + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s)
-            mask[j, :len(s)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, label].float().cpu())
-    return torch.cat(scores) if scores else torch.zeros(0)
-
-
-def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy over every pair: P(score(chosen) > score(rejected)); ties count half."""
-    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size)
-    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size)
-    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(),
-            "pairs": len(pairs)}
+        c = self.center_rewards_coefficient
+        if c is not None and not 0 <= c < float("inf"):  # NaN fails the comparison too
+            raise fail("center_rewards_coefficient", f"expected a finite number >= 0, or null; got {c}")
 
 
 def _pairs(cfg: Config, seed: int):
@@ -213,49 +131,6 @@ def train(cfg: Config, ctx) -> Path:
                  before["accuracy"], after["accuracy"], after["pairs"])
     return finish_stage(trainer, tok, ctx, summary, logger,
                         lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed), model_cfg.lora,
-                                          "SEQ_CLS"))
-
-
-class RewardModel:
-    """A reward-model checkpoint as a reward source: (prompts, responses) -> scores.
-
-    Two kinds of checkpoint:
-
-    - ``label=None``: a one-output reward model, as the reward stage trains.
-      It sees ``prompt_ids + response_ids + EOS``, exactly what the policy
-      produces when it stops (``encode_response``).
-    - ``label=k``: a trained classifier with its own head (e.g. the 2-label
-      sentiment classifier ``lvwerra/distilbert-imdb``, k=1 for POSITIVE);
-      the score is the logit of output k, as in the classic IMDB RLHF demo.
-      An encoder tokenizer without EOS (BERT-style) encodes prompt + response
-      as one text with its own special tokens (``[CLS] ... [SEP]``), truncated
-      on the right; a decoder classifier is encoded as above.
-    """
-
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
-                 max_length: int | None = None, batch_size: int = 64, label: int | None = None,
-                 revision: str | None = None):
-        cfg = ModelConfig(name=str(path), dtype=dtype, revision=revision)
-        self.label = label
-        self.tokenizer = load_tokenizer(cfg, require_eos=label is None)
-        num_labels = 1 if label is None else None  # None: keep the classifier's own head
-        self.model = load_sequence_classifier(cfg, self.tokenizer, num_labels=num_labels).to(device).eval()
-        if label is not None and label >= self.model.config.num_labels:
-            raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
-                           f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
-        self.max_length = max_length or context_length(cfg) or 1024
-        self.batch_size = batch_size
-
-    def encode(self, prompt, response) -> list[int]:
-        """Token ids the classifier scores for one (prompt, response)."""
-        if self.tokenizer.eos_token is None:  # encoder classifier: its own [CLS] text [SEP] format
-            p_text, r_text = render_pair(self.tokenizer, prompt, response)
-            return self.tokenizer(p_text + r_text, truncation=True, max_length=self.max_length,
-                                  verbose=False)["input_ids"]
-        p_ids, r_ids = encode_response(self.tokenizer, prompt, response)
-        return truncate_pair(p_ids, r_ids, self.max_length)
-
-    def __call__(self, prompts: list, responses: list) -> list[float]:
-        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size,
-                         label=self.label or 0).tolist()
+                                          "SEQ_CLS"),
+                        extra={READ_SETTINGS_FILE: ReadSettings(
+                            max_length=cfg.max_length, chat_template=bool(tok.chat_template)).to_json()})

@@ -12,13 +12,23 @@ logit used as the score.
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import math
+import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from rlhf.config import opt
+from rlhf.data import render_pair
 from rlhf.errors import BadInput
+from rlhf.models import ModelConfig, context_length, load_sequence_classifier, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list, list], list[float]]
 
@@ -84,19 +94,78 @@ def check_source(source: str, producible: Callable[[str], bool] = lambda s: Fals
                        "and not a module:function")
 
 
+class NonFiniteReward(RuntimeError):
+    """A reward source scored some samples NaN or +-inf (e.g. a log of 0, or an
+    fp16 overflow). Not bad input as such: the PPO trainer catches it to skip
+    the step. ``source``, ``indices`` (the non-finite samples) and ``total``
+    say what happened."""
+
+    def __init__(self, source: str, indices: list[int], values: list[float], total: int):
+        self.source, self.indices, self.total = source, indices, total
+        super().__init__(f"reward source '{source}' returned {len(indices)} non-finite score(s) of {total} "
+                         f"(first: {values[0]} at index {indices[0]})")
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def call_source(source: str, fn: RewardFn, prompts: list, responses: list):
+    """``fn(prompts, responses)``; a module:function that raises becomes BadInput
+    naming it (the original kept as ``__cause__``). A checkpoint's errors pass through."""
+    if not is_function(source):
+        return fn(prompts, responses)
+    try:
+        return fn(prompts, responses)
+    except Exception as e:  # noqa: BLE001 - the user's code: any error is theirs
+        msg = " ".join(str(e).split())
+        raise BadInput(f"reward function '{source}' raised {type(e).__name__}"
+                       f"{': ' + msg[:300] if msg else ''}") from e
+
+
+def check_scores(source: str, scores, n: int) -> list[float]:
+    """What reward source ``source`` returned for ``n`` samples, as ``n`` finite floats.
+
+    Raises BadInput naming the source and what it returned (None, a non-list,
+    the wrong count, a non-number with its index), and NonFiniteReward when
+    some scores are NaN or infinite.
+    """
+    what = f"reward function '{source}'" if is_function(source) else f"reward source '{source}'"
+    expected = f"expected a list of {n} numbers, one per response"
+    if scores is None or isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__iter__"):
+        raise BadInput(f"{what} returned {_describe(scores)}; {expected}")
+    if getattr(scores, "ndim", 1) != 1:  # a numpy array / tensor of another shape
+        raise BadInput(f"{what} returned an array of shape {tuple(getattr(scores, 'shape', ()))}; {expected}")
+    scores = list(scores)
+    if len(scores) != n:
+        raise BadInput(f"{what} returned {len(scores)} scores for {n} responses; {expected}")
+    out = []
+    for i, s in enumerate(scores):
+        number = ((isinstance(s, numbers.Real) or hasattr(s, "__float__"))
+                  and not isinstance(s, (str, bytes)) and getattr(s, "ndim", 0) == 0)
+        if not number:
+            raise BadInput(f"{what} returned a non-number at index {i}: {_describe(s)}; {expected}")
+        out.append(float(s))
+    bad = [i for i, v in enumerate(out) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteReward(source, bad, [out[i] for i in bad], n)
+    return out
+
+
 class CombinedReward:
     """Weighted sum of reward sources: (prompts, responses) -> list of floats."""
 
-    def __init__(self, specs: list[RewardSpec], device="cpu", dtype: str = "float32"):
-        from rlhf.reward_model import RewardModel
-
+    def __init__(self, specs: list[RewardSpec], device="cpu", dtype: str = "float32", max_length: int | None = None):
+        """``max_length``: score reward-model checkpoints at this length instead
+        of their own (a warning names both); None = as each was trained."""
         self.parts: list[tuple[float, RewardFn, str]] = []
         for spec in specs:
             if is_function(spec.source):
                 fn = load_function(spec.source)
             else:
                 fn = RewardModel(spec.source, device=device, dtype=dtype, label=spec.label,
-                                 revision=spec.revision)
+                                 revision=spec.revision, max_length=max_length)
             self.parts.append((spec.weight, fn, spec.source))
 
     def checkpoints(self) -> list[str]:
@@ -105,8 +174,193 @@ class CombinedReward:
     def __call__(self, prompts: list, responses: list) -> list[float]:
         total = [0.0] * len(prompts)
         for weight, fn, source in self.parts:
-            scores = list(fn(prompts, responses))
-            if len(scores) != len(prompts):
-                raise RuntimeError(f"reward source {source} returned {len(scores)} scores for {len(prompts)} inputs")
-            total = [t + weight * float(s) for t, s in zip(total, scores)]
+            scores = check_scores(source, call_source(source, fn, prompts, responses), len(prompts))
+            total = [t + weight * s for t, s in zip(total, scores)]
         return total
+
+
+# ---------------------------------------------------------------- reward-model checkpoints
+#
+# How a reward model reads (prompt, response) text is part of the model: the
+# reward stage saves it in final/reward_config.json and every consumer (PPO,
+# eval, labeling, the value-model init) scores exactly that way.
+
+READ_SETTINGS_FILE = "reward_config.json"
+
+
+@dataclass
+class ReadSettings:
+    """How a reward model turns (prompt, response) into the tokens it scores."""
+
+    max_length: int  # tokens per prompt + response (+ EOS)
+    truncation: str = "prompt_left"  # drop prompt tokens from the left; cut the response only if it alone is too long
+    chat_template: bool = False  # chat prompts rendered with the tokenizer's chat template
+    response_eos: bool = True  # plain-text responses end with EOS, as the policy's do when they stop
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def read_settings(path: str | Path) -> ReadSettings | None:
+    """The reading settings saved with a reward checkpoint (None: none saved,
+    e.g. a hub classifier or a checkpoint from before they were saved)."""
+    f = Path(path) / READ_SETTINGS_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+        return ReadSettings(**data)
+    except (ValueError, TypeError) as e:
+        raise BadInput(f"{f}: expected the reward model's reading settings "
+                       f"({', '.join(ReadSettings.__dataclass_fields__)}), got an unreadable file ({e})") from None
+
+
+def scoring_length(source: str, saved: ReadSettings | None, asked: int | None) -> int | None:
+    """The max length to score at: the checkpoint's own, unless a consumer
+    asks for another (then warn with both numbers: scores change)."""
+    if saved is None:
+        return asked
+    if asked is not None and asked != saved.max_length:
+        log.warning("reward model %s was trained reading %d tokens per (prompt, response); scoring at %d as "
+                    "asked: longer texts are truncated differently than in training", source,
+                    saved.max_length, asked)
+        return asked
+    return saved.max_length
+
+
+@dataclass
+class PairStats:
+    pairs: int = 0
+    prompt_truncated: int = 0  # lost prompt tokens on the left
+    response_truncated: int = 0  # response alone exceeded max_length: kept its start
+
+
+def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
+                  stats: PairStats | None = None) -> list[int]:
+    """prompt + response within ``max_length``, dropping prompt tokens from the left.
+
+    If the response alone does not fit, one prompt token is kept and the
+    response is cut on the right (counted separately); nothing is dropped.
+    """
+    if len(prompt_ids) + len(response_ids) <= max_length:
+        return prompt_ids + response_ids
+    keep = max_length - len(response_ids)
+    if keep >= 1:
+        if stats:
+            stats.prompt_truncated += 1
+        return prompt_ids[-keep:] + response_ids
+    if stats:
+        stats.response_truncated += 1
+    return prompt_ids[-1:] + response_ids[: max_length - 1]
+
+
+
+
+def encode_response(tok, prompt, response) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt and of the response (with EOS for plain text).
+
+    The reward model always sees ``prompt_ids + response_ids`` where the
+    response ends in EOS, exactly what the PPO policy produces when it stops.
+    """
+    p_text, r_text = render_pair(tok, prompt, response)
+    # verbose=False: over-long pairs are truncated and counted by truncate_pair,
+    # so transformers' "sequence length is longer than..." warning is noise.
+    p_ids = tok(p_text, add_special_tokens=False, verbose=False)["input_ids"]
+    r_ids = tok(r_text, add_special_tokens=False, verbose=False)["input_ids"]
+    if isinstance(response, str) and (not r_ids or r_ids[-1] != tok.eos_token_id):
+        r_ids = r_ids + [tok.eos_token_id]
+    return p_ids, r_ids
+
+
+def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], PairStats]:
+    stats = PairStats()
+    out = []
+    for row in rows:
+        stats.pairs += 1
+        p_c, r_c = encode_response(tok, row["prompt"], row["chosen"])
+        p_r, r_r = encode_response(tok, row["prompt"], row["rejected"])
+        item = {"chosen_ids": truncate_pair(p_c, r_c, max_length, stats),
+                "rejected_ids": truncate_pair(p_r, r_r, max_length, stats)}
+        if "margin" in row:
+            item["margin"] = row["margin"]
+        out.append(item)
+    return out, stats
+
+
+@torch.no_grad()
+def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, label: int = 0) -> torch.Tensor:
+    """Scalar scores of token sequences: the logit of output ``label``. Shape: (n,).
+
+    Right-padded batches; transformers' sequence classifiers read the logit at
+    the last non-pad token, which is why pad must differ from EOS.
+    """
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(sequences), batch_size):
+        chunk = sequences[i:i + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        scores.append(logits[:, label].float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """Accuracy over every pair: P(score(chosen) > score(rejected)); ties count half."""
+    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size)
+    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size)
+    wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+    return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(),
+            "pairs": len(pairs)}
+
+
+
+
+class RewardModel:
+    """A reward-model checkpoint as a reward source: (prompts, responses) -> scores.
+
+    Two kinds of checkpoint:
+
+    - ``label=None``: a one-output reward model, as the reward stage trains.
+      It sees ``prompt_ids + response_ids + EOS``, exactly what the policy
+      produces when it stops (``encode_response``).
+    - ``label=k``: a trained classifier with its own head (e.g. the 2-label
+      sentiment classifier ``lvwerra/distilbert-imdb``, k=1 for POSITIVE);
+      the score is the logit of output k, as in the classic IMDB RLHF demo.
+      An encoder tokenizer without EOS (BERT-style) encodes prompt + response
+      as one text with its own special tokens (``[CLS] ... [SEP]``), truncated
+      on the right; a decoder classifier is encoded as above.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
+                 max_length: int | None = None, batch_size: int = 64, label: int | None = None,
+                 revision: str | None = None):
+        cfg = ModelConfig(name=str(path), dtype=dtype, revision=revision)
+        self.label = label
+        self.tokenizer = load_tokenizer(cfg, require_eos=label is None)
+        num_labels = 1 if label is None else None  # None: keep the classifier's own head
+        self.model = load_sequence_classifier(cfg, self.tokenizer, num_labels=num_labels).to(device).eval()
+        if label is not None and label >= self.model.config.num_labels:
+            raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
+                           f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
+        self.reading = read_settings(path)
+        self.max_length = scoring_length(str(path), self.reading, max_length) or context_length(cfg) or 1024
+        self.batch_size = batch_size
+
+    def encode(self, prompt, response) -> list[int]:
+        """Token ids the classifier scores for one (prompt, response)."""
+        if self.tokenizer.eos_token is None:  # encoder classifier: its own [CLS] text [SEP] format
+            p_text, r_text = render_pair(self.tokenizer, prompt, response)
+            return self.tokenizer(p_text + r_text, truncation=True, max_length=self.max_length,
+                                  verbose=False)["input_ids"]
+        p_ids, r_ids = encode_response(self.tokenizer, prompt, response)
+        return truncate_pair(p_ids, r_ids, self.max_length)
+
+    def __call__(self, prompts: list, responses: list) -> list[float]:
+        seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
+        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size,
+                         label=self.label or 0).tolist()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_tokenizer,
                          load_policy, peft_config)
 from rlhf.tracking import MetricsCallback, MetricsLogger
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
+from rlhf.training import TrainingConfig, finish_stage, held_out_loss, hf_kwargs, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +79,6 @@ def validate(cfg: Config, ctx) -> None:
             if n >= limit:
                 raise BadInput(f"{rec.where}: prompt is {n} tokens, which leaves no room for the completion "
                                f"within max_length / model context {limit}")
-
-
-def held_out_loss(trainer, initial_path: Path, n_examples: int, name: str) -> dict[str, float]:
-    """Held-out loss and perplexity after training, beside the untrained
-    model's (saved in ``initial_path`` before training started)."""
-    final_loss = trainer.evaluate()["eval_loss"]
-    initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")
-    log.info("%s held-out loss: %.4f before -> %.4f after", name, initial, final_loss)
-    return {"eval/loss_before": initial, "eval/loss": final_loss,
-            "eval/perplexity_before": math.exp(min(initial, 50)), "eval/perplexity": math.exp(min(final_loss, 50)),
-            "eval/examples": n_examples}
 
 
 def train(cfg: Config, ctx) -> Path:

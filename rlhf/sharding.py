@@ -51,7 +51,7 @@ def is_sharded(accelerator) -> bool:
 
 
 def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[], torch.nn.Module],
-              prefix: str = "") -> None:
+              prefix: str = "", extra: dict[str, dict] | None = None) -> None:
     """Save ``model`` (or its submodule under ``prefix``) as a plain HF
     checkpoint in ``out``. Every rank must call it.
 
@@ -65,7 +65,7 @@ def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[],
     if not is_sharded(accelerator):
         if accelerator.is_main_process:
             live = accelerator.unwrap_model(model)
-            save_checkpoint(live.get_submodule(prefix.rstrip(".")) if prefix else live, tok, out)
+            save_checkpoint(live.get_submodule(prefix.rstrip(".")) if prefix else live, tok, out, extra)
         return
     state = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -84,7 +84,7 @@ def save_full(accelerator, model: torch.nn.Module, tok, out, fresh: Callable[[],
         else:
             copy = fresh()
         copy.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        save_checkpoint(copy, tok, out)
+        save_checkpoint(copy, tok, out, extra)
 
 
 def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:

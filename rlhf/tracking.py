@@ -57,11 +57,8 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(Path(stage_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(r + "\n" for r in rows))
+        if self.enabled:
+            truncate_jsonl(self.path, step)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -91,8 +88,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_summary(stage_dir: Path, summary: dict[str, Any]) -> None:
-    """The stage's final summary, ``metrics.json``."""
+    """The stage's final summary, ``metrics.json``, with ``run/threads`` (torch's
+    CPU threads in this process, set by ``rlhf.threads.apply_threads``)."""
+    import torch
+
     out = Path(stage_dir) / "metrics.json"
+    summary = {**summary, "run/threads": summary.get("run/threads", torch.get_num_threads())}
     out.write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
 
 
@@ -132,3 +133,22 @@ class MetricsCallback(TrainerCallback):
             metrics = _namespaced(logs)
             metrics["train/epoch"] = state.epoch
             self.logger.log(metrics, step=state.global_step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the rows of ``path`` with ``step <= step`` (a resumed run then
+    appends exactly what an uninterrupted one would have). A torn last line
+    (a crash mid-write) is dropped too. Written to a temp file, then renamed."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                rows.append(line)
+        except ValueError:
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)

@@ -3,7 +3,9 @@ and the glue from them to ``transformers.TrainingArguments`` kwargs."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +17,12 @@ import torch
 from rlhf.config import opt, require_positive
 
 log = logging.getLogger(__name__)
+
+
+# transformers' schedulers that need no extra arguments (the others, e.g.
+# cosine_with_min_lr or reduce_lr_on_plateau, need settings this config lacks).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 
 
 @dataclass
@@ -39,9 +47,22 @@ class TrainingConfig:
     eval_batch_size: int = opt(64, "per-device batch size for evaluation")
 
     def check(self, fail):
-        require_positive(self, fail, "batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size")
-        if self.learning_rate <= 0:
-            raise fail("learning_rate", f"expected > 0, got {self.learning_rate}")
+        require_positive(self, fail, "batch_size", "grad_accum", "logging_steps", "save_steps", "eval_batch_size",
+                         "save_total_limit")
+        inf = float("inf")
+        # (key, valid?, expected): NaN fails every comparison, so it is rejected too.
+        for key, ok, expected in (
+                ("max_steps", self.max_steps == -1 or self.max_steps > 0, "-1 (use epochs) or a positive integer"),
+                ("epochs", 0 <= self.epochs < inf, "a finite number >= 0"),
+                ("learning_rate", 0 < self.learning_rate < inf, "a finite number > 0"),
+                ("warmup", 0 <= self.warmup < 1 or (1 <= self.warmup < inf and self.warmup == int(self.warmup)),
+                 "a fraction in [0, 1) of the total steps, or a whole number of steps"),
+                ("weight_decay", 0 <= self.weight_decay < inf, "a finite number >= 0"),
+                ("max_grad_norm", 0 <= self.max_grad_norm < inf, "a finite number >= 0 (0 = no clipping)"),
+                ("eval_steps", self.eval_steps >= 0, "0 (only at the end) or a positive integer"),
+                ("lr_scheduler", self.lr_scheduler in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}")):
+            if not ok:
+                raise fail(key, f"expected {expected}, got {getattr(self, key)!r}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise fail("epochs", "expected > 0 when max_steps is not set")
 
@@ -124,7 +145,18 @@ def train_or_resume(trainer, stage_dir: Path) -> None:
     trainer.train(resume_from_checkpoint=resume)
 
 
-def finish_stage(trainer, tok, ctx, summary: dict, logger, fresh: Callable) -> Path:
+def held_out_loss(trainer, initial_path: Path, n_examples: int, name: str) -> dict[str, float]:
+    """Held-out loss and perplexity after training, beside the untrained
+    model's (saved in ``initial_path`` before training started)."""
+    final_loss = trainer.evaluate()["eval_loss"]
+    initial = json.loads(initial_path.read_text())["eval/loss"] if initial_path.exists() else float("nan")
+    log.info("%s held-out loss: %.4f before -> %.4f after", name, initial, final_loss)
+    return {"eval/loss_before": initial, "eval/loss": final_loss,
+            "eval/perplexity_before": math.exp(min(initial, 50)), "eval/perplexity": math.exp(min(final_loss, 50)),
+            "eval/examples": n_examples}
+
+
+def finish_stage(trainer, tok, ctx, summary: dict, logger, fresh: Callable, extra: dict | None = None) -> Path:
     """Save ``final/`` (every rank joins when the weights are sharded; see
     ``rlhf.sharding.save_full``: ``fresh`` builds an unsharded copy of the
     model), then on the main process write ``metrics.json`` and log the
@@ -133,7 +165,7 @@ def finish_stage(trainer, tok, ctx, summary: dict, logger, fresh: Callable) -> P
     from rlhf.tracking import write_summary
 
     final = ctx.stage_dir / "final"
-    save_full(trainer.accelerator, trainer.model_wrapped, tok, final, fresh)
+    save_full(trainer.accelerator, trainer.model_wrapped, tok, final, fresh, extra=extra)
     if ctx.is_main:
         write_summary(ctx.stage_dir, summary)
         logger.log({f"summary/{k}": v for k, v in summary.items()}, step=trainer.state.global_step)

@@ -146,8 +146,8 @@ def cli() -> Callable[..., CliResult]:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[str]:
     """URL of a private PostgreSQL server on a loopback port, one for the session
-    (rlhf.labeling.testing.temporary_postgres); the test is skipped without one."""
-    from rlhf.labeling.testing import temporary_postgres
+    (helpers.labeling.temporary_postgres); the test is skipped without one."""
+    from helpers.labeling import temporary_postgres
 
     try:
         with temporary_postgres() as url:

@@ -16,8 +16,8 @@ def main() -> int:
 
         real_save = trainer._save_state
 
-        def crash_after_save(accelerator, root, step):
-            real_save(accelerator, root, step)
+        def crash_after_save(run, step):
+            real_save(run, step)
             sys.exit(3)
 
         trainer._save_state = crash_after_save

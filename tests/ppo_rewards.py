@@ -8,3 +8,21 @@ def count_letter_e(prompts, responses):
 
 def constant(prompts, responses):
     return [0.0 for _ in responses]
+
+
+# nan_on_some_calls: count_letter_e, but one NaN score on the calls listed in
+# NAN_CALLS (1-based). Tests set NAN_CALLS and reset CALLS.
+CALLS = {"n": 0}
+NAN_CALLS: set[int] = set()
+
+
+def nan_on_some_calls(prompts, responses):
+    CALLS["n"] += 1
+    scores = count_letter_e(prompts, responses)
+    if CALLS["n"] in NAN_CALLS:
+        scores[0] = float("nan")
+    return scores
+
+
+def always_nan(prompts, responses):
+    return [float("nan") for _ in responses]

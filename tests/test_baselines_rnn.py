@@ -81,6 +81,23 @@ def test_save_pretrained_round_trip_and_generate(tok, tmp_path):
     assert clf(input_ids=input_ids, attention_mask=mask).logits.shape == (2, 1)
 
 
+def test_entry_points_register_the_architecture_models_does_not_import_it():
+    """rlhf.models (a low layer) imports no baseline; every entry point registers the RNN
+    with transformers' Auto classes (rlhf.recipe.load_plugins), so a later stage or another
+    `rlhf` command loads an RNN checkpoint without the rnn_lm stage in the same run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rlhf.models\n"
+            "assert 'rlhf.baselines.rnn_model' not in sys.modules\n"
+            "from rlhf.recipe import load_plugins\n"
+            "load_plugins()\n"
+            "from transformers import AutoConfig\n"
+            "assert type(AutoConfig.for_model('rlhf_rnn')).__name__ == 'RnnConfig'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _recipe(tmp_path: Path) -> Path:
     data = {"path": str(QUICKSTART / "sft_train.jsonl"), "eval_path": str(QUICKSTART / "sft_test.jsonl"),
             "max_samples": 96, "max_eval_samples": 32}
@@ -136,5 +153,7 @@ def test_rnn_lm_stage_learns_then_ppo_trains_it_and_eval_scores_it(tmp_path, mon
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["rnn"]["perplexity"] == pytest.approx(summary["eval/perplexity"], rel=0.05)
     assert metrics["rnn"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
-    assert metrics["rnn_ppo"]["kl"]["mean"] > 0
+    # The policies differ, so the KL is measured; after 2 small steps its 8-sample Monte-Carlo
+    # estimate is noise around a tiny true value and can have either sign.
+    assert metrics["rnn_ppo"]["kl"]["mean"] != 0.0 and abs(metrics["rnn_ppo"]["kl"]["mean"]) < 5
     assert (out / "eval" / "report.html").is_file()

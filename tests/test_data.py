@@ -11,7 +11,7 @@ import pytest
 from rlhf.data import (DataConfig, Record, load_splits, normalize_preferences, normalize_prompts, normalize_sft,
                        read_records, render_pair, split_hh)
 from rlhf.errors import BadInput
-from rlhf.reward_model import PairStats, encode_response, tokenize_pairs, truncate_pair
+from rlhf.rewards import PairStats, encode_response, tokenize_pairs, truncate_pair
 
 ROWS = [
     {"prompt": "Review of Sky:", "completion": " Great fun."},

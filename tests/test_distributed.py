@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import OFFLINE_ENV, QUICKSTART, REPO, tiny_recipe_dict, write_recipe
+from helpers.distributed import free_port
 
 from rlhf import recipe as recipe_mod
 from rlhf.ppo.trainer import _step_prompts
@@ -84,7 +85,7 @@ def test_two_process_chain_matches_one_process(tmp_path, monkeypatch):
     env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "RLHF_TEST_PROMPT_LOG": str(logs_two),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "rlhf", "run", str(recipe)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -97,7 +97,8 @@ def test_samples_jsonl_side_by_side(cli_out):
 def test_settings_record_generation_and_seed(cli_out):
     s = json.loads((cli_out / "settings.json").read_text())
     assert s["seed"] == 42
-    assert s["generation"] == {"max_new_tokens": 8, "temperature": 1.0, "samples_per_prompt": 2, "batch_size": 5}
+    assert s["generation"] == {"max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                               "stop_strings": None, "samples_per_prompt": 2, "batch_size": 5}
     assert s["prompts"]["count"] == 6 and s["responses_per_checkpoint"] == 12
     assert s["reference"] == "sft" and s["baseline"] == "sft"
 
@@ -125,7 +126,7 @@ def test_perplexity_matches_per_example_losses(paths):
     from rlhf.data import normalize_sft, read_records
     from rlhf.evaluation.runner import text_perplexity
     from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer
-    from rlhf.reward_model import encode_response
+    from rlhf.rewards import encode_response
 
     cfg = ModelConfig(str(paths["ppo"]))
     tok = load_tokenizer(cfg)
@@ -150,7 +151,7 @@ def test_perplexity_matches_per_example_losses(paths):
     (["--baseline", "nope"], "--baseline: 'nope' is not one of the checkpoints"),
     (["--reward", "bad=/no/such/rm"], "--reward bad: reward source '/no/such/rm'"),
     (["--gold", "no_such_module:fn"], "--gold: reward function 'no_such_module:fn': cannot import"),
-    (["--temperature", "0"], "--temperature: expected > 0"),
+    (["--temperature", "0"], "--temperature: expected a finite number > 0"),
     (["--checkpoint", "sft=tiny"], "--checkpoint: the name 'sft' is used twice"),
     (["--reward", "sft=rlhf.gold:vader_sentiment"], "--reward sft: a reward source needs a name unlike"),
     (["--prompts", "/no/prompts.jsonl"], "/no/prompts.jsonl: file not found"),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rlhf.evaluation import metrics as M
+from rlhf.sampling import sequence_kl
 
 # ---------------------------------------------------------------- bootstrap
 
@@ -91,7 +92,7 @@ def test_sequence_kl_hand_computed():
     ref = [[-1.5, -2.0, -2.0], [-1.0, -1.0, -9.0]]
     mask = [[1, 1, 0], [1, 1, 1]]
     # row 0: 0.5 + 0 (third token masked); row 1: 0.5 + 0.5 + 8.5
-    assert M.sequence_kl(lp, ref, mask).tolist() == pytest.approx([0.5, 9.5])
+    assert sequence_kl(lp, ref, mask).tolist() == pytest.approx([0.5, 9.5])
 
 
 def test_sequence_kl_estimates_kl_between_two_known_categoricals():
@@ -103,12 +104,12 @@ def test_sequence_kl_estimates_kl_between_two_known_categoricals():
     b, t = 20000, 4
     tokens = rng.choice(3, size=(b, t), p=p)
     lp, ref = np.log(p)[tokens], np.log(q)[tokens]
-    per_seq = M.sequence_kl(lp, ref, np.ones((b, t)))
+    per_seq = sequence_kl(lp, ref, np.ones((b, t)))
     stderr = per_seq.std() / math.sqrt(b)
     assert abs(per_seq.mean() - t * exact) < 4 * stderr
     assert per_seq.mean() == pytest.approx(t * exact, rel=0.03)
     # Identical distributions: exactly zero for every sequence.
-    assert np.all(M.sequence_kl(lp, lp, np.ones((b, t))) == 0)
+    assert np.all(sequence_kl(lp, lp, np.ones((b, t))) == 0)
 
 
 # ---------------------------------------------------------------- perplexity

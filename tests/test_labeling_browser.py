@@ -17,7 +17,7 @@ import pytest
 from rlhf.labeling.config import ProjectConfig
 from rlhf.labeling.pairs import read_pair_file
 from rlhf.labeling.store import NewPair, Store
-from rlhf.labeling.testing import ServerProcess
+from helpers.labeling import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 PREFS = REPO / "data" / "quickstart" / "prefs_test.jsonl"

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from rlhf.labeling.store import parse_db_url
-from rlhf.labeling.testing import LoadResult, ServerProcess, make_load_project, simulate_labelers
+from helpers.labeling import LoadResult, ServerProcess, make_load_project, simulate_labelers
 
 LABELERS = 20
 TOTAL = 2000

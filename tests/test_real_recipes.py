@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
-from test_recipe import swap_offline
+from helpers.offline import swap_offline
 from tiny_classifier import make_tiny_classifier
 
 from rlhf import recipe as recipe_mod
@@ -87,7 +87,7 @@ def test_classifier_reward_uses_its_label_and_own_tokenizer(sentiment_classifier
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.reward_model import RewardModel
+    from rlhf.rewards import RewardModel
 
     rm = RewardModel(sentiment_classifier, label=1)
     assert rm.tokenizer.eos_token is None and rm.model.config.num_labels == 2  # kept as trained
@@ -106,7 +106,7 @@ def test_classifier_reward_uses_its_label_and_own_tokenizer(sentiment_classifier
 
 
 def test_classifier_label_out_of_range(sentiment_classifier):
-    from rlhf.reward_model import RewardModel
+    from rlhf.rewards import RewardModel
 
     with pytest.raises(BadInput, match="label 2 out of range"):
         RewardModel(sentiment_classifier, label=2)

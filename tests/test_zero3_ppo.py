@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 from conftest import write_recipe
-from test_sharded_ppo import TESTS, _chain, _torchrun, assert_chain_matches, check_ppo_resume
+from helpers.distributed import TESTS, torchrun
+from helpers.sharded import assert_chain_matches, chain, check_ppo_resume
 
 pytest.importorskip("deepspeed")
 if not (shutil.which("c++") or shutil.which("g++")):
@@ -30,7 +31,7 @@ if not (shutil.which("c++") or shutil.which("g++")):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "run"
-    proc = _torchrun("-m", "rlhf", "run", str(write_recipe(out.parent / "ddp.yaml", _chain(out))))
+    proc = torchrun("-m", "rlhf", "run", str(write_recipe(out.parent / "ddp.yaml", chain(out))))
     assert proc.returncode == 0, ("ddp", proc.stderr[-4000:])
     return out
 
@@ -40,7 +41,7 @@ def test_zero_chain_matches_ddp(tmp_path, ddp_run, zero_stage):
     """ZeRO-3 (partitioned weights: the gathering paths) and ZeRO-2 (replicated
     weights; the engine still owns gradient accumulation and clipping)."""
     out = tmp_path / f"zero{zero_stage}"
-    proc = _torchrun(str(TESTS / "deepspeed_cpu.py"), "run", str(write_recipe(tmp_path / "zero.yaml", _chain(out))),
+    proc = torchrun(str(TESTS / "deepspeed_cpu.py"), "run", str(write_recipe(tmp_path / "zero.yaml", chain(out))),
                      extra_env={"RLHF_TEST_ZERO_STAGE": str(zero_stage)})
     assert proc.returncode == 0, (zero_stage, proc.stderr[-4000:])
     assert_chain_matches(ddp_run, out)

@@ -8,7 +8,8 @@
 - ``image_metrics``: Fréchet distance, precision/recall, class entropy, memorisation, real-vs-real floor
 - ``report``:        the comparison report over all of them (``type: baseline_report``)
 
-Importing this package is cheap: only ``rnn`` is imported by ``rlhf.models``
-(to register the architecture with transformers' Auto classes); the image
-modules import diffusers, scikit-learn and scipy on first use.
+Importing this package is cheap. ``rnn_model`` registers the RNN architecture
+with transformers' Auto classes when imported (``rlhf.recipe.load_plugins``
+does, for every ``rlhf`` command); the image modules import diffusers,
+scikit-learn and scipy on first use.
 """

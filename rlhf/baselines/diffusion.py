@@ -88,8 +88,8 @@ class RestorationConfig:
     def check(self, fail):
         if self.num_images < 0:
             raise fail("num_images", f"expected >= 0, got {self.num_images}")
-        if self.noise_std <= 0:
-            raise fail("noise_std", f"expected > 0, got {self.noise_std}")
+        if not 0 < self.noise_std < float("inf"):  # NaN too
+            raise fail("noise_std", f"expected a finite number > 0, got {self.noise_std}")
         if not 0.0 < self.hole < 1.0:
             raise fail("hole", f"expected a number in (0, 1), got {self.hole}")
         require_positive(self, fail, "inpaint_steps", "jump_length", "jump_n_sample")
@@ -125,8 +125,8 @@ class Config:
             raise fail("num_train_timesteps", f"expected >= 2, got {self.num_train_timesteps}")
         if not 1 <= self.sampling_steps <= self.num_train_timesteps:
             raise fail("sampling_steps", f"expected 1..num_train_timesteps, got {self.sampling_steps}")
-        if self.eta < 0:
-            raise fail("eta", f"expected >= 0, got {self.eta}")
+        if not 0 <= self.eta < float("inf"):  # NaN too
+            raise fail("eta", f"expected a finite number >= 0, got {self.eta}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise fail("ema_decay", f"expected a number in [0, 1), got {self.ema_decay}")
 

@@ -123,6 +123,8 @@ class Config:
     metrics: M.ImageMetricsConfig = opt(M.ImageMetricsConfig(), "shared image metrics")
 
     def check(self, fail):
+        if not 0.0 <= self.beta1 < 1.0:
+            raise fail("beta1", f"expected a number in [0, 1), got {self.beta1}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise fail("label_smoothing", f"expected a number in [0, 0.5), got {self.label_smoothing}")
         if not 0.0 <= self.ema_decay < 1.0:

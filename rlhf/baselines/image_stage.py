@@ -50,9 +50,10 @@ class ImageTrainConfig:
         for key in ("eval_every", "save_every"):
             if getattr(self, key) < 0:
                 raise fail(key, f"expected 0 or a positive integer, got {getattr(self, key)}")
-        if self.learning_rate <= 0:
-            raise fail("learning_rate", f"expected > 0, got {self.learning_rate}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
+        # `not (...)`: NaN fails every comparison, so it is rejected too.
+        if not 0 < self.learning_rate < float("inf"):
+            raise fail("learning_rate", f"expected a finite number > 0, got {self.learning_rate}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
             raise fail("max_seconds", f"expected > 0, got {self.max_seconds}")
         if self.threads is not None and self.threads < 1:
             raise fail("threads", f"expected a positive integer, got {self.threads}")

@@ -5,10 +5,10 @@ Trains an LSTM/GRU causal LM (``rlhf.baselines.rnn_model``) with TRL's
 optimiser settings as the ``sft`` stage, so the two compare like for like;
 ``match_wall_time`` gives it exactly the transformer's training time.
 Writes ``<stage>/final`` (loads with ``AutoModelForCausalLM.from_pretrained``
-once ``rlhf.models`` or this module is imported), ``metrics.jsonl`` and
-``metrics.json`` (held-out loss and perplexity before and after, wall time,
+once ``rlhf.baselines.rnn_model`` or this module is imported), ``metrics.jsonl``
+and ``metrics.json`` (held-out loss and perplexity before and after, wall time,
 parameters). The model classes live in ``rnn_model`` (imported by
-``rlhf.models`` without the trainer stack) and are re-exported here.
+``rlhf.recipe.load_plugins`` without the trainer stack) and are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from rlhf.data import DataConfig, load_splits, normalize_sft, render_prompt
 from rlhf.errors import BadInput
 from rlhf.models import ModelConfig, as_model_config, load_tokenizer
 from rlhf.tracking import MetricsCallback, MetricsLogger, read_metrics
-from rlhf.sft import held_out_loss
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
+from rlhf.training import TrainingConfig, finish_stage, held_out_loss, hf_kwargs, train_or_resume
 
 __all__ = ["Config", "RnnConfig", "RnnForCausalLM", "RnnForSequenceClassification", "RnnModel", "train",
            "validate"]
@@ -72,7 +71,7 @@ class Config:
     def check(self, fail):
         if self.max_length < 8:
             raise fail("max_length", f"expected >= 8, got {self.max_length}")
-        if self.max_seconds is not None and self.max_seconds <= 0:
+        if self.max_seconds is not None and not self.max_seconds > 0:  # NaN too
             raise fail("max_seconds", f"expected > 0, got {self.max_seconds}")
 
     @property

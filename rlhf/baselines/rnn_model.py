@@ -8,7 +8,8 @@ embeddings, Press & Wolf 2017, https://arxiv.org/abs/1608.05859.)
 
 Importing this module registers model type ``rlhf_rnn`` with ``AutoConfig``,
 ``AutoModel``, ``AutoModelForCausalLM`` and
-``AutoModelForSequenceClassification`` (``rlhf.models`` imports it), so a
+``AutoModelForSequenceClassification`` (the entry points import it:
+``rlhf.recipe.load_plugins``), so a
 checkpoint loads with ``AutoModelForCausalLM.from_pretrained`` (safetensors),
 samples with ``generate`` (the recurrent state is the cache), is scored by
 ``rlhf eval``, trains as a PPO policy (``value_model: policy_head``, or a

@@ -162,14 +162,15 @@ class Config:
     metrics: M.ImageMetricsConfig = opt(M.ImageMetricsConfig(), "shared image metrics")
 
     def check(self, fail):
-        if self.beta < 0:
-            raise fail("beta", f"expected >= 0, got {self.beta}")
-        if self.sigma <= 0:
-            raise fail("sigma", f"expected > 0, got {self.sigma}")
+        # `not (...)`: NaN fails every comparison, so it is rejected too.
+        if not 0 <= self.beta < float("inf"):
+            raise fail("beta", f"expected a finite number >= 0, got {self.beta}")
+        if not 0 < self.sigma < float("inf"):
+            raise fail("sigma", f"expected a finite number > 0, got {self.sigma}")
         if self.kl_warmup_steps < 0:
             raise fail("kl_warmup_steps", f"expected >= 0, got {self.kl_warmup_steps}")
-        if self.variation_scale < 0:
-            raise fail("variation_scale", f"expected >= 0, got {self.variation_scale}")
+        if not 0 <= self.variation_scale < float("inf"):
+            raise fail("variation_scale", f"expected a finite number >= 0, got {self.variation_scale}")
 
 
 def validate(cfg: Config, ctx) -> None:

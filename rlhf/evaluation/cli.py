@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import re
 import textwrap
 from pathlib import Path
@@ -77,6 +78,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, metavar="N",
                    help="tokens per prompt + response for pairs and text (default: the model's context)")
     p.add_argument("--bootstrap-samples", type=int, default=1000, metavar="N", help="bootstrap resamples")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: the CPUs this process may use, or OMP_NUM_THREADS)")
     p.add_argument("--run-dir", metavar="DIR",
                    help="plot training curves from DIR/<stage>/metrics.jsonl (default: the run the checkpoints "
                         "come from, when they are runs/<x>/<stage>/final)")
@@ -146,9 +149,13 @@ def build_config(args):
 def run(args) -> int:
     from rlhf.evaluation.report import markdown_table
     from rlhf.evaluation.runner import check_inputs, evaluate
+    from rlhf.threads import apply_threads
 
+    if args.threads is not None and args.threads < 1:
+        raise BadInput(f"--threads {args.threads}: expected a positive integer")
     cfg, seed = build_config(args)
     check_inputs(cfg, _label)
+    logging.getLogger(__name__).info("threads: %d (%s)", *apply_threads(args.threads))
     out = Path(args.out)
     results = evaluate(cfg, out, seed, cfg.run_dir or None)
     settings = json.loads((out / "settings.json").read_text())

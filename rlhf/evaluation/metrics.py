@@ -22,7 +22,6 @@ __all__ = [
     "bootstrap_ci",
     "distinct_n",
     "perplexity",
-    "sequence_kl",
     "win_outcomes",
     "win_rate",
 ]
@@ -101,22 +100,6 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
         seen.update(grams)
         total += len(grams)
     return len(seen) / total if total else 0.0
-
-
-def sequence_kl(logprobs, ref_logprobs, mask) -> np.ndarray:
-    """Monte-Carlo estimate of KL(policy || reference) per sampled sequence.
-
-    For y ~ policy, sum_t log p(y_t | ...) - log p_ref(y_t | ...) is an unbiased
-    estimate of KL(p(.|x) || p_ref(.|x)) over whole responses (k1 in
-    [KL-approx]; PPO's ``objective/kl`` is the same sum). One sequence can be
-    negative; the mean over many is not, in expectation.
-
-    Shape: logprobs (b, t), ref_logprobs (b, t), mask (b, t) -> (b,).
-    """
-    lp = np.asarray(logprobs, dtype=np.float64)
-    ref = np.asarray(ref_logprobs, dtype=np.float64)
-    m = np.asarray(mask, dtype=np.float64)
-    return ((lp - ref) * m).sum(axis=-1)
 
 
 def perplexity(nll_sum: float, n_tokens: int) -> float:

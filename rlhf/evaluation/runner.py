@@ -40,6 +40,7 @@ from rlhf.evaluation import metrics as M
 from rlhf.models import (ModelConfig, as_model_config, context_length, is_preset, load_causal_lm,
                          load_tokenizer)
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source
+from rlhf.sampling import Samples, SamplingConfig, sample
 
 log = logging.getLogger(__name__)
 
@@ -64,27 +65,6 @@ class EvalData:
 
 
 @dataclass
-class SamplingConfig:
-    """How responses are sampled (recorded in settings.json and the report).
-
-    Plain sampling at a temperature, no top-k/top-p: those would make the
-    sampling distribution differ from the policy's, and the KL estimate biased.
-    """
-
-    max_new_tokens: int = opt(32, "response length cap; responses also stop at EOS")
-    temperature: float = opt(1.0, "sampling temperature; KL log-probs use the same one (as in PPO)")
-    samples_per_prompt: int = opt(1, "responses sampled per prompt and checkpoint")
-    batch_size: int = opt(64, "sequences per generation / forward batch")
-    seed: int | None = opt(None, "sampling, bootstrap and preset-init seed, the same for every checkpoint "
-                                 "(default: the recipe seed; rlhf eval: --seed)")
-
-    def check(self, fail):
-        require_positive(self, fail, "max_new_tokens", "samples_per_prompt", "batch_size")
-        if self.temperature <= 0:
-            raise fail("temperature", f"expected > 0, got {self.temperature}")
-
-
-@dataclass
 class Config:
     """Eval stage: compare policy checkpoints on one prompt set."""
 
@@ -101,8 +81,9 @@ class Config:
     preferences: str | EvalData | None = opt(
         None, "held-out preference pairs for each reward source's pairwise accuracy (every pair); null = skip")
     max_length: int | None = opt(
-        None, "tokens per prompt + response when scoring pairs and text; longer ones lose prompt tokens from "
-              "the left (default: the model's context)")
+        None, "tokens per prompt + response for perplexity, and for reward models instead of the length each "
+              "was trained with (a warning names both); longer ones lose prompt tokens from the left "
+              "(default: each model's own)")
     generation: SamplingConfig = opt(SamplingConfig(), "sampling settings")
     bootstrap_samples: int = opt(1000, "bootstrap resamples for the 95% intervals")
     run_dir: str | None = opt(None, "plot training curves from <run_dir>/<stage>/metrics.jsonl "
@@ -235,53 +216,9 @@ def check_inputs(cfg: Config, label: Callable[[str], str], producible: Callable[
 # ---------------------------------------------------------------- model passes
 
 
-class Samples:
-    """One checkpoint's responses, in prompt order (each prompt repeated n times)."""
-
-    def __init__(self):
-        self.texts: list[str] = []
-        self.lengths: list[int] = []
-        self.eos: list[bool] = []
-        self.kl: list[float] | None = []
-
-
-@torch.no_grad()
-def sample_and_kl(policy, tok, prompts: list, gen: SamplingConfig, seed: int, device,
-                  reference=None, settings=None, synced_gpus: bool = False) -> Samples:
-    """Sample every prompt ``samples_per_prompt`` times; KL per sequence to ``reference``.
-
-    ``settings`` (a PPO ``GenerationConfig``: stop strings, top-k/top-p) replaces
-    the plain temperature sampling of ``gen``; ``synced_gpus`` keeps every rank
-    stepping until all are done (a sharded model whose weights are not gathered).
-    """
-    from rlhf.ppo.policy import response_logprobs
-    from rlhf.ppo.trainer import GenerationConfig, decode_responses, generate
-
-    settings = settings or GenerationConfig(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature)
-    repeated = [p for p in prompts for _ in range(gen.samples_per_prompt)]
-    out = Samples()
-    if reference is None:
-        out.kl = None
-    torch.manual_seed(seed)  # the same random numbers for every checkpoint
-    for i in range(0, len(repeated), gen.batch_size):
-        texts = [render_prompt(tok, p) for p in repeated[i:i + gen.batch_size]]
-        q_ids, q_mask, r_ids, r_mask = generate(policy, tok, texts, settings, device, synced_gpus=synced_gpus)
-        out.texts += decode_responses(tok, r_ids, r_mask)
-        out.lengths += r_mask.sum(1).tolist()
-        out.eos += (r_ids == tok.eos_token_id).any(1).tolist()
-        if reference is not None:
-            ids = torch.cat([q_ids, r_ids], 1)
-            attn = torch.cat([q_mask, r_mask.long()], 1)
-            q = q_ids.size(1)
-            lp = response_logprobs(policy, ids, attn, q, settings.temperature)
-            ref_lp = response_logprobs(reference, ids, attn, q, settings.temperature)
-            out.kl += M.sequence_kl(lp.cpu().numpy(), ref_lp.cpu().numpy(), r_mask.cpu().numpy()).tolist()
-    return out
-
-
 def _ppl_pair(tok, row: dict) -> tuple[list[int], list[int]]:
     """(conditioning ids, scored ids) of one held-out text row."""
-    from rlhf.reward_model import encode_response
+    from rlhf.rewards import encode_response
 
     if "prompt" in row:
         return encode_response(tok, row["prompt"], row["completion"])
@@ -296,7 +233,7 @@ def _ppl_pair(tok, row: dict) -> tuple[list[int], list[int]]:
 def text_perplexity(model, tok, rows: list[dict], max_length: int, batch_size: int, device) -> float:
     """Perplexity of ``model`` on the scored tokens of every row (one pass, no row dropped)."""
     from rlhf.ppo.core import logprobs_from_logits
-    from rlhf.reward_model import truncate_pair
+    from rlhf.rewards import truncate_pair
 
     seqs = []
     for row in rows:
@@ -320,19 +257,18 @@ def text_perplexity(model, tok, rows: list[dict], max_length: int, batch_size: i
     return M.perplexity(nll, count)
 
 
-def pairwise_scores(source: CombinedReward, rows: list[dict],
-                    max_length: int | None) -> tuple[np.ndarray, np.ndarray, dict]:
+def pairwise_scores(source: CombinedReward, rows: list[dict]) -> tuple[np.ndarray, np.ndarray, dict]:
     """Scores of the chosen and rejected response of every pair, and truncation counts.
 
-    A single reward-model checkpoint goes through ``reward_model.tokenize_pairs``
+    A single reward-model checkpoint goes through ``rewards.tokenize_pairs``
     (the reward stage's truncation: prompt tokens dropped from the left, never a
     pair); anything else (functions, weighted sums) is called on the texts.
     """
-    from rlhf.reward_model import RewardModel, score_ids, tokenize_pairs
+    from rlhf.rewards import RewardModel, score_ids, tokenize_pairs
 
     weight, fn, _ = source.parts[0]
     if len(source.parts) == 1 and isinstance(fn, RewardModel) and fn.label is None:
-        pairs, stats = tokenize_pairs(rows, fn.tokenizer, max_length or fn.max_length)
+        pairs, stats = tokenize_pairs(rows, fn.tokenizer, fn.max_length)
         pad = fn.tokenizer.pad_token_id
         chosen = weight * score_ids(fn.model, [p["chosen_ids"] for p in pairs], pad, fn.batch_size).numpy()
         rejected = weight * score_ids(fn.model, [p["rejected_ids"] for p in pairs], pad, fn.batch_size).numpy()
@@ -380,7 +316,8 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
 
     # Scorers: metric name -> source. Reward models load once, here.
     scorers: dict[str, CombinedReward] = {
-        f"reward/{name}": CombinedReward(as_specs(spec), device=device) for name, spec in cfg.rewards.items()}
+        f"reward/{name}": CombinedReward(as_specs(spec), device=device, max_length=cfg.max_length)
+        for name, spec in cfg.rewards.items()}
     if cfg.gold:
         scorers["gold"] = CombinedReward([RewardSpec(source=cfg.gold)], device=device)
 
@@ -400,7 +337,7 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
         if reference is not None and not _same_vocab(tok, ref_tok):
             log.warning("checkpoint %s: tokenizer differs from the reference's, so no KL", name)
             ref = None
-        samples[name] = sample_and_kl(policy, tok, prompts, gen, seed, device, ref)
+        samples[name] = sample(policy, tok, [render_prompt(tok, p) for p in prompts], gen, seed, device, ref)
         if text_rows is not None:
             limit = cfg.max_length or context_length(model) or 1024
             ppl[name] = text_perplexity(policy, tok, text_rows, limit, gen.batch_size, device)
@@ -434,11 +371,11 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
         m["distinct_1"] = M.distinct_n(s.texts, 1)
         m["distinct_2"] = M.distinct_n(s.texts, 2)
         m["response_length"] = ci(s.lengths)
-        m["eos_rate"] = ci(np.asarray(s.eos, dtype=np.float64))
+        m["eos_rate"] = ci(np.asarray(s.finished, dtype=np.float64))  # EOS or a stop string
         results[name] = m
     if pref_rows is not None:
         for name in cfg.rewards:
-            chosen, rejected, trunc = pairwise_scores(scorers[f"reward/{name}"], pref_rows, cfg.max_length)
+            chosen, rejected, trunc = pairwise_scores(scorers[f"reward/{name}"], pref_rows)
             results[name] = {"kind": "reward_source", "pairwise_accuracy": ci(M.win_outcomes(chosen, rejected)),
                              "margin": float(np.mean(chosen - rejected)), "pairs": len(pref_rows), **trunc}
 
@@ -465,7 +402,7 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
             "prompt": prompt, "prompt_index": i // gen.samples_per_prompt, "sample": i % gen.samples_per_prompt,
             "responses": {name: {"response": s.texts[i], "scores": {k: float(scores[name][k][i]) for k in scorers},
                                  "kl": None if s.kl is None else float(s.kl[i]), "length": int(s.lengths[i]),
-                                 "eos": bool(s.eos[i])}
+                                 "eos": bool(s.finished[i])}
                           for name, s in samples.items()},
         })
     out_dir.mkdir(parents=True, exist_ok=True)

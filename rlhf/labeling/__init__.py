@@ -11,10 +11,26 @@ The data flow, one module per step::
                   single-page UI in static/
     export.py     labels -> {prompt, chosen, rejected} by majority vote
                   (JSONL, Parquet, HF datasets); also the reader behind a
-                  reward stage's ``data.path: sqlite:///labels.db``
+                  reward stage's ``data.path: sqlite:///labels.db``, which
+                  importing this package registers with ``rlhf.data``
     stats.py      counts, per-labeler throughput, agreement
     agreement.py  Cohen's and Fleiss' kappa, as pure functions
     cli.py        rlhf label pairs | project | add-labeler | serve | export | stats
-    testing.py    a server subprocess, a throwaway PostgreSQL and simulated
-                  labelers, shared by the tests and benchmarks/
+
+Test and benchmark helpers (a server subprocess, a throwaway PostgreSQL,
+simulated labelers) live outside the package, in ``tests/helpers/labeling.py``.
 """
+
+from __future__ import annotations
+
+from rlhf.data import Record, register_reader
+
+
+def _read_label_db(path: str) -> list[Record]:
+    # Imported on first use: the store pulls in SQLAlchemy.
+    from rlhf.labeling.export import read_db_records
+
+    return read_db_records(path)
+
+
+register_reader(("sqlite", "postgresql", "postgres"), _read_label_db)

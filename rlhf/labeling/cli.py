@@ -21,14 +21,15 @@ from rlhf.errors import BadInput
 EPILOG = """\
 workflow:
   rlhf label pairs --db sqlite:///runs/labels.db --project qs \\
-      --prompts data/quickstart/prompts_test.jsonl --model runs/quickstart/sft/final --overlap 2
+      --prompts data/quickstart/prompts_test.jsonl --model runs/quickstart/sft/final --overlap 2 \\
+      --guidelines-file data/quickstart/guidelines.txt
   rlhf label add-labeler --db sqlite:///runs/labels.db --project qs --name alice
   rlhf label add-labeler --db sqlite:///runs/labels.db --project qs --name boss --admin
   rlhf label serve --db sqlite:///runs/labels.db --project qs          # http://127.0.0.1:8000
   rlhf label stats --db sqlite:///runs/labels.db --project qs
   rlhf label export --db sqlite:///runs/labels.db --project qs --out runs/labeled.jsonl
-  rlhf run recipes/quickstart.yaml output_dir=runs/labeled \
-      stages.reward.data.path='sqlite:///runs/labels.db?project=qs'
+  rlhf run recipes/quickstart.yaml output_dir=runs/labeled stages.reward.model=runs/quickstart/sft/final \\
+      'stages.reward.data.path=sqlite:///runs/labels.db?project=qs' --only reward
 """
 
 DB_HELP = "labeling database: sqlite:///PATH.db (or a bare path) or postgresql://USER@HOST/DB"
@@ -70,6 +71,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling and side shuffling")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads for sampling (default: $OMP_NUM_THREADS, else the CPUs this process "
+                        "may use)")
     _project_settings(p)
 
     p = cmds.add_parser("project", help="create a project or change its settings (guidelines, overlap)",
@@ -185,23 +189,57 @@ def _check_name(name: str, flag: str) -> None:
         raise BadInput(f"{flag} {name!r}: expected 1-100 printable characters")
 
 
-def cmd_pairs(args) -> int:
-    from rlhf.labeling.pairs import generate_candidates, make_pairs, read_pair_file
-    from rlhf.labeling.store import Store
+def _check_pairs_args(args) -> None:
+    """Every ``label pairs`` argument, before any model is loaded or sampled
+    from (which takes minutes): the database URL, names, numbers in range, the
+    settings files, the prompt file and the checkpoints."""
+    from rlhf.labeling.store import parse_db_url
 
+    parse_db_url(args.db)
+    _check_name(args.project, "--project")
+    _settings(args)  # --config, --guidelines-file, --overlap
     if args.limit is not None and args.limit < 1:
         raise BadInput(f"--limit {args.limit}: expected a positive integer")
     if args.from_file:
         if args.model:
             raise BadInput("--model: not used with --from-file (the file already has the responses)")
+        return
+    if not args.model:
+        raise BadInput("--model: required with --prompts (one checkpoint, or two to compare)")
+    if len(args.model) > 2:
+        raise BadInput(f"--model: expected one or two checkpoints, got {len(args.model)}")
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1:
+        raise BadInput("--temperature must be > 0 and --top-p in (0, 1]")
+    if args.threads is not None and args.threads < 1:
+        raise BadInput(f"--threads {args.threads}: expected a positive integer")
+    from rlhf.data import is_local
+
+    if is_local(args.prompts) and not Path(args.prompts).is_file():
+        raise BadInput(f"--prompts {args.prompts}: file not found")
+    from rlhf.models import ModelConfig, check_model
+
+    for name in args.model:
+        try:
+            check_model(ModelConfig(name=name))
+        except BadInput as e:
+            raise BadInput(f"--model {name}: {e}") from None
+
+
+def cmd_pairs(args) -> int:
+    from rlhf.labeling.pairs import generate_candidates, make_pairs, read_pair_file
+    from rlhf.labeling.store import Store
+
+    _check_pairs_args(args)
+    if args.from_file:
         candidates = read_pair_file(args.from_file)[: args.limit]
     else:
-        if not args.model:
-            raise BadInput("--model: required with --prompts (one checkpoint, or two to compare)")
-        if args.max_new_tokens < 1:
-            raise BadInput(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
-        if args.temperature <= 0 or not 0 < args.top_p <= 1:
-            raise BadInput("--temperature must be > 0 and --top-p in (0, 1]")
+        import logging
+
+        from rlhf.threads import apply_threads
+
+        logging.getLogger(__name__).info("threads: %d (%s)", *apply_threads(args.threads))
         candidates = generate_candidates(args.prompts, args.model, args.max_new_tokens, args.temperature,
                                          args.top_p, args.seed, limit=args.limit)
     pairs, st = make_pairs(candidates, args.seed)

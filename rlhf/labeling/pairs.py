@@ -118,10 +118,9 @@ def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_token
     Sampling (not greedy) so that one checkpoint gives two different
     responses; the seed makes a re-run produce the same pairs.
     """
-    import torch
-
     from rlhf.data import normalize_prompts, read_records, render_prompt
     from rlhf.models import ModelConfig, context_length, load_causal_lm, load_tokenizer
+    from rlhf.sampling import SamplingConfig, sample
 
     if not 1 <= len(checkpoints) <= 2:
         raise BadInput(f"--model: expected one or two checkpoints, got {len(checkpoints)}")
@@ -137,25 +136,17 @@ def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_token
             model = load_causal_lm(cfg, tok, seed=seed).eval()
         except OSError as e:  # not a checkpoint dir, and not on the hub (or offline)
             raise BadInput(f"--model {name}: cannot load a checkpoint ({str(e).splitlines()[0]})") from None
-        tok.padding_side = tok.truncation_side = "left"  # generation continues the prompt's last token
         room = (context_length(cfg) or 1024) - max_new_tokens
         if room < 8:
             raise BadInput(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in "
                            f"{name}'s context of {context_length(cfg)} tokens")
         texts = [render_prompt(tok, p) for p in prompts]
-        for sample in range(n_samples):
-            torch.manual_seed(seed + sample)
-            column = []
-            for i in range(0, len(texts), batch_size):
-                batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=room, add_special_tokens=False)
-                with torch.no_grad():
-                    out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
-                                         max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-                new = out[:, batch["input_ids"].shape[1]:]
-                column.extend(tok.batch_decode(new, skip_special_tokens=True))
-            responses.append(column)
-            sources.append(name if n_samples == 1 else f"{name}#sample{sample + 1}")
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  batch_size=batch_size)
+        for n in range(n_samples):
+            out = sample(model, tok, texts, sampling, seed + n, "cpu", max_prompt_tokens=room)
+            responses.append(out.texts)
+            sources.append(name if n_samples == 1 else f"{name}#sample{n + 1}")
         log.info("sampled %d responses x %d from %s", len(texts), n_samples, name)
     return [Candidate(p, responses[0][i], responses[1][i], sources[0], sources[1], r.where)
             for i, (p, r) in enumerate(zip(prompts, records, strict=True))]

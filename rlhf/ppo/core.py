@@ -260,6 +260,20 @@ def value_loss(
 # ---------------------------------------------------------------------------
 
 
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var(returns - values) / Var(returns) over valid tokens.
+
+    1 is a perfect value function, 0 one no better than predicting the mean
+    return, negative worse than that. NaN when the returns do not vary (the
+    ratio is undefined). Shape: (b, t) x 3 -> scalar.
+    Reference: CleanRL ppo.py (``losses/explained_variance``).
+    """
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns == 0:
+        return torch.tensor(float("nan"))
+    return 1 - masked_var(returns - values, mask, unbiased=False) / var_returns
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of the categorical distribution at each position.
 

@@ -2,70 +2,27 @@
 
 Policy and value are wrapped in one ``nn.Module`` so Accelerate prepares one
 DDP/DeepSpeed/FSDP model and one optimizer steps both (the value loss is added
-to the policy loss with ``vf_coef``, PPO.md).
+to the policy loss with ``vf_coef``, docs/ppo.md).
 
-Value model choices (PPO.md):
-- ``separate`` (default): a scalar-head model initialised from the reward
-  model checkpoint (InstructGPT, N+), queried at every response position;
+Value model choices (the PPO stage's ``value_model`` key, docs/ppo.md):
+- ``reward`` (default): a separate scalar-head model (``ScalarHeadModel``)
+  initialised from the first reward-model checkpoint (InstructGPT, N+), or
+  from the policy with a zero head when every reward is a function; queried
+  at every response position;
 - ``policy_head``: a zero-initialised linear head on the policy's last hidden
-  state (one forward pass serves both).
+  state (one forward pass serves both; ``value_model=None`` here);
+- a checkpoint directory: a scalar-head model initialised from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 
 import torch
 from torch import nn
 
 from rlhf.ppo.core import logprobs_from_logits
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions for left-padded rows: 0 at each row's first real token.
-
-    Shape: (b, s) -> (b, s). PPO.md: without this a left-padded prompt shifts
-    every position and the model sees inputs unlike its training data.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def response_logits(model: nn.Module, input_ids, attention_mask, position_ids, response_length: int, **kwargs):
-    """The causal LM's output and the logits at the positions predicting the
-    response: ``(out, logits)``. Shape: input_ids (b, s) -> logits (b, r, v),
-    r = response_length.
-
-    Logits at position i predict token i+1, so the response (the last r tokens)
-    is predicted from the last r+1 positions minus the very last. Passing
-    ``logits_to_keep`` (transformers causal LMs) skips the LM head over the
-    prompt, in the forward and in the backward; a model without it returns all
-    positions and the same slice is taken.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _accepts_logits_to_keep(type(base)):
-        kwargs["logits_to_keep"] = response_length + 1
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                **kwargs)
-    return out, out.logits[:, -(response_length + 1):-1]
-
-
-def response_logprobs(model: nn.Module, input_ids, attention_mask, context_length: int,
-                      temperature: float) -> torch.Tensor:
-    """fp32 log p(response tokens) under ``model`` at the sampling temperature.
-
-    Shape: input_ids (b, s) = left-padded prompt (width context_length) +
-    right-padded response -> (b, s - context_length).
-    """
-    _, logits = response_logits(model, input_ids, attention_mask, position_ids_from(attention_mask),
-                                input_ids.size(1) - context_length)
-    return logprobs_from_logits(logits, input_ids[:, context_length:], temperature)
+from rlhf.sampling import position_ids_from, response_logits, response_logprobs
 
 
 class ScalarHeadModel(nn.Module):
@@ -99,7 +56,7 @@ class PolicyAndValue(nn.Module):
         if value_model is None:  # value head on the policy trunk
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
-            # A new head starts at zero (PPO.md): the first advantages are then
+            # A new head starts at zero (docs/ppo.md): the first advantages are then
             # the plain discounted rewards, not noise from a random head.
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)

@@ -1,32 +1,42 @@
-"""PPO stage (``type: ppo``): our own trainer on Accelerate, per shared/PPO.md.
+"""PPO stage (``type: ppo``): our own trainer on Accelerate (design and
+sources: docs/ppo.md).
 
 One step, CleanRL-style, reads top to bottom in ``train``:
 
-  1. generate   left-padded prompts -> sampled responses (cut after EOS)
+  1. generate   left-padded prompts -> sampled responses, each ended after
+                its EOS or stop string (``rlhf.sampling``)          ``rollout``
   2. forward    fp32 log-probs of the policy and the reference, values
-  3. score      reward sources on (prompt, response) text; missing-EOS penalty
+  3. score      reward sources on (prompt, response) text; non-finite scores
+                skip the step; missing-EOS penalty
   4. rewards    per-token -beta * KL, score added at the last response token
-  5. advantages GAE (gamma, lambda), whitened over valid tokens
-  6. update     ppo_epochs x shuffled minibatches x micro-batches (grad accum)
-  7. log        every PPO.md statistic to metrics.jsonl (+ wandb/tensorboard)
+  5. advantages GAE (gamma, lambda), whitened over valid tokens   ``advantages``
+  6. update     ppo_epochs x shuffled minibatches x micro-batches (grad accum,
+                token mean over the minibatch); a non-finite loss or gradient
+                norm skips the optimiser step; optional target_kl stop ``update``
+  7. log        one flat row of statistics to metrics.jsonl (+ wandb/tensorboard)
+  8. save       every ``save_every`` steps and on Ctrl-C / SIGTERM
 
 The math lives in ``rlhf.ppo.core`` as pure, tested functions. Checkpoints
 hold policy, value, optimizer, scheduler, KL controller, RNG states and the
 step (the data position is a function of the step), so a resumed run follows
-the same trajectory as an uninterrupted one.
+the same trajectory as an uninterrupted one; metrics.jsonl and samples.jsonl
+are cut back to the checkpoint's step. No checkpoint is written from
+non-finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import math
-import random
 import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -36,34 +46,18 @@ from tqdm.auto import tqdm
 
 from rlhf.config import opt, require_positive
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
-from rlhf.errors import BadInput
+from rlhf.errors import BadInput, RunFailed
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_policy, load_tokenizer)
 from rlhf.ppo import core
 from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
-from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source, is_function
+from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source, is_function
+from rlhf.sampling import SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
-from rlhf.tracking import MetricsLogger, read_metrics, write_summary
+from rlhf.tracking import MetricsLogger, read_metrics, truncate_jsonl, write_summary
 from rlhf.training import precision_flags
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GenerationConfig:
-    """Rollout sampling (PPO.md: no top-k/top-p, no forced minimum length)."""
-
-    max_new_tokens: int = opt(32, "response length cap; responses also stop at EOS")
-    temperature: float = opt(1.0, "sampling temperature; log-probs use the same one everywhere (0.7 for real models)")
-    top_k: int = opt(0, "0 = off; anything else biases the KL estimate (PPO.md pitfalls)")
-    top_p: float = opt(1.0, "1.0 = off; anything else biases the KL estimate")
-    stop_strings: list[str] | None = opt(None, "extra stop strings besides EOS")
-
-    def check(self, fail):
-        if self.max_new_tokens < 1:
-            raise fail("max_new_tokens", "expected >= 1")
-        if self.temperature <= 0:
-            raise fail("temperature", "expected > 0 (sampling is required for PPO)")
 
 
 @dataclass
@@ -76,6 +70,14 @@ class KLConfig:
     target: float = opt(6.0, "adaptive: target KL (nats per sequence)")
     horizon: float = opt(10000.0, "adaptive: horizon in episodes")
 
+    def check(self, fail):
+        if not 0 <= self.coef < math.inf:
+            raise fail("coef", f"expected a finite number >= 0, got {self.coef}")
+        if not 0 < self.target < math.inf:
+            raise fail("target", f"expected a finite number > 0, got {self.target}")
+        if not 0 < self.horizon < math.inf:
+            raise fail("horizon", f"expected a finite number > 0, got {self.horizon}")
+
 
 @dataclass
 class EvalConfig:
@@ -85,6 +87,12 @@ class EvalConfig:
     gold: str | None = opt(None, "gold scorer module:function (e.g. rlhf.gold:vader_sentiment)")
     max_prompts: int = opt(256, "evaluate at most this many prompts")
     batch_size: int = opt(64, "generation batch size")
+
+    def check(self, fail):
+        require_positive(self, fail, "max_prompts", "batch_size")
+        for key in ("prompts", "gold"):
+            if getattr(self, key) == "":
+                raise fail(key, "expected a file / module:function, or null to skip")
 
 
 @dataclass
@@ -106,7 +114,8 @@ class Config:
     lr_schedule: Literal["linear", "constant"] = opt("linear", "learning-rate schedule over all optimiser steps")
     max_grad_norm: float = opt(1.0, "gradient clipping max-norm")
     weight_decay: float = opt(0.0, "AdamW weight decay")
-    generation: GenerationConfig = opt(GenerationConfig(), "rollout sampling")
+    generation: SamplingConfig = opt(SamplingConfig(), "rollout sampling (top_k/top_p bias the ratio and KL; "
+                                                       "batch_size: sequences per generate call)")
     kl: KLConfig = opt(KLConfig(), "KL penalty")
     missing_eos_penalty: float | None = opt(1.0, "subtracted from the score of responses without EOS; null = off")
     reward_clip: float | None = opt(None, "clip scores to [-c, c]; null = off")
@@ -119,7 +128,12 @@ class Config:
     vf_coef: float = opt(0.1, "value-loss weight in the total loss")
     entropy_coef: float = opt(0.0, "entropy bonus weight")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "mixed precision; log-probs are fp32 always")
-    save_every: int = opt(0, "checkpoint every N steps for resuming (0 = only at the end)")
+    save_every: int = opt(25, "checkpoint every N steps for resuming (0 = only at the end; Ctrl-C / SIGTERM "
+                              "always saves one)")
+    target_kl: float | None = opt(None, "stop a step's epochs early once the mean approx KL of an epoch exceeds "
+                                        "this (CleanRL); null = off")
+    max_consecutive_skips: int = opt(3, "stop the run (exit 1) after this many steps in a row skipped for "
+                                        "non-finite scores, losses or gradient norms")
     log_every: int = opt(1, "log metrics every N steps")
     sample_every: int = opt(10, "write sample responses to samples.jsonl every N steps")
     eval: EvalConfig = opt(EvalConfig(), "held-out gold evaluation at the end")
@@ -134,11 +148,34 @@ class Config:
             raise fail("micro_batch_size", f"must divide the minibatch size ({mini})")
         if not as_specs(self.reward) or not all(s.source for s in as_specs(self.reward)):
             raise fail("reward", "required: a reward-model checkpoint dir or module:function (or a list)")
-        if self.kl.adaptive and self.kl.target <= 0:
-            raise fail("kl.target", "expected > 0")
+        inf = math.inf
+        # (key, valid?, expected): NaN fails every comparison, so it is rejected too.
+        for key, ok, expected in (
+                ("learning_rate", 0 < self.learning_rate < inf, "a finite number > 0"),
+                ("max_grad_norm", 0 <= self.max_grad_norm < inf, "a finite number >= 0 (0 = no clipping)"),
+                ("weight_decay", 0 <= self.weight_decay < inf, "a finite number >= 0"),
+                ("missing_eos_penalty", self.missing_eos_penalty is None or 0 <= self.missing_eos_penalty < inf,
+                 "a finite number >= 0, or null"),
+                ("reward_clip", self.reward_clip is None or 0 < self.reward_clip < inf,
+                 "a finite number > 0, or null"),
+                ("gamma", 0 <= self.gamma <= 1, "a number in [0, 1]"),
+                ("lam", 0 <= self.lam <= 1, "a number in [0, 1]"),
+                ("clip_range", 0 < self.clip_range < inf, "a finite number > 0"),
+                ("clip_range_value", 0 < self.clip_range_value < inf, "a finite number > 0"),
+                ("vf_coef", 0 <= self.vf_coef < inf, "a finite number >= 0"),
+                ("entropy_coef", 0 <= self.entropy_coef < inf, "a finite number >= 0"),
+                ("save_every", self.save_every >= 0, "0 (only at the end) or a positive integer"),
+                ("target_kl", self.target_kl is None or 0 < self.target_kl < inf, "a finite number > 0, or null"),
+                ("max_consecutive_skips", self.max_consecutive_skips >= 1, "a positive integer")):
+            if not ok:
+                raise fail(key, f"expected {expected}, got {getattr(self, key)}")
+        if self.generation.samples_per_prompt != 1:
+            raise fail("generation.samples_per_prompt", "expected 1: PPO samples one response per prompt")
+        if not self.value_model:
+            raise fail("value_model", "expected reward, policy_head or a checkpoint dir")
 
 
-# ---------------------------------------------------------------- helpers
+# ---------------------------------------------------------------- inputs
 
 
 def _prompts(path: str, columns: dict, limit: int | None = None, split: str = "train") -> list:
@@ -168,40 +205,6 @@ def validate(cfg: Config, ctx) -> None:
                                f"{cfg.generation.max_new_tokens} it exceeds the model's context of {limit}")
 
 
-def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, tok, seed: int):
-    if cfg.value_model == "policy_head":
-        return None
-    if cfg.value_model == "reward":
-        # A classifier picked by `label` (e.g. a sentiment model) has its own
-        # tokenizer and heads: it cannot read the policy's tokens.
-        ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-        # With only function rewards there is no reward model: start from the
-        # policy's trunk with a fresh head.
-        source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(
-            name=policy_cfg.name, gguf_file=policy_cfg.gguf_file, revision=policy_cfg.revision)
-    else:
-        source = ModelConfig(name=cfg.value_model)
-    source.dtype = policy_cfg.dtype
-    clf = load_sequence_classifier(source, tok, seed=seed)
-    if source.name == policy_cfg.name:
-        torch.nn.init.zeros_(clf.score.weight)
-    return ScalarHeadModel(clf)
-
-
-def _disable_dropout(model: torch.nn.Module) -> None:
-    # PPO.md: dropout off in every model, or log-probs differ between the
-    # rollout and the first training pass and the ratio is not 1.
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _step_prompts(prompts: list, step: int, batch: int, rank: int, world: int, seed: int) -> list:
     """The prompts of one step on one rank, a pure function of the step.
 
@@ -221,55 +224,6 @@ def _step_prompts(prompts: list, step: int, batch: int, rank: int, world: int, s
 @functools.lru_cache(maxsize=4)
 def _permutation(seed: int, n: int) -> np.ndarray:
     return np.random.RandomState(seed % 2**32).permutation(n)
-
-
-def _pad_left(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def generate(policy, tok, prompt_texts: list[str], gen: GenerationConfig, device,
-             synced_gpus: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses. Returns (query_ids (b, q), query_mask (b, q),
-    response_ids (b, r) cut after EOS and padded, response_mask (b, r)).
-
-    ``synced_gpus``: for a sharded model whose weights are not gathered, every
-    rank keeps calling forward until all ranks are done (transformers' ZeRO-3 mode).
-    """
-    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
-    query, query_mask = _pad_left(encoded, tok.pad_token_id)
-    query, query_mask = query.to(device), query_mask.to(device)
-    kwargs = dict(do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                  max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  use_cache=True, synced_gpus=synced_gpus)
-    if gen.stop_strings:
-        kwargs.update(stop_strings=gen.stop_strings, tokenizer=tok)
-    out = policy.generate(input_ids=query, attention_mask=query_mask, **kwargs)
-    response = out[:, query.size(1):]
-    if response.size(1) == 0:
-        response = torch.full((query.size(0), 1), tok.pad_token_id, device=device, dtype=torch.long)
-    response, response_mask, _ = core.truncate_after_eos(response, tok.eos_token_id, tok.pad_token_id)
-    return query, query_mask, response, response_mask
-
-
-def _finished(eos_hits: torch.Tensor, texts: list[str], stop_strings: list[str] | None) -> torch.Tensor:
-    """Which responses ended on their own (EOS, or a configured stop string)
-    rather than at max_new_tokens. Shape: eos_hits (b, r) bool -> (b,) bool."""
-    done = eos_hits.any(1)
-    if stop_strings:
-        stopped = torch.tensor([any(t.endswith(s) for s in stop_strings) for t in texts], device=done.device)
-        done = done | stopped
-    return done
-
-
-def decode_responses(tok, response: torch.Tensor, mask: torch.Tensor) -> list[str]:
-    return [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask)]
 
 
 def _chunks(n: int, size: int):
@@ -301,294 +255,57 @@ class _RunningStd:
         self.count, self.mean, self.m2 = s["count"], s["mean"], s["m2"]
 
 
-# ---------------------------------------------------------------- training
+class _SkipCounter:
+    """Steps skipped for non-finite values: the total (logged) and the current
+    run of consecutive ones (which stops training at ``max_consecutive_skips``).
+    Checkpointed, so a resumed run counts on."""
+
+    def __init__(self):
+        self.total, self.consecutive = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.total, self.consecutive = s["total"], s["consecutive"]
 
 
-def _rollout_forward(model: PolicyAndValue, reference: Reference, input_ids, attention_mask, q: int,
-                     cfg: Config):
-    logprobs, ref_logprobs, values = [], [], []
-    inner = model.policy
-    for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
-        lp, v, _ = model(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature)
-        logprobs.append(lp)
-        values.append(v)
-        ref_logprobs.append(reference.logprobs(inner, input_ids[sl], attention_mask[sl], q,
-                                               cfg.generation.temperature))
-    return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
+# ---------------------------------------------------------------- models
 
 
-def _gold_eval(cfg: Config, accelerator, model, reference: Reference, tok, seed: int) -> dict[str, float]:
-    """Held-out check: gold score and response length of the initial and the
-    trained policy, and KL(trained || initial) per sequence.
-
-    Every rank samples its share of the prompts (padded to equal shares, so
-    sharded models see the same number of batches on every rank) from weights
-    gathered once; the means are over all ranks' real prompts.
-    """
-    from accelerate.utils import gather_object
-
-    from rlhf.evaluation.runner import SamplingConfig, sample_and_kl
-
-    prompts = _prompts(cfg.eval.prompts, cfg.data.columns, cfg.eval.max_prompts, "test")
-    share, real = pad_shard(prompts, accelerator.process_index, accelerator.num_processes)
-    gold = CombinedReward([RewardSpec(source=cfg.eval.gold)], device=accelerator.device) if cfg.eval.gold else None
-    sampling = SamplingConfig(max_new_tokens=cfg.generation.max_new_tokens, batch_size=cfg.eval.batch_size)
-    policy = accelerator.unwrap_model(model).policy
-    initial = reference.model if reference.model is not None else _AdaptersOff(policy)
-    # One model's weights gathered at a time: the initial policy's to sample
-    # from it, then the trained policy's; the reference's KL forwards stay
-    # sharded (collective; equal shares keep the ranks in step).
-    with full_weights(initial if reference.model is not None else model, accelerator) as local:
-        before = sample_and_kl(initial, tok, share, sampling, seed, accelerator.device, settings=cfg.generation,
-                               synced_gpus=not local)
-    with full_weights(model, accelerator) as local:
-        after = sample_and_kl(policy, tok, share, sampling, seed, accelerator.device, reference=initial,
-                              settings=cfg.generation, synced_gpus=not local)
-    out = {}
-    for name, samples in (("sft", before), ("ppo", after)):
-        texts = samples.texts[:real]
-        if gold is not None:
-            out[f"gold/{name}"] = float(np.mean(gather_object(gold(share[:real], texts))))
-        out[f"response_length/{name}"] = float(np.mean(gather_object(samples.lengths[:real])))
-    out["kl/ppo"] = float(np.mean(gather_object(after.kl[:real])))
-    return out
+def _disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every model, or log-probs differ between the rollout and
+    the first training pass and the ratio is not 1 (docs/ppo.md). Also the
+    functional attention dropout of Llama-style attention modules, which reads
+    a float attribute rather than an ``nn.Dropout``."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+        config = getattr(m, "config", None)
+        if isinstance(getattr(config, "attention_dropout", None), float):
+            config.attention_dropout = 0.0
 
 
-def train(cfg: Config, ctx) -> Path:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    flags = precision_flags(cfg.precision)
-    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    sharding(accelerator)  # FSDP1 cannot run PPO's local generation: say so before loading anything
-    if accelerator.state.deepspeed_plugin is not None:
-        _deepspeed_config(accelerator, cfg)
-    # seed + rank: each rank samples its own responses (one process: the seed
-    # itself). Models still start identical: presets and new heads seed
-    # themselves, and prepare() broadcasts rank 0's weights.
-    set_seed(ctx.seed, device_specific=True)
-
-    # ---- models
-    policy_cfg = as_model_config(cfg.model)
-    tok = load_tokenizer(policy_cfg)
-    tok.padding_side = "left"
-    policy = load_policy(policy_cfg, tok, ctx.seed)
-    specs = as_specs(cfg.reward)
-    if policy_cfg.lora:
-        reference = Reference(None)  # adapters disabled = the initial policy
+def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, tok, seed: int):
+    if cfg.value_model == "policy_head":
+        return None
+    if cfg.value_model == "reward":
+        # A classifier picked by `label` (e.g. a sentiment model) has its own
+        # tokenizer and heads: it cannot read the policy's tokens.
+        ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
+        # With only function rewards there is no reward model: start from the
+        # policy's trunk with a fresh head.
+        source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(
+            name=policy_cfg.name, gguf_file=policy_cfg.gguf_file, revision=policy_cfg.revision)
     else:
-        ref_model = load_causal_lm(policy_cfg, tok, seed=ctx.seed)
-        _disable_dropout(ref_model)
-        reference = Reference(prepare_frozen(ref_model, accelerator))
-    value = _value_model(cfg, specs, policy_cfg, tok, ctx.seed)
-    model = PolicyAndValue(policy, value)
-    _disable_dropout(model)
-    reward_fn = CombinedReward(specs, device=device, dtype=policy_cfg.dtype)
-    for _, fn, _ in reward_fn.parts:
-        if hasattr(fn, "model"):
-            _disable_dropout(fn.model)
-            fn.model = prepare_frozen(fn.model, accelerator)
-
-    # ---- optimisation: one optimizer for policy + value, LR annealed per optimiser step
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, eps=1e-5)
-    total_updates = cfg.steps * cfg.ppo_epochs * cfg.num_minibatches
-    if cfg.lr_schedule == "linear":
-        schedule = lambda i: max(0.0, 1.0 - i / total_updates)  # noqa: E731
-    else:
-        schedule = lambda i: 1.0  # noqa: E731
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # The scheduler is not passed to prepare(): Accelerate's wrapper steps it
-    # once per process per call, which would anneal N times too fast on N ranks.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
-              else core.FixedKLController(cfg.kl.coef))
-    score_std = _RunningStd()
-    accelerator.register_for_checkpointing(scheduler, kl_ctl, score_std)
-
-    prompts = _prompts(cfg.data.path, cfg.data.columns, cfg.data.max_samples, cfg.data.split)
-    logger = MetricsLogger(ctx.stage_dir, ctx.name, ctx.report_to, enabled=accelerator.is_main_process,
-                           project=ctx.recipe.run.wandb_project)
-
-    # ---- resume
-    ckpt_root = ctx.stage_dir / "checkpoints"
-    start_step = 0
-    done = sorted((int(p.name.split("-")[1]), p) for p in ckpt_root.glob("step-*") if (p / "step.json").exists()) \
-        if ckpt_root.is_dir() else []
-    if done:
-        start_step, path = done[-1]
-        accelerator.load_state(str(path))
-        log.info("ppo: resumed from %s (step %d)", path, start_step)
-        logger.truncate_after(start_step)
-
-    unwrapped = accelerator.unwrap_model(model)
-    mini = cfg.rollout_batch_size // cfg.num_minibatches
-    micro = min(cfg.micro_batch_size, mini)
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="ppo",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
-    for step in bar:
-        t_step = time.time()
-        model.eval()  # no dropout anyway; eval() also keeps generate's caches cheap
-        batch_prompts = _step_prompts(prompts, step, cfg.rollout_batch_size, rank, world, ctx.seed)
-        prompt_texts = [render_prompt(tok, p) for p in batch_prompts]
-
-        # Sharded (FSDP2 / ZeRO-3): gather the policy and value weights once
-        # for the whole rollout instead of once per token (rlhf.sharding).
-        with full_weights(model, accelerator):
-            # 1. generate
-            t0 = time.time()
-            query, query_mask, response, response_mask = generate(unwrapped.policy, tok, prompt_texts,
-                                                                  cfg.generation, device)
-            q = query.size(1)
-            input_ids = torch.cat([query, response], 1)
-            attention_mask = torch.cat([query_mask, response_mask.long()], 1)
-            t_gen = time.time() - t0
-
-            # 2. forward: old log-probs, reference log-probs, values
-            t0 = time.time()
-            with torch.no_grad():
-                logprobs, ref_logprobs, values = _rollout_forward(unwrapped, reference, input_ids,
-                                                                  attention_mask, q, cfg)
-            t_fwd = time.time() - t0
-
-        # 3. score
-        t0 = time.time()
-        texts = decode_responses(tok, response, response_mask)
-        raw_scores = torch.tensor(reward_fn(batch_prompts, texts), dtype=torch.float32, device=device)
-        has_eos = _finished(response == tok.eos_token_id, texts, cfg.generation.stop_strings)
-        scores = raw_scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(has_eos, scores, scores - cfg.missing_eos_penalty)
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        if cfg.normalize_rewards:
-            score_std.update(accelerator.gather(scores).cpu())
-            scores = scores / score_std.std
-        t_score = time.time() - t0
-
-        # 4. rewards: per-token KL penalty, score at the last response token
-        kl = core.kl_penalty(logprobs, ref_logprobs, cfg.kl.estimator) * response_mask
-        rewards, non_score = core.per_token_rewards(scores, kl, kl_ctl.kl_coef, response_mask)
-        if cfg.whiten_rewards:
-            rewards = core.masked_whiten(rewards, response_mask, shift_mean=False)
-
-        # 5. advantages
-        advantages, returns = core.compute_gae(values, rewards, response_mask, cfg.gamma, cfg.lam)
-        advantages = core.masked_whiten(advantages, response_mask)
-
-        # 6. update
-        t0 = time.time()
-        model.train()
-        stats = {k: [] for k in ("pg", "vf", "clip", "vclip", "akl", "ent", "ratio")}
-        first_minibatch = None
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(cfg.rollout_batch_size, device=device)
-            for mb_index, mb in enumerate(_chunks(cfg.rollout_batch_size, mini)):
-                mb_ids = order[mb]
-                optimizer.zero_grad(set_to_none=True)
-                micro_batches = list(_chunks(len(mb_ids), micro))
-                for mc_index, mc in enumerate(micro_batches):
-                    idx = mb_ids[mc]
-                    # DDP: all-reduce gradients once per minibatch, not per micro-batch.
-                    last_micro = mc_index == len(micro_batches) - 1
-                    with contextlib.nullcontext() if last_micro else _no_sync(accelerator, model):
-                        mask = response_mask[idx]
-                        new_lp, new_v, ent = model(input_ids[idx], attention_mask[idx], q,
-                                                   cfg.generation.temperature, with_entropy=True,
-                                                   entropy_grad=cfg.entropy_coef != 0)
-                        pg_loss, pg_stats = core.policy_loss(new_lp, logprobs[idx], advantages[idx], mask,
-                                                             cfg.clip_range)
-                        vf_loss, vclip = core.value_loss(new_v, values[idx], returns[idx], mask,
-                                                         cfg.clip_range_value)
-                        entropy = core.masked_mean(ent, mask)
-                        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
-                        # Micro-batches are equal slices of the minibatch: scaling
-                        # each by its share averages the gradient over the minibatch.
-                        accelerator.backward(loss * len(idx) / len(mb_ids))
-                    for key, val in (("pg", pg_loss), ("vf", vf_loss), ("clip", pg_stats.clipfrac),
-                                     ("vclip", vclip), ("akl", pg_stats.approx_kl), ("ent", entropy),
-                                     ("ratio", pg_stats.ratio_mean)):
-                        stats[key].append(val.detach())
-                    if epoch == 0 and mb_index == 0 and first_minibatch is None:
-                        first_minibatch = (pg_stats.ratio_mean.item(), pg_stats.approx_kl.item(),
-                                           pg_stats.clipfrac.item())
-                if cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-        t_train = time.time() - t0
-
-        # 7. KL controller and logging
-        seq_kl = accelerator.gather((kl * response_mask).sum(1)).mean()
-        kl_coef_used = kl_ctl.kl_coef
-        kl_ctl.update(seq_kl.item(), cfg.rollout_batch_size * world)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            mean = lambda xs: accelerator.reduce(torch.stack(xs).mean(), "mean").item()  # noqa: E731
-            g_scores = accelerator.gather(raw_scores)
-            g_nonscore = accelerator.gather(non_score.sum(1))
-            g_len = accelerator.gather(response_mask.sum(1).float())
-            g_eos = accelerator.gather(has_eos.float())
-            elapsed = time.time() - t_step
-            metrics = {
-                "ppo/policy_loss": mean(stats["pg"]), "ppo/value_loss": mean(stats["vf"]),
-                "ppo/approx_kl": mean(stats["akl"]), "ppo/clipfrac": mean(stats["clip"]),
-                "ppo/value_clipfrac": mean(stats["vclip"]), "ppo/entropy": mean(stats["ent"]),
-                "ppo/ratio": mean(stats["ratio"]),
-                "ppo/first_minibatch_ratio": first_minibatch[0],
-                "ppo/first_minibatch_approx_kl": first_minibatch[1],
-                "ppo/first_minibatch_clipfrac": first_minibatch[2],
-                "objective/kl": seq_kl.item(), "objective/kl_coef": kl_coef_used,
-                "objective/scores": g_scores.mean().item(), "objective/scores_std": g_scores.std().item()
-                if g_scores.numel() > 1 else 0.0,
-                "objective/rlhf_reward": (g_scores + g_nonscore).mean().item(),
-                "objective/non_score_reward": g_nonscore.mean().item(),
-                "rollout/response_length": g_len.mean().item(), "rollout/eos_rate": g_eos.mean().item(),
-                "perf/generation_s": t_gen, "perf/forward_s": t_fwd, "perf/scoring_s": t_score,
-                "perf/training_s": t_train, "perf/step_s": elapsed,
-                "perf/samples_per_s": cfg.rollout_batch_size * world / elapsed,
-                "perf/tokens_per_s": g_len.sum().item() / elapsed,
-                "train/learning_rate": scheduler.get_last_lr()[0],
-                "train/episodes": (step + 1) * cfg.rollout_batch_size * world,
-            }
-            logger.log(metrics, step=step + 1)
-            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
-                            sps=f"{metrics['perf/samples_per_s']:.1f}")
-        if accelerator.is_main_process and ((step + 1) % cfg.sample_every == 0 or step == 0):
-            with (ctx.stage_dir / "samples.jsonl").open("a") as f:
-                for p, r, s in list(zip(prompt_texts, texts, raw_scores.tolist()))[:4]:
-                    f.write(json.dumps({"step": step + 1, "prompt": p, "response": r, "score": s}) + "\n")
-            log.info("step %d sample: %r -> %r (score %.3f)", step + 1, prompt_texts[0], texts[0],
-                     raw_scores[0].item())
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            _save_state(accelerator, ckpt_root, step + 1)
-    bar.close()
-
-    # ---- final: policy checkpoint, held-out gold evaluation, summary
-    model.eval()
-    final = ctx.stage_dir / "final"
-    summary: dict[str, float] = {"train/steps": cfg.steps, "dist/world_size": world,
-                                 "train/episodes": cfg.steps * cfg.rollout_batch_size * world}
-    history = [r for r in read_metrics(logger.path) if "objective/scores" in r]
-    if history:
-        summary["objective/scores_first"] = history[0]["objective/scores"]
-        summary["objective/scores_last"] = history[-1]["objective/scores"]
-        summary["objective/kl_last"] = history[-1]["objective/kl"]
-    if cfg.eval.prompts:
-        held_out = _gold_eval(cfg, accelerator, model, reference, tok, ctx.seed)
-        summary.update(held_out)
-        log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
-                 held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
-                 held_out["kl/ppo"])
-    save_full(accelerator, model, tok, final, lambda: load_policy(policy_cfg, tok, ctx.seed), prefix="policy.")
-    if accelerator.is_main_process:
-        write_summary(ctx.stage_dir, summary)
-        if ckpt_root.exists():
-            shutil.rmtree(ckpt_root)  # finished: the resumable state is no longer needed
-    logger.close()
-    accelerator.wait_for_everyone()
-    return final
+        source = ModelConfig(name=cfg.value_model)
+    source.dtype = policy_cfg.dtype
+    clf = load_sequence_classifier(source, tok, seed=seed)
+    if source.name == policy_cfg.name:
+        torch.nn.init.zeros_(clf.score.weight)
+    return ScalarHeadModel(clf)
 
 
 class _AdaptersOff(torch.nn.Module):
@@ -605,6 +322,584 @@ class _AdaptersOff(torch.nn.Module):
     def generate(self, **kw):
         with self.policy.disable_adapter():
             return self.policy.generate(**kw)
+
+
+@dataclass
+class _Run:
+    """Everything a PPO run holds between steps."""
+
+    cfg: Config
+    ctx: object
+    accelerator: object
+    tok: object
+    policy_cfg: ModelConfig
+    model: object  # PolicyAndValue, prepared (DDP / FSDP / DeepSpeed)
+    reference: Reference
+    reward_fn: CombinedReward
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    kl_ctl: core.KLController
+    score_std: _RunningStd
+    skips: _SkipCounter
+    prompts: list
+    logger: MetricsLogger
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.ctx.stage_dir / "checkpoints"
+
+
+def _setup(cfg: Config, ctx) -> _Run:
+    """Accelerator, models, optimiser and schedule; nothing trained yet."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    flags = precision_flags(cfg.precision)
+    accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no")
+    sharding(accelerator)  # FSDP1 cannot run PPO's local generation: say so before loading anything
+    if accelerator.state.deepspeed_plugin is not None:
+        _deepspeed_config(accelerator, cfg)
+    policy_cfg = as_model_config(cfg.model)
+    tok = load_tokenizer(policy_cfg)
+    tok.padding_side = "left"
+    # Presets and new heads seed their own initialisation without touching
+    # the global RNG, and prepare() broadcasts rank 0's weights.
+    policy = load_policy(policy_cfg, tok, ctx.seed)
+    if policy_cfg.lora:
+        reference = Reference(None)  # adapters disabled = the initial policy
+    else:
+        ref_model = load_causal_lm(policy_cfg, tok, seed=ctx.seed)
+        _disable_dropout(ref_model)
+        reference = Reference(prepare_frozen(ref_model, accelerator))
+    specs = as_specs(cfg.reward)
+    model = PolicyAndValue(policy, _value_model(cfg, specs, policy_cfg, tok, ctx.seed))
+    _disable_dropout(model)
+    reward_fn = CombinedReward(specs, device=accelerator.device, dtype=policy_cfg.dtype)
+    for _, fn, _ in reward_fn.parts:
+        if hasattr(fn, "model"):
+            _disable_dropout(fn.model)
+            fn.model = prepare_frozen(fn.model, accelerator)
+    # One optimizer for policy + value, LR annealed per optimiser step.
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, eps=1e-5)
+    total_updates = cfg.steps * cfg.ppo_epochs * cfg.num_minibatches
+    linear = cfg.lr_schedule == "linear"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: max(0.0, 1.0 - i / total_updates) if linear else 1.0)
+    # The scheduler is not passed to prepare(): Accelerate's wrapper steps it
+    # once per process per call, which would anneal N times too fast on N ranks.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    kl_ctl = (core.AdaptiveKLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon) if cfg.kl.adaptive
+              else core.FixedKLController(cfg.kl.coef))
+    run = _Run(cfg, ctx, accelerator, tok, policy_cfg, model, reference, reward_fn, optimizer, scheduler, kl_ctl,
+               _RunningStd(), _SkipCounter(), _prompts(cfg.data.path, cfg.data.columns, cfg.data.max_samples,
+                                                      cfg.data.split),
+               MetricsLogger(ctx.stage_dir, ctx.name, ctx.report_to, enabled=accelerator.is_main_process,
+                             project=ctx.recipe.run.wandb_project))
+    accelerator.register_for_checkpointing(scheduler, kl_ctl, run.score_std, run.skips)
+    # Sampling seed: (seed, rank), so every rank draws its own responses and
+    # the recipe seed decides them; set after loading, which never re-seeds.
+    seed = cfg.generation.seed if cfg.generation.seed is not None else ctx.seed
+    set_seed(seed, device_specific=True)  # seed + rank
+    return run
+
+
+# ---------------------------------------------------------------- 1-3. rollout
+
+
+@dataclass
+class Rollout:
+    """One step's samples and what the update needs, on this rank.
+
+    Shapes: b = rollout_batch_size, q = prompt width (left-padded), r =
+    response width (right-padded). Per-token tensors are (b, r) and zero
+    outside ``response_mask``.
+    """
+
+    prompt_texts: list[str]  # b rendered prompts
+    texts: list[str]  # b decoded responses
+    input_ids: torch.Tensor  # (b, q + r)
+    attention_mask: torch.Tensor  # (b, q + r)
+    context_length: int  # q
+    response_mask: torch.Tensor  # (b, r) bool
+    finished: torch.Tensor  # (b,) bool: ended by EOS or a stop string
+    logprobs: torch.Tensor  # (b, r) fp32, the policy that sampled
+    ref_logprobs: torch.Tensor  # (b, r) fp32, the reference
+    values: torch.Tensor  # (b, r)
+    raw_scores: torch.Tensor  # (b,) the reward sources' weighted sum
+    scores: torch.Tensor  # (b,) after the missing-EOS penalty, clipping and normalisation
+    timings: dict[str, float]
+    nonfinite: str | None = None  # why this rollout cannot be trained on
+    kl: torch.Tensor | None = None  # (b, r) per-token KL estimate            (set by `advantages`)
+    non_score: torch.Tensor | None = None  # (b, r) -beta * KL
+    rewards: torch.Tensor | None = None  # (b, r) non_score + score at the last token
+    advantages: torch.Tensor | None = None  # (b, r) GAE, whitened
+    returns: torch.Tensor | None = None  # (b, r) advantages + values (before whitening)
+
+
+def rollout(run: _Run, step: int) -> Rollout:
+    """1. generate, 2. forward (old log-probs, reference log-probs, values), 3. score."""
+    cfg, acc = run.cfg, run.accelerator
+    unwrapped = acc.unwrap_model(run.model)
+    prompts = _step_prompts(run.prompts, step, cfg.rollout_batch_size, acc.process_index, acc.num_processes,
+                            run.ctx.seed)
+    prompt_texts = [render_prompt(run.tok, p) for p in prompts]
+    timings = {}
+    # Sharded (FSDP2 / ZeRO-3): the policy and value weights gathered once for
+    # the whole rollout instead of once per token (rlhf.sharding). One
+    # precision context for every log-prob forward (policy, reference,
+    # rollout and update): with identical weights the KL is then exactly 0.
+    with full_weights(run.model, acc), acc.autocast(), torch.no_grad():
+        t0 = time.time()
+        gens = [generate(unwrapped.policy, run.tok, prompt_texts[sl], cfg.generation, acc.device)
+                for sl in _chunks(len(prompt_texts), cfg.generation.batch_size)]
+        gen = gens[0] if len(gens) == 1 else _concat(gens, run.tok.pad_token_id)
+        timings["generation_s"] = time.time() - t0
+        t0 = time.time()
+        input_ids, attention_mask, q = gen.input_ids, gen.attention_mask, gen.query_ids.size(1)
+        logprobs, ref_logprobs, values = [], [], []
+        for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
+            lp, v, _ = unwrapped(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature)
+            logprobs.append(lp)
+            values.append(v)
+            ref_logprobs.append(run.reference.logprobs(unwrapped.policy, input_ids[sl], attention_mask[sl], q,
+                                                       cfg.generation.temperature))
+        timings["forward_s"] = time.time() - t0
+    t0 = time.time()
+    raw, nonfinite = _score(run, step, prompts, gen.texts)
+    scores = raw.clone()
+    if cfg.missing_eos_penalty is not None:
+        scores = torch.where(gen.finished, scores, scores - cfg.missing_eos_penalty)
+    if cfg.reward_clip is not None:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    if cfg.normalize_rewards and nonfinite is None:
+        run.score_std.update(acc.gather(scores).cpu())
+        scores = scores / run.score_std.std
+    timings["scoring_s"] = time.time() - t0
+    return Rollout(prompt_texts, gen.texts, input_ids, attention_mask, q, gen.response_mask, gen.finished,
+                   torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), raw, scores, timings, nonfinite)
+
+
+def _concat(gens: list, pad_id: int):
+    """Generation chunks (each padded to its own widths) as one batch."""
+    from rlhf.sampling import Generated
+
+    q = max(g.query_ids.size(1) for g in gens)
+    r = max(g.response_ids.size(1) for g in gens)
+    left = lambda t, v: torch.nn.functional.pad(t, (q - t.size(1), 0), value=v)  # noqa: E731
+    right = lambda t, v: torch.nn.functional.pad(t, (0, r - t.size(1)), value=v)  # noqa: E731
+    return Generated(torch.cat([left(g.query_ids, pad_id) for g in gens]),
+                     torch.cat([left(g.query_mask, 0) for g in gens]),
+                     torch.cat([right(g.response_ids, pad_id) for g in gens]),
+                     torch.cat([right(g.response_mask, False) for g in gens]),
+                     torch.cat([g.finished for g in gens]), [t for g in gens for t in g.texts])
+
+
+def _score(run: _Run, step: int, prompts: list, texts: list[str]) -> tuple[torch.Tensor, str | None]:
+    """The reward sources' scores (b,), and why they cannot be trained on (a
+    non-finite score on any rank: every rank then skips the step together)."""
+    device = run.accelerator.device
+    problem = None
+    try:
+        raw = torch.tensor(run.reward_fn(prompts, texts), dtype=torch.float32, device=device)
+    except NonFiniteReward as e:
+        problem = f"step {step + 1}: {e}"
+        raw = torch.zeros(len(texts), device=device)
+    bad = run.accelerator.reduce(torch.tensor([float(problem is not None)], device=device), "sum")
+    if problem is None and bad.item() > 0:
+        problem = f"step {step + 1}: another process's reward source returned non-finite scores"
+    return raw, problem
+
+
+# ---------------------------------------------------------------- 4-5. rewards and advantages
+
+
+def advantages(run: _Run, ro: Rollout) -> None:
+    """4. per-token rewards (-beta * KL, the score at the last token), 5. GAE,
+    whitened over valid tokens. Fills ``ro.kl ... ro.returns``."""
+    cfg = run.cfg
+    ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * ro.response_mask
+    ro.rewards, ro.non_score = core.per_token_rewards(ro.scores, ro.kl, run.kl_ctl.kl_coef, ro.response_mask)
+    if cfg.whiten_rewards:
+        ro.rewards = core.masked_whiten(ro.rewards, ro.response_mask, shift_mean=False)
+    adv, ro.returns = core.compute_gae(ro.values, ro.rewards, ro.response_mask, cfg.gamma, cfg.lam)
+    ro.advantages = core.masked_whiten(adv, ro.response_mask)
+
+
+# ---------------------------------------------------------------- 6. update
+
+
+@dataclass
+class UpdateStats:
+    """Per-micro-batch statistics of one step's update (means are taken when logged)."""
+
+    policy_loss: list = field(default_factory=list)
+    value_loss: list = field(default_factory=list)
+    clipfrac: list = field(default_factory=list)
+    value_clipfrac: list = field(default_factory=list)
+    approx_kl: list = field(default_factory=list)
+    entropy: list = field(default_factory=list)
+    ratio: list = field(default_factory=list)
+    first_minibatch: tuple[float, float, float] | None = None  # ratio, approx_kl, clipfrac
+    optimizer_steps: int = 0
+    skipped_updates: int = 0  # optimiser steps skipped for a non-finite loss or gradient norm
+    epochs: int = 0  # epochs run (fewer than ppo_epochs after a target_kl stop)
+    seconds: float = 0.0
+
+
+def update(run: _Run, ro: Rollout) -> UpdateStats:
+    """6. ``ppo_epochs`` passes over the rollout in shuffled minibatches, one
+    optimiser step each; stops early when ``target_kl`` is exceeded."""
+    cfg, acc = run.cfg, run.accelerator
+    t0 = time.time()
+    stats = UpdateStats()
+    run.model.train()
+    mini = cfg.rollout_batch_size // cfg.num_minibatches
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(cfg.rollout_batch_size, device=acc.device)
+        epoch_kl = []
+        for mb in _chunks(cfg.rollout_batch_size, mini):
+            epoch_kl.append(_minibatch_step(run, ro, order[mb], stats))
+        stats.epochs = epoch + 1
+        mean_kl = acc.reduce(torch.stack(epoch_kl).mean(), "mean").item()
+        if cfg.target_kl is not None and mean_kl > cfg.target_kl:
+            log.info("ppo: approx KL %.4f > target_kl %.4f after epoch %d: update stopped", mean_kl,
+                     cfg.target_kl, epoch + 1)
+            break
+    run.model.eval()
+    stats.seconds = time.time() - t0
+    return stats
+
+
+def _minibatch_step(run: _Run, ro: Rollout, idx_mb: torch.Tensor, stats: UpdateStats) -> torch.Tensor:
+    """Gradient of one minibatch over its micro-batches, then one optimiser
+    step unless the loss or the gradient norm is non-finite. Returns the
+    minibatch's approx KL.
+
+    The loss is the token mean over the whole minibatch: each micro-batch's
+    token mean is weighted by its share of the minibatch's tokens, so the
+    gradient does not depend on ``micro_batch_size`` (a memory setting only).
+    """
+    cfg, acc, model = run.cfg, run.accelerator, run.model
+    micro = min(cfg.micro_batch_size, len(idx_mb))
+    tokens = ro.response_mask[idx_mb].sum().clamp(min=1)
+    run.optimizer.zero_grad(set_to_none=True)
+    finite, kls = True, []
+    pieces = list(_chunks(len(idx_mb), micro))
+    for i, mc in enumerate(pieces):
+        idx = idx_mb[mc]
+        mask = ro.response_mask[idx]
+        # DDP: all-reduce gradients once per minibatch, not per micro-batch.
+        with contextlib.nullcontext() if i == len(pieces) - 1 else _no_sync(acc, model):
+            new_lp, new_v, ent = model(ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
+                                       cfg.generation.temperature, with_entropy=True,
+                                       entropy_grad=cfg.entropy_coef != 0)
+            pg_loss, pg = core.policy_loss(new_lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.clip_range)
+            vf_loss, vclip = core.value_loss(new_v, ro.values[idx], ro.returns[idx], mask, cfg.clip_range_value)
+            entropy = core.masked_mean(ent, mask)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+            finite = finite and bool(torch.isfinite(loss))
+            acc.backward(loss * mask.sum() / tokens)
+        for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", pg.clipfrac),
+                            ("value_clipfrac", vclip), ("approx_kl", pg.approx_kl), ("entropy", entropy),
+                            ("ratio", pg.ratio_mean)):
+            getattr(stats, name).append(value.detach())
+        kls.append(pg.approx_kl.detach())
+        if stats.first_minibatch is None:
+            stats.first_minibatch = (pg.ratio_mean.item(), pg.approx_kl.item(), pg.clipfrac.item())
+    # max_grad_norm 0: no clipping, but the norm is still measured (inf never clips).
+    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    # DeepSpeed clips (and skips overflowing steps) inside its engine and returns no norm here.
+    finite = finite and (grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm))))
+    # Every rank decides alike: a NaN gradient is in every rank's after the
+    # all-reduce, but a non-finite local loss must be shared explicitly.
+    ok = acc.reduce(torch.tensor([float(finite)], device=acc.device), "sum").item() == acc.num_processes
+    if ok:
+        run.optimizer.step()
+        stats.optimizer_steps += 1
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        stats.skipped_updates += 1
+        log.warning("ppo: non-finite loss or gradient norm (%s): optimiser step skipped",
+                    grad_norm if grad_norm is not None else "?")
+    run.scheduler.step()  # the schedule follows the planned optimiser steps, taken or skipped
+    return torch.stack(kls).mean()
+
+
+# ---------------------------------------------------------------- 7. log
+
+
+def log_step(run: _Run, step: int, ro: Rollout, stats: UpdateStats | None, seq_kl: float, kl_coef: float,
+             t_step: float) -> dict:
+    """7. one flat metrics row (docs/ppo.md lists each), to metrics.jsonl and the trackers."""
+    cfg, acc = run.cfg, run.accelerator
+    world = acc.num_processes
+    mean = lambda xs: acc.reduce(torch.stack(xs).mean(), "mean").item() if xs else float("nan")  # noqa: E731
+    g_raw, g_scores = acc.gather(ro.raw_scores), acc.gather(ro.scores)
+    g_non_score = acc.gather(ro.non_score.sum(1))
+    g_len = acc.gather(ro.response_mask.sum(1).float())
+    elapsed = time.time() - t_step
+    metrics = {}
+    if stats is not None and stats.policy_loss:
+        # Per rank (response widths differ between ranks), averaged.
+        explained = core.explained_variance(ro.values, ro.returns, ro.response_mask).to(acc.device)
+        metrics.update({
+            "ppo/policy_loss": mean(stats.policy_loss), "ppo/value_loss": mean(stats.value_loss),
+            "ppo/approx_kl": mean(stats.approx_kl), "ppo/clipfrac": mean(stats.clipfrac),
+            "ppo/value_clipfrac": mean(stats.value_clipfrac), "ppo/entropy": mean(stats.entropy),
+            "ppo/ratio": mean(stats.ratio),
+            "ppo/first_minibatch_ratio": stats.first_minibatch[0],
+            "ppo/first_minibatch_approx_kl": stats.first_minibatch[1],
+            "ppo/first_minibatch_clipfrac": stats.first_minibatch[2],
+            "ppo/explained_variance": acc.reduce(explained, "mean").item(),
+            "ppo/epochs": stats.epochs, "ppo/skipped_updates": stats.skipped_updates,
+            "perf/training_s": stats.seconds})
+    metrics.update({
+        "ppo/skipped_steps": run.skips.total,
+        "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
+        "objective/scores": g_raw.mean().item(),
+        "objective/scores_std": g_raw.std().item() if g_raw.numel() > 1 else 0.0,
+        # The reward PPO maximises: scores after the missing-EOS penalty, clipping
+        # and normalisation, plus the KL penalty.
+        "objective/rlhf_reward": (g_scores + g_non_score).mean().item(),
+        "objective/non_score_reward": g_non_score.mean().item(),
+        "rollout/response_length": g_len.mean().item(),
+        "rollout/eos_rate": acc.gather(ro.finished.float()).mean().item(),
+        **{f"perf/{k}": v for k, v in ro.timings.items()}, "perf/step_s": elapsed,
+        "perf/samples_per_s": cfg.rollout_batch_size * world / elapsed,
+        "perf/tokens_per_s": g_len.sum().item() / elapsed,
+        "train/learning_rate": run.scheduler.get_last_lr()[0],
+        "train/episodes": (step + 1) * cfg.rollout_batch_size * world,
+    })
+    run.logger.log(metrics, step=step + 1)
+    return metrics
+
+
+def _write_samples(run: _Run, step: int, ro: Rollout) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    with (run.ctx.stage_dir / "samples.jsonl").open("a") as f:
+        for p, r, s in list(zip(ro.prompt_texts, ro.texts, ro.raw_scores.tolist()))[:4]:
+            f.write(json.dumps({"step": step + 1, "prompt": p, "response": r, "score": s}) + "\n")
+    log.info("step %d sample: %r -> %r (score %.3f)", step + 1, ro.prompt_texts[0], ro.texts[0],
+             ro.raw_scores[0].item())
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, ctx) -> Path:
+    """The numbered steps of the module docstring, ``cfg.steps`` times."""
+    run = _setup(cfg, ctx)
+    start = _resume(run)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="ppo",
+               disable=not run.accelerator.is_main_process, dynamic_ncols=True)
+    with _InterruptSaver(run) as interrupt:
+        for step in bar:
+            t_step = time.time()
+            ro = rollout(run, step)  # 1-3
+            advantages(run, ro)  # 4-5
+            stats = None
+            if ro.nonfinite is None:
+                stats = update(run, ro)  # 6
+            _count_skips(run, ro, stats)
+            seq_kl = run.accelerator.gather((ro.kl * ro.response_mask).sum(1)).mean().item()
+            kl_coef = run.kl_ctl.kl_coef
+            if ro.nonfinite is None:
+                run.kl_ctl.update(seq_kl, cfg.rollout_batch_size * run.accelerator.num_processes)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or ro.nonfinite:
+                m = log_step(run, step, ro, stats, seq_kl, kl_coef, t_step)  # 7
+                bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.2f}",
+                                sps=f"{m['perf/samples_per_s']:.1f}")
+            if (step + 1) % cfg.sample_every == 0 or step == 0:
+                _write_samples(run, step, ro)
+            if interrupt.requested() or (cfg.save_every and (step + 1) % cfg.save_every == 0
+                                         and step + 1 < cfg.steps):
+                _save_state(run, step + 1)
+            interrupt.stop_if_requested(step + 1)
+    bar.close()
+    return _finish(run)
+
+
+def _count_skips(run: _Run, ro: Rollout, stats: UpdateStats | None) -> None:
+    """A step with non-finite scores, or whose every optimiser step was
+    skipped, is a skipped step; too many in a row stop the run (exit 1)."""
+    skipped = ro.nonfinite is not None or (stats is not None and stats.optimizer_steps == 0)
+    if not skipped:
+        run.skips.consecutive = 0
+        return
+    run.skips.total += 1
+    run.skips.consecutive += 1
+    why = ro.nonfinite or "every optimiser step had a non-finite loss or gradient norm"
+    log.warning("ppo: %s; step skipped (%d in a row, %d in all)", why, run.skips.consecutive, run.skips.total)
+    if run.skips.consecutive >= run.cfg.max_consecutive_skips:
+        raise RunFailed(f"ppo stopped: {run.skips.consecutive} consecutive steps skipped for non-finite values "
+                        f"(max_consecutive_skips={run.cfg.max_consecutive_skips}); last: {why}. The last good "
+                        f"checkpoint (if any) is in {run.ckpt_root}")
+
+
+# ---------------------------------------------------------------- the end: final/, held-out gold, summary
+
+
+def _finish(run: _Run) -> Path:
+    cfg, ctx, acc = run.cfg, run.ctx, run.accelerator
+    run.model.eval()
+    final = ctx.stage_dir / "final"
+    world = acc.num_processes
+    summary: dict[str, float] = {"train/steps": cfg.steps, "dist/world_size": world,
+                                 "train/episodes": cfg.steps * cfg.rollout_batch_size * world,
+                                 "ppo/skipped_steps": run.skips.total}
+    history = [r for r in read_metrics(run.logger.path) if "objective/scores" in r]
+    if history:
+        summary["objective/scores_first"] = history[0]["objective/scores"]
+        summary["objective/scores_last"] = history[-1]["objective/scores"]
+        summary["objective/kl_last"] = history[-1]["objective/kl"]
+    if cfg.eval.prompts:
+        held_out = _gold_eval(run)
+        summary.update(held_out)
+        log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
+                 held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
+                 held_out["kl/ppo"])
+    _require_finite(run, "final/")
+    save_full(acc, run.model, run.tok, final, lambda: load_policy(run.policy_cfg, run.tok, ctx.seed),
+              prefix="policy.")
+    if acc.is_main_process:
+        write_summary(ctx.stage_dir, summary)
+        if run.ckpt_root.exists():
+            shutil.rmtree(run.ckpt_root)  # finished: the resumable state is no longer needed
+    run.logger.close()
+    acc.wait_for_everyone()
+    return final
+
+
+def _gold_eval(run: _Run) -> dict[str, float]:
+    """Held-out check: gold score and response length of the initial and the
+    trained policy, and KL(trained || initial) per sequence.
+
+    Every rank samples its share of the prompts (padded to equal shares, so
+    sharded models see the same number of batches on every rank) from weights
+    gathered once; the means are over all ranks' real prompts.
+    """
+    from accelerate.utils import gather_object
+
+    cfg, acc = run.cfg, run.accelerator
+    prompts = _prompts(cfg.eval.prompts, cfg.data.columns, cfg.eval.max_prompts, "test")
+    share, real = pad_shard(prompts, acc.process_index, acc.num_processes)
+    texts = [render_prompt(run.tok, p) for p in share]
+    gold = CombinedReward([RewardSpec(source=cfg.eval.gold)], device=acc.device) if cfg.eval.gold else None
+    sampling = dataclasses.replace(cfg.generation, batch_size=cfg.eval.batch_size, samples_per_prompt=1)
+    seed = cfg.generation.seed if cfg.generation.seed is not None else run.ctx.seed
+    policy = acc.unwrap_model(run.model).policy
+    reference = run.reference
+    initial = reference.model if reference.model is not None else _AdaptersOff(policy)
+    # One model's weights gathered at a time: the initial policy's to sample
+    # from it, then the trained policy's; the reference's KL forwards stay
+    # sharded (collective; equal shares keep the ranks in step).
+    with full_weights(initial if reference.model is not None else run.model, acc) as local, acc.autocast():
+        before = sample(initial, run.tok, texts, sampling, seed, acc.device, synced_gpus=not local)
+    with full_weights(run.model, acc) as local, acc.autocast():
+        after = sample(policy, run.tok, texts, sampling, seed, acc.device, reference=initial,
+                       synced_gpus=not local)
+    out = {}
+    for name, samples in (("sft", before), ("ppo", after)):
+        if gold is not None:
+            out[f"gold/{name}"] = float(np.mean(gather_object(gold(share[:real], samples.texts[:real]))))
+        out[f"response_length/{name}"] = float(np.mean(gather_object(samples.lengths[:real])))
+    out["kl/ppo"] = float(np.mean(gather_object(after.kl[:real])))
+    return out
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _resume(run: _Run) -> int:
+    """Load the newest complete checkpoint; cut metrics.jsonl and samples.jsonl
+    back to its step (to nothing without one), so a resumed run appends
+    exactly the rows an uninterrupted run would have. Returns the step."""
+    start, path = 0, None
+    if run.ckpt_root.is_dir():
+        done = sorted((int(p.name.split("-")[1]), p) for p in run.ckpt_root.glob("step-*")
+                      if (p / "step.json").exists())
+        if done:
+            start, path = done[-1]
+            run.accelerator.load_state(str(path))
+            log.info("ppo: resumed from %s (step %d)", path, start)
+    if run.accelerator.is_main_process:
+        run.logger.truncate_after(start)
+        truncate_jsonl(run.ctx.stage_dir / "samples.jsonl", start)
+    run.accelerator.wait_for_everyone()
+    return start
+
+
+def _require_finite(run: _Run, what: str) -> None:
+    """Refuse to write ``what`` from non-finite weights (the last good checkpoint stays)."""
+    bad = [n for n, p in run.accelerator.unwrap_model(run.model).named_parameters()
+           if not torch.isfinite(p.detach()).all()]
+    flag = run.accelerator.reduce(torch.tensor([float(bool(bad))], device=run.accelerator.device), "sum")
+    if flag.item() > 0:
+        raise RunFailed(f"ppo: not writing {what}: non-finite weights ({', '.join(bad[:3]) or 'on another rank'}"
+                        f"{' ...' if len(bad) > 3 else ''}); the last good checkpoint (if any) is kept in "
+                        f"{run.ckpt_root}")
+
+
+def _save_state(run: _Run, step: int) -> None:
+    """Checkpoint everything a resume needs: written to a temp dir, then
+    renamed; the previous checkpoint is deleted only after the new one is
+    complete, and none is written from non-finite weights."""
+    _require_finite(run, f"the step-{step} checkpoint")
+    acc, root = run.accelerator, run.ckpt_root
+    path, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
+    acc.save_state(str(tmp))
+    # save_state returns on each rank when its own files are written (every
+    # rank writes its RNG state): renaming before all are done races them.
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        (tmp / "step.json").write_text(json.dumps({"step": step}))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        for old in root.glob("step-*"):  # keep only the newest
+            if old != path:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+
+
+class _InterruptSaver:
+    """Ctrl-C / SIGTERM: finish the current step, save a checkpoint, exit 130.
+
+    The first signal is noted (every rank agrees at the end of the step); a
+    second one interrupts at once, as usual, losing only the current step.
+    """
+
+    def __init__(self, run: _Run):
+        self.run, self.flag, self.previous = run, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+        log.warning("ppo: interrupted: saving a checkpoint after this step (interrupt again to stop now)")
+
+    def requested(self) -> bool:
+        acc = self.run.accelerator
+        self.flag = acc.reduce(torch.tensor([float(self.flag)], device=acc.device), "sum").item() > 0
+        return self.flag
+
+    def stop_if_requested(self, step: int) -> None:
+        if self.flag:
+            log.warning("ppo: checkpoint saved at step %d", step)
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _deepspeed_config(accelerator, cfg: Config) -> None:
@@ -634,29 +929,10 @@ def _no_sync(accelerator, model):
     # DeepSpeed: accelerator.no_sync is a no-op under ZeRO-2/3 and
     # accelerator.backward runs engine.step() (clip + optimiser step) after
     # every backward unless sync_gradients is False; it then marks the
-    # micro-batch as not an accumulation boundary. No public setter (accelerate 1.15).
+    # micro-batch as not an accumulation boundary. Accelerate (1.15) has no
+    # public setter for it: GradientState.sync_gradients is read-only.
     accelerator.gradient_state._set_sync_gradients(False)
     try:
         yield
     finally:
         accelerator.gradient_state._set_sync_gradients(True)
-
-
-def _save_state(accelerator, root: Path, step: int) -> None:
-    """Checkpoint everything a resume needs; written to a temp dir, then renamed,
-    so a crash mid-save leaves the previous checkpoint intact."""
-    path = root / f"step-{step}"
-    tmp = root / f".tmp-step-{step}"
-    accelerator.save_state(str(tmp))
-    # save_state returns on each rank when its own files are written (every
-    # rank writes its RNG state): renaming before all are done races them.
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "step.json").write_text(json.dumps({"step": step}))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-        for old in root.glob("step-*"):  # keep only the newest
-            if old != path:
-                shutil.rmtree(old)
-    accelerator.wait_for_everyone()

@@ -1,5 +1,7 @@
-"""Test and benchmark helpers: a server subprocess, a throwaway PostgreSQL,
-and simulated labelers.
+"""Labeling test and benchmark helpers: a server subprocess, a throwaway
+PostgreSQL, and simulated labelers (used by tests/ and
+benchmarks/labeling_throughput.py; kept out of the package: they start
+servers and need the dev-only httpx).
 
 Everything here talks to 127.0.0.1 only, and every loop is bounded by a
 label count and a deadline, so a load run always stops by itself.
