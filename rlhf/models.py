@@ -289,7 +289,7 @@ def load_tokenizer(cfg: ModelConfig, require_eos: bool = True) -> PreTrainedToke
     return tok
 
 
-def _preset_config(name: str, tok: PreTrainedTokenizerBase, **extra) -> GPT2Config:
+def preset_config(name: str, tok: PreTrainedTokenizerBase, **extra) -> GPT2Config:
     return GPT2Config(
         vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -323,7 +323,7 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
     """A causal LM from a preset (random init, seeded), a local dir or the hub."""
     if is_preset(cfg.name):
         with _seeded(cfg.seed if cfg.seed is not None else seed):
-            model = GPT2LMHeadModel(_preset_config(cfg.name, tok))
+            model = GPT2LMHeadModel(preset_config(cfg.name, tok))
     else:
         name = check_model(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
@@ -345,7 +345,7 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
     """
     if is_preset(cfg.name):
         with _seeded(cfg.seed if cfg.seed is not None else seed):
-            model = GPT2ForSequenceClassification(_preset_config(cfg.name, tok, num_labels=num_labels or 1))
+            model = GPT2ForSequenceClassification(preset_config(cfg.name, tok, num_labels=num_labels or 1))
     else:
         name = check_model(cfg)
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),

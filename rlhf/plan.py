@@ -108,10 +108,10 @@ def _hf_config(model):
     """The model's transformers config without weights, or BadInput."""
     from transformers import AutoConfig
 
-    from rlhf.models import _preset_config, is_preset, load_config, load_tokenizer
+    from rlhf.models import preset_config, is_preset, load_config, load_tokenizer
 
     if is_preset(model.name):
-        return _preset_config(model.name, load_tokenizer(model))
+        return preset_config(model.name, load_tokenizer(model))
     config = load_config(model)
     if config is None and model.name in KNOWN_SHAPES:
         shape = dict(KNOWN_SHAPES[model.name])
@@ -381,11 +381,11 @@ def _count(n: int) -> str:
 
 
 def plan(recipe, gpus: int, prompt_tokens: int = 512) -> list[StagePlan]:
-    from rlhf.recipe import _context
+    from rlhf.recipe import stage_context
 
     if gpus < 1:
         raise BadInput(f"--gpus: expected >= 1, got {gpus}")
-    return [plan_stage(stage, _context(recipe, stage), gpus, prompt_tokens) for stage in recipe.stages]
+    return [plan_stage(stage, stage_context(recipe, stage), gpus, prompt_tokens) for stage in recipe.stages]
 
 
 def render(plans: list[StagePlan], gpus: int, gpu_memory: float) -> str:

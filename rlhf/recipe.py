@@ -270,7 +270,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         s.name: {"type": s.type, **to_dict(s.config)} for s in stages}})
 
 
-def _context(recipe: Recipe, stage: Stage, is_main: bool = True) -> StageContext:
+def stage_context(recipe: Recipe, stage: Stage, is_main: bool = True) -> StageContext:
     return StageContext(recipe=recipe, name=stage.name, stage_dir=recipe.stage_dir(stage.name),
                         seed=recipe.run.seed, report_to=list(recipe.run.report_to), is_main=is_main)
 
@@ -281,7 +281,7 @@ def validate(recipe: Recipe) -> None:
     load_plugins()
     for stage in recipe.stages:
         module = importlib.import_module(STAGE_MODULES[stage.type])
-        module.validate(stage.config, _context(recipe, stage))
+        module.validate(stage.config, stage_context(recipe, stage))
 
 
 # ---------------------------------------------------------------- threads
@@ -459,7 +459,7 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
             + yaml.safe_dump(recipe.resolved, sort_keys=False))
     results: dict[str, Path] = {}
     for stage in recipe.stages:
-        ctx = _context(recipe, stage, state.is_main_process)
+        ctx = stage_context(recipe, stage, state.is_main_process)
         final = ctx.stage_dir / "final"
         if stage.name not in todo:
             if final.exists():
