@@ -132,11 +132,9 @@ def end_responses(tok, response_ids: torch.Tensor, stop_strings: list[str] | Non
         return ids, mask, finished
     for i in range(ids.size(0)):
         length = _stop_length(tok, ids[i][mask[i]].tolist(), stop_strings)
-        if length is not None and length < int(mask[i].sum()) + (0 if finished[i] else 1):
+        if length is not None:  # length <= the row's tokens: cutting there is a no-op when equal
             mask[i, length:] = False
             ids[i, length:] = tok.pad_token_id
-            finished[i] = True
-        elif length is not None:
             finished[i] = True
     return ids, mask, finished
 

@@ -52,7 +52,7 @@ from rlhf.models import (ModelConfig, as_model_config, context_length, load_caus
 from rlhf.ppo import core
 from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
 from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source, is_function
-from rlhf.sampling import SamplingConfig, generate, sample
+from rlhf.sampling import Generated, SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
 from rlhf.tracking import MetricsLogger, read_metrics, truncate_jsonl, write_summary
 from rlhf.training import precision_flags
@@ -482,8 +482,6 @@ def rollout(run: _Run, step: int) -> Rollout:
 
 def _concat(gens: list, pad_id: int):
     """Generation chunks (each padded to its own widths) as one batch."""
-    from rlhf.sampling import Generated
-
     q = max(g.query_ids.size(1) for g in gens)
     r = max(g.response_ids.size(1) for g in gens)
     left = lambda t, v: torch.nn.functional.pad(t, (q - t.size(1), 0), value=v)  # noqa: E731
