@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 
-from rlhf.errors import BadInput, RunFailed
+from rlhf.errors import BadInput, Paused, RunFailed
 
 # Subcommands that live beside their feature: each module has add_parser(sub) and run(args).
 SUBCOMMANDS = {"label": "rlhf.labeling.cli", "eval": "rlhf.evaluation.cli", "plan": "rlhf.plan"}
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print a stage type's config keys, defaults and docs",
                        epilog=EPILOG_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("stage_type", help="sft, reward, ppo or eval")
+    s.add_argument("stage_type", help="sft, reward, ppo, eval, collect, rounds, ...")
     for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return p
@@ -105,9 +105,9 @@ def _run(args) -> int:
         return importlib.import_module(SUBCOMMANDS[args.command]).run(args)
 
     if args.command == "schema":
-        if args.stage_type not in recipe_mod.STAGE_MODULES:
+        if args.stage_type not in (*recipe_mod.STAGE_MODULES, "rounds"):
             raise BadInput(f"unknown stage type {args.stage_type!r} (expected one of: "
-                           f"{', '.join(recipe_mod.STAGE_MODULES)})")
+                           f"{', '.join(recipe_mod.STAGE_MODULES)}, rounds)")
         print(recipe_mod.describe_stage(args.stage_type))
         return 0
     recipe = recipe_mod.load_recipe(args.recipe, args.overrides)
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except Paused as e:
+        print(" ".join(str(e).split()))
+        return 0
     except KeyboardInterrupt:
         # PPO saves a checkpoint on the first Ctrl-C; SFT and reward resume from
         # their last save_steps checkpoint.

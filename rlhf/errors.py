@@ -13,3 +13,9 @@ class RunFailed(Exception):
     """A run cannot go on for a reason the user should read, not a bug (e.g.
     training diverged: too many steps skipped for non-finite values). The CLI
     prints the one-line message without a traceback and exits with code 1."""
+
+
+class Paused(Exception):
+    """A run stopped on purpose to wait for something outside it (e.g. a
+    round's labels from people, with ``wait: false``). The CLI prints the
+    one-line status and exits 0; the same ``rlhf run`` continues later."""

@@ -58,6 +58,9 @@ STAGE_MODULES = {
     "reward": "rlhf.reward_model",
     "ppo": "rlhf.ppo.trainer",
     "eval": "rlhf.evaluation",
+    # Human-feedback rounds (type: rounds expands in place; docs/rounds.md).
+    "collect": "rlhf.collect",
+    "rounds_report": "rlhf.rounds_report",
     # Baselines (docs/baselines.md): the other generative architectures.
     "rnn_lm": "rlhf.baselines.rnn",
     "gan": "rlhf.baselines.gan",
@@ -97,10 +100,117 @@ class RunConfig:
 
 
 @dataclass
+class RoundsConfig:
+    """``type: rounds``: a block of stages run ``count`` times, in place.
+
+    Round k's stage ``s`` is the stage ``round-<k>/s``, writing
+    ``<output_dir>/round-<k>/s/``. Inside the block, ``${previous.s}`` is
+    round k-1's ``<output_dir>/round-<k-1>/s/final`` (in round 1: ``first.s``),
+    ``${round}`` is k and ``${round_dir}`` is ``<output_dir>/round-<k>``.
+    """
+
+    count: int = opt(1, "how many rounds; --only round-2/ppo picks one stage of one round")
+    first: dict[str, str | None] = opt({}, "what ${previous.<stage>} means in round 1, e.g. "
+                                           "{ppo: ${output_dir}/sft/final, reward: null}")
+    stages: dict[str, Any] = opt({}, "the stages of one round, written as under `stages:`")
+
+
+ROUND_NAME = re.compile(r"^round-(\d+)/")
+_PREVIOUS = re.compile(r"\$\{previous\.([^}]*)\}")
+_ROUND_VAR = re.compile(r"\$\{(round|round_dir)\}")
+
+
+def _round_value(value: Any, k: int, block: dict, key: str, where) -> Any:
+    """One value of round k's copy of the block, with ``${previous.s}``,
+    ``${round}`` and ``${round_dir}`` replaced (``${output_dir}`` is left to
+    OmegaConf)."""
+    if isinstance(value, dict):
+        return {n: _round_value(v, k, block, f"{key}.{n}", where) for n, v in value.items()}
+    if isinstance(value, list):
+        return [_round_value(v, k, block, f"{key}.{i}", where) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def previous(name: str, whole: bool) -> Any:
+        if name not in block["stages"]:
+            raise BadInput(f"{where(key)}${{previous.{name}}}: no stage {name!r} in the rounds block "
+                           f"(it has: {', '.join(block['stages'])})")
+        if k > 1:
+            return f"${{output_dir}}/round-{k - 1}/{name}/final"
+        if name not in block["first"]:
+            raise BadInput(f"{where(key)}${{previous.{name}}} in round 1: set what it means there with "
+                           f"first: {{{name}: <path or null>}} in the rounds block")
+        found = block["first"][name]
+        if found is None and not whole:
+            raise BadInput(f"{where(key)}${{previous.{name}}} in round 1 is null (first.{name}), "
+                           "which cannot be part of a longer string")
+        return found
+
+    whole = _PREVIOUS.fullmatch(value)
+    if whole:
+        return previous(whole.group(1), True)
+    if value == "${round}":
+        return k
+    value = _PREVIOUS.sub(lambda m: str(previous(m.group(1), False)), value)
+    return _ROUND_VAR.sub(lambda m: str(k) if m.group(1) == "round" else f"${{output_dir}}/round-{k}", value)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def expand_rounds(stages: dict, where) -> tuple[dict, dict[str, str]]:
+    """Replace each ``type: rounds`` entry of a recipe's raw ``stages`` with
+    its rounds' stages, in place and in order. Returns the new mapping and
+    expanded stage key -> the key it was written under (for messages).
+
+    An override naming an expanded stage (``stages.round-2/ppo.steps=5``)
+    arrives as an entry of its own and is merged onto that stage."""
+    overlays = {n: b for n, b in stages.items() if ROUND_NAME.match(str(n)) and isinstance(b, dict)}
+    out: dict = {}
+    aliases: dict[str, str] = {}
+    for name, body in stages.items():
+        if name in overlays:
+            continue
+        if not (isinstance(body, dict) and body.get("type") == "rounds"):
+            out[name] = body
+            continue
+        key = f"stages.{name}"
+        block = build(RoundsConfig, {k: v for k, v in body.items() if k != "type"}, key, where)
+        if block.count < 1:
+            raise BadInput(f"{where(key + '.count')}key '{key}.count': expected >= 1, got {block.count}")
+        if not block.stages or not all(isinstance(b, dict) for b in block.stages.values()):
+            raise BadInput(f"{where(key + '.stages')}key '{key}.stages': expected a non-empty mapping of "
+                           "stage name -> config")
+        for s in block.first:
+            if s not in block.stages:
+                raise BadInput(f"{where(key + '.first.' + s)}key '{key}.first.{s}': no stage {s!r} in the "
+                               f"rounds block (it has: {', '.join(block.stages)})")
+        spec = {"stages": block.stages, "first": block.first}
+        for k in range(1, block.count + 1):
+            for sname, sbody in block.stages.items():
+                full = f"round-{k}/{sname}"
+                aliases[f"stages.{full}"] = f"{key}.stages.{sname}"
+                out[full] = _round_value(sbody, k, spec, f"stages.{full}", where)
+    for name, body in overlays.items():
+        out[name] = _merge(out[name], body) if name in out else body
+    return out, aliases
+
+
+@dataclass
 class Stage:
     name: str
     type: str
     config: Any
+
+    @property
+    def round(self) -> int | None:
+        """k for a stage of a rounds block (``round-<k>/<name>``), else None."""
+        m = ROUND_NAME.match(self.name)
+        return int(m.group(1)) if m else None
 
 
 @dataclass
@@ -126,10 +236,16 @@ class StageContext:
     is_main: bool = True
 
     def produces(self, path: str) -> bool:
-        """Whether ``path`` is the ``final/`` of one of this recipe's stages,
-        which validation (before anything runs) must accept as a source."""
-        finals = {(self.recipe.stage_dir(s.name) / "final").resolve() for s in self.recipe.stages}
-        return Path(path).resolve() in finals
+        """Whether ``path`` is (inside) the ``final/`` of one of this recipe's
+        stages, which validation (before anything runs) must accept as a
+        source."""
+        return any(_under(path, (self.recipe.stage_dir(s.name) / "final").resolve()) for s in self.recipe.stages)
+
+    @property
+    def round(self) -> int | None:
+        """k when this stage belongs to round k of a rounds block."""
+        m = ROUND_NAME.match(self.name)
+        return int(m.group(1)) if m else None
 
     def loadable(self, model):
         """The ModelConfig to read tokenizer and shapes from before training.
@@ -225,8 +341,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
         keys, value = _parse_override(item)
         _set(raw, keys, value)
         overridden.add(".".join(keys))
+    aliases: dict[str, str] = {}
 
     def where(key: str) -> str:
+        for alias, orig in aliases.items():  # a stage of a rounds block: where the block wrote it
+            if (key == alias or key.startswith(alias + ".")) and not any(
+                    key == item or key.startswith(item + ".") for item in overridden):
+                key = orig + key[len(alias):]
+                break
         for item in overridden:  # an override set this key or a mapping around it
             if key == item or key.startswith(item + "."):
                 return f"override {item}: "
@@ -240,6 +362,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
             probe = probe.rpartition(".")[0]
         return f"{path}: "
 
+    if isinstance(raw.get("stages"), dict):
+        in_file = [n for n in file_stages if not (isinstance(raw["stages"].get(n), dict)
+                                                  and raw["stages"][n].get("type") == "rounds")]
+        raw["stages"], found = expand_rounds(raw["stages"], where)
+        aliases.update(found)
+        file_stages = in_file + [n for n in raw["stages"] if f"stages.{n}" in aliases]
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
     except OmegaConfBaseException as e:
@@ -500,5 +628,7 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
 def describe_stage(stype: str) -> str:
     from rlhf.config import describe
 
+    if stype == "rounds":
+        return (RoundsConfig.__doc__ or "") + "\n" + describe(RoundsConfig)
     module = importlib.import_module(STAGE_MODULES[stype])
     return describe(module.Config)

@@ -71,7 +71,9 @@ def _pairs(cfg: Config, seed: int):
 
 def validate(cfg: Config, ctx) -> None:
     source = ctx.loadable(cfg.model)
-    train_rows, held_rows, _ = _pairs(cfg, ctx.seed)
+    paths = [cfg.data.path] + ([cfg.data.eval_path] if cfg.data.eval_path else [])
+    if not any(ctx.produces(p) and not Path(p).exists() for p in paths):
+        _pairs(cfg, ctx.seed)  # an earlier stage of this recipe writes them: read when it has
     limit = context_length(source)
     if limit is not None and cfg.max_length > limit:
         raise BadInput(f"stages.{ctx.name}.max_length: {cfg.max_length} exceeds the model's context of {limit}")

@@ -12,7 +12,8 @@ Layers, low to high (a module may import its own layer's modules or lower ones):
   0  rlhf.errors, rlhf.config, rlhf.tracking, rlhf.threads
   1  rlhf.models, rlhf.data, rlhf.sharding, rlhf.training
   2  rlhf.sampling, rlhf.rewards, rlhf.gold, rlhf.ppo (package), rlhf.ppo.core, rlhf.ppo.policy
-  3  stages: rlhf.sft, rlhf.reward_model, rlhf.dpo, rlhf.ppo.trainer, rlhf.baselines.*;
+  3  stages: rlhf.sft, rlhf.reward_model, rlhf.dpo, rlhf.ppo.trainer, rlhf.baselines.*,
+     rlhf.collect, rlhf.rounds_report;
      rlhf.evaluation.*, rlhf.labeling.*
   4  rlhf.recipe, rlhf.plan, rlhf.cli, rlhf.__main__
 
@@ -36,12 +37,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads"),
     ("rlhf.models", "rlhf.data", "rlhf.sharding", "rlhf.training"),
     ("rlhf.sampling", "rlhf.rewards", "rlhf.gold", "rlhf.ppo", "rlhf.ppo.core", "rlhf.ppo.policy"),
-    ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer",
+    ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer", "rlhf.collect", "rlhf.rounds_report",
      "rlhf.evaluation", "rlhf.labeling", "rlhf.baselines"),
     ("rlhf.recipe", "rlhf.plan", "rlhf.cli", "rlhf.__main__"),
 ]
 # Stage modules (or packages of them): none imports another group's code.
-STAGES = ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer", "rlhf.baselines")
+STAGES = ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer", "rlhf.baselines", "rlhf.collect",
+          "rlhf.rounds_report")
 # Pairs of groups that must not import each other in either direction.
 APART = [("rlhf.evaluation", "rlhf.ppo.trainer")]
 

@@ -33,6 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from rlhf.errors import BadInput
 from rlhf.labeling import stats as stats_mod
 from rlhf.labeling.store import Conflict, LabelerInfo, NotFound, ProjectInfo, Store, Submission
 
@@ -254,3 +255,45 @@ def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int
     app = create_app(store, project, max_body_bytes)
     uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info" if access_log else "warning",
                 server_header=False, timeout_graceful_shutdown=5)
+
+
+class Running:
+    """The app served by uvicorn on a background thread (see :func:`running`)."""
+
+    def __init__(self, server, thread, url: str):
+        self.server, self.thread, self.url = server, thread, url
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 0) -> Running:
+    """Serve ``project`` on a background thread of this process, e.g. while a
+    recipe's collect stage waits for labels; ``port=0`` picks a free port.
+    Returns once the server accepts connections; ``stop()`` shuts it down."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise BadInput(f"serve {host}:{port}: cannot listen there ({e.strerror}); pick another port") from None
+    config = uvicorn.Config(create_app(store, project), log_level="warning", access_log=False,
+                            server_header=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(config)
+    # uvicorn installs no signal handlers off the main thread: Ctrl-C stays the caller's.
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="label-server")
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("the labeling server did not start")
+        time.sleep(0.02)
+    bound = sock.getsockname()[1]
+    return Running(server, thread, f"http://{host if ':' not in host else f'[{host}]'}:{bound}")

@@ -100,6 +100,9 @@ class Config:
     """PPO stage. Defaults run a tiny CPU job; see recipes/ for real sizes."""
 
     model: str | ModelConfig = opt("tiny", "policy init, usually the SFT stage's final/")
+    reference: str | ModelConfig | None = opt(
+        None, "KL reference policy; null = `model` (with LoRA: the policy with adapters off). In rounds, "
+              "where `model` is the previous round's policy, keep this the SFT policy")
     reward: str | list[str | RewardSpec] = opt("", "reward source(s): checkpoint dir, module:function, or a list")
     value_model: str = opt("reward", "reward: init from the first reward-model checkpoint (or the policy if "
                                      "none); policy_head: value head on the policy; or a checkpoint dir")
@@ -185,6 +188,11 @@ def _prompts(path: str, columns: dict, limit: int | None = None, split: str = "t
 def validate(cfg: Config, ctx) -> None:
     source = ctx.loadable(cfg.model)
     tok = load_tokenizer(source)
+    if cfg.reference is not None:
+        ref_tok = load_tokenizer(ctx.loadable(cfg.reference))
+        if ref_tok.get_vocab() != tok.get_vocab():
+            raise BadInput(f"stages.{ctx.name}.reference: its tokenizer differs from the policy's "
+                           "(the KL compares the two models' log-probs of the same tokens)")
     for spec in as_specs(cfg.reward):
         check_source(spec.source, ctx.produces)
     if cfg.value_model not in ("reward", "policy_head"):
@@ -365,10 +373,11 @@ def _setup(cfg: Config, ctx) -> _Run:
     # Presets and new heads seed their own initialisation without touching
     # the global RNG, and prepare() broadcasts rank 0's weights.
     policy = load_policy(policy_cfg, tok, ctx.seed)
-    if policy_cfg.lora:
+    if policy_cfg.lora and cfg.reference is None:
         reference = Reference(None)  # adapters disabled = the initial policy
     else:
-        ref_model = load_causal_lm(policy_cfg, tok, seed=ctx.seed)
+        ref_cfg = policy_cfg if cfg.reference is None else as_model_config(cfg.reference)
+        ref_model = load_causal_lm(dataclasses.replace(ref_cfg, lora=None), tok, seed=ctx.seed)
         _disable_dropout(ref_model)
         reference = Reference(prepare_frozen(ref_model, accelerator))
     specs = as_specs(cfg.reward)
