@@ -20,6 +20,7 @@ so every consumer scores exactly as this stage's held-out evaluation does.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,8 @@ from rlhf.data import DataConfig, load_splits, normalize_preferences
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
-from rlhf.rewards import READ_SETTINGS_FILE, ReadSettings, pairwise_accuracy, tokenize_pairs
+from rlhf.rewards import (READ_SETTINGS_FILE, ReadSettings, length_bias, pairwise_accuracy, score_ids,
+                          tokenize_pairs)
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.sharding import unpartitioned
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
@@ -44,6 +46,8 @@ class Config:
     """Reward-model stage."""
 
     model: str | ModelConfig = opt("tiny", "initial model: usually the SFT stage's final/ (a new score head is added)")
+    warm_start: str | None = opt(None, "start instead from this trained reward model (its head kept), when not "
+                                       "null: e.g. ${previous.reward} in rounds, null in round 1")
     data: DataConfig = opt(DataConfig(), "preference pairs")
     train: TrainingConfig = opt(TrainingConfig(), "optimisation")
     max_length: int = opt(256, "tokens per (prompt + response); longer pairs lose prompt tokens from the left")
@@ -69,8 +73,14 @@ def _pairs(cfg: Config, seed: int):
     return train_rows, held_rows, dropped + held_dropped
 
 
+def _model_config(cfg: Config) -> ModelConfig:
+    """``model``, or ``warm_start`` with ``model``'s other settings (dtype, LoRA, ...)."""
+    base = as_model_config(cfg.model)
+    return base if cfg.warm_start is None else dataclasses.replace(base, name=cfg.warm_start, gguf_file=None)
+
+
 def validate(cfg: Config, ctx) -> None:
-    source = ctx.loadable(cfg.model)
+    source = ctx.loadable(_model_config(cfg))
     paths = [cfg.data.path] + ([cfg.data.eval_path] if cfg.data.eval_path else [])
     if not any(ctx.produces(p) and not Path(p).exists() for p in paths):
         _pairs(cfg, ctx.seed)  # an earlier stage of this recipe writes them: read when it has
@@ -80,11 +90,28 @@ def validate(cfg: Config, ctx) -> None:
     load_tokenizer(source)
 
 
+def _length_bias(model, pairs: list[dict], rows: list[dict], pad_id: int) -> dict:
+    """``eval/length_*``: how far the trained model's held-out scores follow
+    response length (words), ``rlhf.rewards.length_bias``."""
+    with torch.no_grad():
+        chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id).tolist()
+        rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id).tolist()
+    words = lambda text: len(text.split()) if isinstance(text, str) else len(str(text).split())  # noqa: E731
+    got = length_bias(chosen, rejected, [words(r["chosen"]) for r in rows], [words(r["rejected"]) for r in rows])
+    log.info("length bias on held-out pairs: score-length correlation %s; accuracy %s where the chosen response "
+             "is shorter (%d pairs), %s where it is longer (%d pairs)",
+             *(f"{got[k]:.3f}" if got[k] is not None else "n/a" for k in ("length_corr", "accuracy_chosen_shorter")),
+             got["pairs_chosen_shorter"],
+             f"{got['accuracy_chosen_longer']:.3f}" if got["accuracy_chosen_longer"] is not None else "n/a",
+             got["pairs_chosen_longer"])
+    return {f"eval/{k}": v for k, v in got.items()}
+
+
 def train(cfg: Config, ctx) -> Path:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    model_cfg = as_model_config(cfg.model)
+    model_cfg = _model_config(cfg)
     tok = load_tokenizer(model_cfg)
     model = load_sequence_classifier(model_cfg, tok, seed=ctx.seed)
     train_rows, held_rows, dropped = _pairs(cfg, ctx.seed)
@@ -116,6 +143,7 @@ def train(cfg: Config, ctx) -> Path:
         before = pairwise_accuracy(trainer.model.eval(), held_pairs, tok.pad_token_id) if held_pairs else None
     train_or_resume(trainer, ctx.stage_dir)
     summary = {
+        "model/init": model_cfg.name,
         "train/steps": trainer.state.global_step, "train/pairs": len(train_pairs),
         "dist/world_size": trainer.args.world_size,
         "data/dropped_invalid": dropped,
@@ -131,6 +159,7 @@ def train(cfg: Config, ctx) -> Path:
                         "eval/pairs": after["pairs"], "eval/accuracy_before": before["accuracy"]})
         log.info("reward model held-out accuracy: %.3f before -> %.3f after, over all %d pairs",
                  before["accuracy"], after["accuracy"], after["pairs"])
+        summary.update(_length_bias(model, held_pairs, held_rows, tok.pad_token_id))
     return finish_stage(trainer, tok, ctx, summary, logger,
                         lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed), model_cfg.lora,
                                           "SEQ_CLS"),

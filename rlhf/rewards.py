@@ -19,8 +19,10 @@ import numbers
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable
 
+import numpy as np
 import torch
 
 from rlhf.config import opt
@@ -318,6 +320,37 @@ def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 6
             "pairs": len(pairs)}
 
 
+
+
+def length_bias(chosen: Sequence[float], rejected: Sequence[float], chosen_len: Sequence[int],
+                rejected_len: Sequence[int]) -> dict[str, float | int | None]:
+    """How much a reward model's scores follow response length, on preference pairs.
+
+    - ``length_corr``: Pearson correlation of score and length over every
+      response (chosen and rejected); None when either is constant;
+    - ``accuracy_chosen_shorter`` / ``_longer``: pairwise accuracy (ties half)
+      on the pairs whose chosen response is the shorter / the longer one, and
+      how many pairs each has: a model that learned "longer wins" is good on
+      the second and poor on the first;
+    - ``prefers_longer``: among pairs of unequal length, the share where the
+      longer response scores higher.
+    Shapes: four sequences of n -> dict.
+    """
+    c, r = np.asarray(chosen, float), np.asarray(rejected, float)
+    lc, lr = np.asarray(chosen_len, float), np.asarray(rejected_len, float)
+    scores, lengths = np.concatenate([c, r]), np.concatenate([lc, lr])
+    corr = None
+    if scores.std() > 0 and lengths.std() > 0:
+        corr = float(np.corrcoef(scores, lengths)[0, 1])
+    wins = (c > r) + 0.5 * (c == r)
+    out: dict[str, float | int | None] = {"length_corr": corr}
+    for name, mask in (("shorter", lc < lr), ("longer", lc > lr)):
+        out[f"accuracy_chosen_{name}"] = float(wins[mask].mean()) if mask.any() else None
+        out[f"pairs_chosen_{name}"] = int(mask.sum())
+    unequal = lc != lr
+    longer_higher = np.where(lc > lr, c > r, r > c)
+    out["prefers_longer"] = float(longer_higher[unequal].mean()) if unequal.any() else None
+    return out
 
 
 class RewardModel:

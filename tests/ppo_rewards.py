@@ -26,3 +26,18 @@ def nan_on_some_calls(prompts, responses):
 
 def always_nan(prompts, responses):
     return [float("nan") for _ in responses]
+
+
+# rising / falling: a proxy that keeps rising and a held-out signal that keeps
+# falling, by call count (the shape of reward hacking), for the watch tests.
+WATCH_CALLS = {"proxy": 0, "heldout": 0}
+
+
+def rising(prompts, responses):
+    WATCH_CALLS["proxy"] += 1
+    return [0.1 * WATCH_CALLS["proxy"] for _ in responses]
+
+
+def falling(prompts, responses):
+    WATCH_CALLS["heldout"] += 1
+    return [-0.1 * WATCH_CALLS["heldout"] for _ in responses]

@@ -9,7 +9,7 @@ modules it imports), the first cycle and every violation.
 
 Layers, low to high (a module may import its own layer's modules or lower ones):
 
-  0  rlhf.errors, rlhf.config, rlhf.tracking, rlhf.threads
+  0  rlhf.errors, rlhf.config, rlhf.tracking, rlhf.threads, rlhf.textstats
   1  rlhf.models, rlhf.data, rlhf.sharding, rlhf.training
   2  rlhf.sampling, rlhf.rewards, rlhf.gold, rlhf.ppo (package), rlhf.ppo.core, rlhf.ppo.policy
   3  stages: rlhf.sft, rlhf.reward_model, rlhf.dpo, rlhf.ppo.trainer, rlhf.baselines.*,
@@ -34,7 +34,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "rlhf"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads"),
+    ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads", "rlhf.textstats"),
     ("rlhf.models", "rlhf.data", "rlhf.sharding", "rlhf.training"),
     ("rlhf.sampling", "rlhf.rewards", "rlhf.gold", "rlhf.ppo", "rlhf.ppo.core", "rlhf.ppo.policy"),
     ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer", "rlhf.collect", "rlhf.rounds_report",

@@ -42,7 +42,8 @@ def rounds_recipe(out: Path, count: int = 2, labels: int = 24, gold: str = "roun
                 "labelers": {"simulated": {"count": 3, "gold": gold, "temperature": 1.0}},
                 "generation": {"max_new_tokens": 8}, **collect},
             "reward": {
-                "type": "reward", "model": "${output_dir}/sft/final", "max_length": 64,
+                "type": "reward", "model": "${output_dir}/sft/final", "warm_start": "${previous.reward}",
+                "max_length": 64,
                 "data": {"path": "${round_dir}/collect/final/prefs.jsonl",
                          "eval_path": "${round_dir}/collect/final/fresh.jsonl"},
                 "train": {"max_steps": 3, "batch_size": 8, "learning_rate": 5.0e-4, "warmup": 0.0,
@@ -225,6 +226,9 @@ def test_two_rounds_through_the_real_server_and_store(tmp_path, sft_final):
     assert table[2]["rm_accuracy_fresh_before"] == r2["collect/rm_accuracy_fresh"]
     assert all(0 <= e["win_vs_sft"] <= 1 for e in table)
     assert (out / "report" / "rounds.png").stat().st_size > 1000 and (out / "report" / "rounds.html").exists()
+    # Round 1's reward model starts from the SFT trunk, round 2's from round 1's reward model.
+    inits = [json.loads((out / f"round-{k}" / "reward" / "metrics.json").read_text())["model/init"] for k in (1, 2)]
+    assert inits == [str(out / "sft" / "final"), str(out / "round-1" / "reward" / "final")]
     # The KL reference of every round's PPO stays the SFT policy.
     ppo2 = json.loads((out / "round-2" / "ppo" / "metrics.json").read_text())
     assert ppo2["gold/sft"] == pytest.approx(json.loads((out / "round-1" / "ppo" / "metrics.json").read_text())["gold/sft"])

@@ -17,6 +17,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from rlhf.textstats import distinct_n, top_ending_share  # noqa: F401 (re-exported)
+
 __all__ = [
     "Interval",
     "bootstrap_ci",
@@ -84,26 +86,40 @@ def win_rate(scores: Sequence[float], baseline_scores: Sequence[float]) -> float
     return float(outcomes.mean()) if outcomes.size else math.nan
 
 
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct n-grams / all n-grams over every text [Distinct].
-
-    Words are whitespace-separated, lowercased: model-independent, so
-    checkpoints with different tokenizers compare. No n-grams gives 0.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    seen: set[tuple[str, ...]] = set()
-    total = 0
-    for text in texts:
-        words = text.lower().split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-        seen.update(grams)
-        total += len(grams)
-    return len(seen) / total if total else 0.0
-
-
 def perplexity(nll_sum: float, n_tokens: int) -> float:
     """exp(mean negative log-likelihood per token); NaN for no tokens."""
     if n_tokens <= 0:
         return math.nan
     return float(math.exp(nll_sum / n_tokens))
+
+
+def length_controlled_win_rate(outcomes: Sequence[float], length_diff: Sequence[float], iters: int = 50) -> float:
+    """The win rate with the length difference regressed out [AlpacaEval LC].
+
+    Fits P(win) = sigmoid(b0 + b1 * tanh(d / s)) by maximum likelihood, with
+    ``outcomes`` in {0, 0.5, 1} (ties count half, as fractional targets),
+    ``d`` the candidate's minus the baseline's response length and ``s`` the
+    standard deviation of ``d``; returns sigmoid(b0), the predicted win rate
+    at equal length. Equal lengths everywhere give the raw win rate.
+
+    Hand-written Newton iterations on two parameters (what AlpacaEval's GLM
+    fit computes) rather than a scikit-learn/statsmodels dependency for it.
+    Shape: outcomes (n,), length_diff (n,) -> float.
+    """
+    y = np.asarray(outcomes, dtype=np.float64)
+    d = np.asarray(length_diff, dtype=np.float64)
+    if y.shape != d.shape or y.size == 0:
+        raise ValueError(f"outcomes {y.shape} and length_diff {d.shape} must be non-empty and pair up")
+    scale = d.std()
+    x = np.tanh(d / scale) if scale > 0 else np.zeros_like(d)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    beta = np.zeros(2)
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ beta)))
+        grad = X.T @ (y - p)
+        hess = (X * (p * (1 - p))[:, None]).T @ X + 1e-6 * np.eye(2)  # tiny ridge: separable data stays finite
+        step = np.linalg.solve(hess, grad)
+        beta += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1.0 / (1.0 + np.exp(-beta[0])))

@@ -125,6 +125,8 @@ def metric_label(key: str, settings: dict) -> str:
         return "gold score"
     if key.startswith("win_rate/"):
         return f"win rate vs {settings.get('baseline')} ({key[9:]})"
+    if key.startswith("lc_win_rate/"):
+        return f"length-controlled win rate vs {settings.get('baseline')} ({key[12:]})"
     if key == "kl":
         return f"KL to {settings.get('reference')} (nats)"
     if key == "pairwise_accuracy":
@@ -149,12 +151,15 @@ def metric_help(key: str) -> str:
         return f"mean score by reward source '{key[7:]}'"
     if key.startswith("win_rate/"):
         return "fraction of samples scored higher than the baseline's on the same prompt; ties count half"
+    if key.startswith("lc_win_rate/"):
+        return ("win rate at equal response length: logistic regression of the outcome on the length "
+                "difference (AlpacaEval's length-controlled win rate), sigmoid of its intercept")
     return METRIC_HELP.get(key, "")
 
 
 def _better(key: str) -> int:
     """+1 higher is better, -1 lower is better, 0 neither (no highlight)."""
-    if key.startswith(("reward/", "win_rate/")) or key in ("gold", "pairwise_accuracy"):
+    if key.startswith(("reward/", "win_rate/", "lc_win_rate/")) or key in ("gold", "pairwise_accuracy"):
         return 1
     if key == "perplexity":
         return -1
@@ -181,8 +186,8 @@ def policy_metric_keys(results: dict) -> list[str]:
         if m.get("kind") == "policy":
             keys += [k for k in m if k != "kind" and k not in keys]
     def rank(k: str) -> int:
-        return (0 if k.startswith("reward/") else 1 if k == "gold" else 2 if k.startswith("win_rate/")
-                else 3 if k == "kl" else 4)
+        return (0 if k.startswith("reward/") else 1 if k == "gold"
+                else 2 if k.startswith(("win_rate/", "lc_win_rate/")) else 3 if k == "kl" else 4)
 
     return sorted(keys, key=lambda k: (rank(k), keys.index(k)))
 
@@ -199,7 +204,7 @@ def markdown_table(results: dict, settings: dict) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for key in policy_metric_keys(results):
         lines.append(f"| {metric_label(key, settings)} | "
-                     + " | ".join("baseline" if key.startswith("win_rate/") and n == settings.get("baseline")
+                     + " | ".join("baseline" if key.startswith(("win_rate/", "lc_win_rate/")) and n == settings.get("baseline")
                                   else cell(results[n].get(key)) for n in names) + " |")
     sources = [n for n, m in results.items() if m.get("kind") == "reward_source"]
     if sources:
@@ -461,7 +466,7 @@ def _policy_table(results: dict, settings: dict) -> str:
             best = max(finite) if _better(key) > 0 else min(finite)
         cells = []
         for n, v in zip(names, values):
-            if key.startswith("win_rate/") and n == settings.get("baseline"):
+            if key.startswith(("win_rate/", "lc_win_rate/")) and n == settings.get("baseline"):
                 cells.append('<td class="empty">baseline</td>')
                 continue
             cls = ' class="best"' if best is not None and v == best else ""

@@ -363,7 +363,10 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
         if cfg.baseline is not None and name != cfg.baseline:
             for key in scorers:
                 short = key.split("/", 1)[-1]
-                m[f"win_rate/{short}"] = ci(M.win_outcomes(scores[name][key], scores[cfg.baseline][key]))
+                outcomes = M.win_outcomes(scores[name][key], scores[cfg.baseline][key])
+                m[f"win_rate/{short}"] = ci(outcomes)
+                m[f"lc_win_rate/{short}"] = M.length_controlled_win_rate(
+                    outcomes, np.asarray(s.lengths, float) - np.asarray(samples[cfg.baseline].lengths, float))
         if s.kl is not None:
             m["kl"] = ci(s.kl)
         if name in ppl:

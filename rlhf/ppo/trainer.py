@@ -27,6 +27,7 @@ non-finite weights.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -51,9 +52,11 @@ from rlhf.models import (ModelConfig, as_model_config, context_length, load_caus
                          load_policy, load_tokenizer)
 from rlhf.ppo import core
 from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
+from rlhf.ppo.watch import WatchConfig, first_alarm
 from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source, is_function
 from rlhf.sampling import Generated, SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
+from rlhf.textstats import distinct_n, top_ending_share
 from rlhf.tracking import MetricsLogger, read_metrics, truncate_jsonl, write_summary
 from rlhf.training import precision_flags
 
@@ -140,6 +143,9 @@ class Config:
     log_every: int = opt(1, "log metrics every N steps")
     sample_every: int = opt(10, "write sample responses to samples.jsonl every N steps")
     eval: EvalConfig = opt(EvalConfig(), "held-out gold evaluation at the end")
+    watch: WatchConfig = opt(WatchConfig(), "reward-hacking watch: proxy vs held-out signal every N steps, "
+                                            "alarm, best/ checkpoint, optional stop (rlhf/ppo/watch.py)")
+    length_penalty: float = opt(0.0, "subtracted from each score per response token (counters length bias)")
 
     def check(self, fail):
         require_positive(self, fail, "steps", "rollout_batch_size", "num_minibatches", "micro_batch_size",
@@ -169,9 +175,15 @@ class Config:
                 ("entropy_coef", 0 <= self.entropy_coef < inf, "a finite number >= 0"),
                 ("save_every", self.save_every >= 0, "0 (only at the end) or a positive integer"),
                 ("target_kl", self.target_kl is None or 0 < self.target_kl < inf, "a finite number > 0, or null"),
-                ("max_consecutive_skips", self.max_consecutive_skips >= 1, "a positive integer")):
+                ("max_consecutive_skips", self.max_consecutive_skips >= 1, "a positive integer"),
+                ("length_penalty", 0 <= self.length_penalty < inf, "a finite number >= 0 (per token)")):
             if not ok:
                 raise fail(key, f"expected {expected}, got {getattr(self, key)}")
+        if self.watch.every and not (self.watch.prompts or self.eval.prompts):
+            raise fail("watch.prompts", "the watch needs held-out prompts: set watch.prompts or eval.prompts")
+        if self.watch.every and not (self.watch.heldout or self.eval.gold):
+            raise fail("watch.heldout", "the watch needs a held-out signal: a gold scorer or a reward model PPO "
+                                        "does not optimise (watch.heldout or eval.gold)")
         if self.generation.samples_per_prompt != 1:
             raise fail("generation.samples_per_prompt", "expected 1: PPO samples one response per prompt")
         if not self.value_model:
@@ -199,8 +211,12 @@ def validate(cfg: Config, ctx) -> None:
         check_source(cfg.value_model, ctx.produces)
     if cfg.eval.gold:
         check_source(cfg.eval.gold)
+    if cfg.watch.every and cfg.watch.heldout:
+        check_source(cfg.watch.heldout, ctx.produces)
     limit = context_length(source)
     files = [(cfg.data.path, cfg.data.split)] + ([(cfg.eval.prompts, "test")] if cfg.eval.prompts else [])
+    if cfg.watch.every and cfg.watch.prompts:
+        files.append((cfg.watch.prompts, "test"))
     for path, split in files:
         records = read_records(path, split, cfg.data.columns)
         prompts = normalize_prompts(records)
@@ -333,6 +349,17 @@ class _AdaptersOff(torch.nn.Module):
 
 
 @dataclass
+class _WatchState:
+    """The watch's history (rebuilt from metrics.jsonl on resume) and outcome."""
+
+    proxy: list[float] = field(default_factory=list)
+    heldout: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    alarm_step: int | None = None
+    stopped: bool = False
+
+
+@dataclass
 class _Run:
     """Everything a PPO run holds between steps."""
 
@@ -351,6 +378,7 @@ class _Run:
     skips: _SkipCounter
     prompts: list
     logger: MetricsLogger
+    watch: _WatchState = field(default_factory=lambda: _WatchState())
 
     @property
     def ckpt_root(self) -> Path:
@@ -479,6 +507,8 @@ def rollout(run: _Run, step: int) -> Rollout:
     scores = raw.clone()
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(gen.finished, scores, scores - cfg.missing_eos_penalty)
+    if cfg.length_penalty:
+        scores = scores - cfg.length_penalty * gen.response_mask.sum(1).float()
     if cfg.reward_clip is not None:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     if cfg.normalize_rewards and nonfinite is None:
@@ -720,12 +750,101 @@ def train(cfg: Config, ctx) -> Path:
                                 sps=f"{m['perf/samples_per_s']:.1f}")
             if (step + 1) % cfg.sample_every == 0 or step == 0:
                 _write_samples(run, step, ro)
+            if cfg.watch.every and (step + 1) % cfg.watch.every == 0 and _watch(run, step + 1):
+                break  # stop_on_hacking
             if interrupt.requested() or (cfg.save_every and (step + 1) % cfg.save_every == 0
                                          and step + 1 < cfg.steps):
                 _save_state(run, step + 1)
             interrupt.stop_if_requested(step + 1)
     bar.close()
     return _finish(run)
+
+
+def _watch(run: _Run, step: int) -> bool:
+    """The reward-hacking watch (rlhf/ppo/watch.py) at ``step``: sample the
+    fixed held-out prompts, log ``watch/*``, keep ``best/``, raise the alarm.
+    Returns True when the run should stop (``stop_on_hacking``)."""
+    from accelerate.utils import gather_object
+
+    cfg, acc, w = run.cfg, run.accelerator, run.cfg.watch
+    prompts = _prompts(w.prompts or cfg.eval.prompts, cfg.data.columns, w.max_prompts, "test")
+    share, real = pad_shard(prompts, acc.process_index, acc.num_processes)
+    texts = [render_prompt(run.tok, p) for p in share]
+    sampling = dataclasses.replace(cfg.generation, batch_size=cfg.eval.batch_size, samples_per_prompt=1)
+    seed = cfg.generation.seed if cfg.generation.seed is not None else run.ctx.seed
+    policy = acc.unwrap_model(run.model).policy
+    initial = run.reference.model if run.reference.model is not None else _AdaptersOff(policy)
+    run.model.eval()
+    with full_weights(run.model, acc) as local, acc.autocast():
+        got = sample(policy, run.tok, texts, sampling, seed, acc.device, reference=initial, synced_gpus=not local)
+    run.model.train()
+    heldout_fn = CombinedReward([RewardSpec(source=w.heldout or cfg.eval.gold)], device=acc.device)
+    every = gather_object(list(zip(run.reward_fn(share[:real], got.texts[:real]),
+                                   heldout_fn(share[:real], got.texts[:real]), got.kl[:real], got.lengths[:real],
+                                   got.texts[:real])))
+    proxy, heldout, kl, length, all_texts = (list(x) for x in zip(*every))
+    state = run.watch
+    state.proxy.append(float(np.mean(proxy)))
+    state.heldout.append(float(np.mean(heldout)))
+    state.steps.append(step)
+    row = {"watch/proxy": state.proxy[-1], "watch/heldout": state.heldout[-1], "watch/kl": float(np.mean(kl)),
+           "watch/length": float(np.mean(length)), "watch/distinct_2": distinct_n(all_texts, 2),
+           "watch/top_ending_share": top_ending_share(all_texts)}
+    if w.keep_best and state.heldout[-1] == max(state.heldout):
+        _save_policy(run, run.ctx.stage_dir / "best", extra={"best.json": {"step": step, "heldout": state.heldout[-1]}})
+        row["watch/best_step"] = step
+    fired = state.alarm_step is None and first_alarm(state.proxy, state.heldout, w.patience, w.threshold) == len(
+        state.heldout) - 1
+    if fired:
+        state.alarm_step = step
+        row["watch/alarm"] = 1
+        peak = int(np.argmax(state.heldout))
+        log.warning("ppo: reward hacking? at step %d the training reward rose %.3f -> %.3f since step %d while the "
+                    "held-out signal fell %.3f -> %.3f (watch: patience %d, threshold %g)%s", step,
+                    state.proxy[peak], state.proxy[-1], state.steps[peak], state.heldout[peak], state.heldout[-1],
+                    w.patience, w.threshold, "; stopping (stop_on_hacking), final/ = best/" if w.stop_on_hacking
+                    else f"; the best policy so far is in {run.ctx.stage_dir / 'best'}")
+    run.logger.log(row, step=step)
+    state.stopped = bool(fired and w.stop_on_hacking)
+    return state.stopped
+
+
+def _save_policy(run: _Run, out: Path, extra: dict | None = None) -> None:
+    """The policy as a plain HF checkpoint, mid-run: a LoRA policy is merged
+    in a copy (``save_checkpoint`` merges what it is given), never in place."""
+    from rlhf.models import save_checkpoint
+    from rlhf.sharding import is_sharded
+
+    _require_finite(run, str(out))
+    acc = run.accelerator
+    if is_sharded(acc):
+        save_full(acc, run.model, run.tok, out, lambda: load_policy(run.policy_cfg, run.tok, run.ctx.seed),
+                  prefix="policy.", extra=extra)
+    elif acc.is_main_process:
+        policy = acc.unwrap_model(run.model).policy
+        save_checkpoint(copy.deepcopy(policy) if hasattr(policy, "merge_and_unload") else policy, run.tok, out,
+                        extra)
+    acc.wait_for_everyone()
+
+
+def _restore_best(run: _Run) -> bool:
+    """Load ``best/`` into the live policy (a plain, unsharded one), so the
+    final held-out check measures what final/ holds. False when it cannot."""
+    from safetensors.torch import load_file
+
+    from rlhf.sharding import is_sharded
+
+    policy = run.accelerator.unwrap_model(run.model).policy
+    if is_sharded(run.accelerator) or hasattr(policy, "merge_and_unload"):
+        return False
+    missing, unexpected = policy.load_state_dict(load_file(run.ctx.stage_dir / "best" / "model.safetensors"),
+                                                 strict=False)
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"best/ does not match the policy: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if tied:
+        policy.tie_weights()
+    return True
 
 
 def _count_skips(run: _Run, ro: Rollout, stats: UpdateStats | None) -> None:
@@ -753,23 +872,41 @@ def _finish(run: _Run) -> Path:
     run.model.eval()
     final = ctx.stage_dir / "final"
     world = acc.num_processes
-    summary: dict[str, float] = {"train/steps": cfg.steps, "dist/world_size": world,
-                                 "train/episodes": cfg.steps * cfg.rollout_batch_size * world,
+    steps = run.watch.steps[-1] if run.watch.stopped else cfg.steps
+    summary: dict[str, float] = {"train/steps": steps, "dist/world_size": world,
+                                 "train/episodes": steps * cfg.rollout_batch_size * world,
                                  "ppo/skipped_steps": run.skips.total}
+    if run.watch.steps:
+        best = int(np.argmax(run.watch.heldout))
+        summary.update({"watch/alarm_step": run.watch.alarm_step, "watch/stopped": run.watch.stopped,
+                        "best/step": run.watch.steps[best], "best/heldout": run.watch.heldout[best],
+                        "watch/heldout_last": run.watch.heldout[-1], "watch/proxy_last": run.watch.proxy[-1]})
+    restored = run.watch.stopped and _restore_best(run)
     history = [r for r in read_metrics(run.logger.path) if "objective/scores" in r]
     if history:
         summary["objective/scores_first"] = history[0]["objective/scores"]
         summary["objective/scores_last"] = history[-1]["objective/scores"]
         summary["objective/kl_last"] = history[-1]["objective/kl"]
-    if cfg.eval.prompts:
+    if run.watch.stopped and not restored:
+        log.info("ppo: stopped at the alarm; final/ is best/ (step %s); no final held-out check (a LoRA or "
+                 "sharded policy is not reloaded from best/ mid-run)", summary["best/step"])
+    elif cfg.eval.prompts:
         held_out = _gold_eval(run)
         summary.update(held_out)
         log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
                  held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
                  held_out["kl/ppo"])
-    _require_finite(run, "final/")
-    save_full(acc, run.model, run.tok, final, lambda: load_policy(run.policy_cfg, run.tok, ctx.seed),
-              prefix="policy.")
+    if run.watch.stopped:
+        if acc.is_main_process:
+            tmp = final.with_name("final.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ctx.stage_dir / "best", tmp)
+            tmp.rename(final)
+        acc.wait_for_everyone()
+    else:
+        _require_finite(run, "final/")
+        save_full(acc, run.model, run.tok, final, lambda: load_policy(run.policy_cfg, run.tok, ctx.seed),
+                  prefix="policy.")
     if acc.is_main_process:
         write_summary(ctx.stage_dir, summary)
         if run.ckpt_root.exists():
@@ -835,6 +972,13 @@ def _resume(run: _Run) -> int:
         run.logger.truncate_after(start)
         truncate_jsonl(run.ctx.stage_dir / "samples.jsonl", start)
     run.accelerator.wait_for_everyone()
+    for row in read_metrics(run.logger.path):  # the watch's history so far: its rows up to `start`
+        if "watch/heldout" in row and row["step"] <= start:
+            run.watch.proxy.append(row["watch/proxy"])
+            run.watch.heldout.append(row["watch/heldout"])
+            run.watch.steps.append(row["step"])
+            if row.get("watch/alarm"):
+                run.watch.alarm_step = row["step"]
     return start
 
 

@@ -1,0 +1,153 @@
+"""What human-feedback rounds buy, at a fixed label budget, on the quickstart task.
+
+Simulated labelers (Bradley-Terry on VADER, 5 labelers, t = 0.1) label through
+the real labeling server and store. Three arms, each from the same SFT policy
+(trained once per seed), the same label budget and the same 60 PPO steps:
+
+  rounds-uncertainty  3 rounds x 300 labels, pairs the current reward model is least sure of
+                      (round 1: random, there is no reward model yet)
+  rounds-random       3 rounds x 300 labels, random pairs of the current policy's samples
+  one-round           1 round x 900 labels on SFT samples (random pairs), then 60 PPO steps
+
+Per arm: the final policy's held-out gold score and KL to SFT (the rounds
+report: 128 held-out prompts, the same sampling seed for every policy), the
+final reward model's accuracy on the final policy's own samples (two samples
+per held-out prompt, the gold-better one as "chosen"; ties left out), and the
+wall time. Repeated over seeds; mean and a 95% t-interval across seeds.
+
+    python benchmarks/rounds.py                      # 3 seeds, ~25 min on 2 CPU cores
+    python benchmarks/rounds.py --seeds 1 --arms rounds-uncertainty one-round
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "quickstart-rounds.yaml"
+ARMS = ("rounds-uncertainty", "rounds-random", "one-round")
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def arm_recipe(base: dict, arm: str, out: Path, seed: int) -> dict:
+    cfg = copy.deepcopy(base)
+    cfg["output_dir"], cfg["seed"] = str(out), seed
+    loop = cfg["stages"]["loop"]
+    collect, ppo = loop["stages"]["collect"], loop["stages"]["ppo"]
+    total_labels, total_steps = loop["count"] * collect["labels"], loop["count"] * ppo["steps"]
+    if arm == "rounds-random":
+        collect["selection"] = "random"
+    elif arm == "one-round":
+        loop["count"] = 1
+        collect.update(labels=total_labels, selection="random")
+        ppo["steps"] = total_steps
+    return cfg
+
+
+def rm_accuracy_on_policy(policy: Path, reward: Path, prompts: Path, seed: int) -> tuple[float, int]:
+    """The reward model's accuracy on pairs of the policy's own samples, judged by gold."""
+    from rlhf.data import normalize_prompts, read_records, render_prompt
+    from rlhf.gold import vader_sentiment
+    from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer
+    from rlhf.rewards import RewardModel
+    from rlhf.sampling import SamplingConfig, sample
+
+    items = normalize_prompts(read_records(str(prompts)))
+    tok = load_tokenizer(ModelConfig(name=str(policy)))
+    model = load_causal_lm(ModelConfig(name=str(policy)), tok).eval()
+    got = sample(model, tok, [render_prompt(tok, p) for p in items],
+                 SamplingConfig(max_new_tokens=32, samples_per_prompt=2), seed + 12345, "cpu")
+    a, b = got.texts[0::2], got.texts[1::2]
+    ga, gb = vader_sentiment(items, a), vader_sentiment(items, b)
+    rm = RewardModel(reward)
+    ra, rb = rm(items, a), rm(items, b)
+    judged = [(x > y) == (rx > ry) for x, y, rx, ry in zip(ga, gb, ra, rb) if x != y]
+    return sum(judged) / len(judged), len(judged)
+
+
+def run_arm(base: dict, arm: str, seed: int, work: Path, sft: Path) -> dict:
+    from rlhf import recipe as recipe_mod
+
+    out = work / f"seed{seed}" / arm
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(sft, out / "sft")
+    path = out.parent / f"{arm}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(arm_recipe(base, arm, out, seed), sort_keys=False))
+    t0 = time.time()
+    recipe_mod.run(recipe_mod.load_recipe(path))
+    wall = time.time() - t0
+    table = json.loads((out / "report" / "rounds.json").read_text())
+    last = table[-1]
+    k = last["round"]
+    acc, n = rm_accuracy_on_policy(out / f"round-{k}" / "ppo" / "final", out / f"round-{k}" / "reward" / "final",
+                                   ROOT / "data" / "quickstart" / "prompts_test.jsonl", seed)
+    return {"arm": arm, "seed": seed, "gold": last["gold"], "kl": last["kl"], "sft_gold": table[0]["gold"],
+            "rm_acc_final_policy": acc, "rm_acc_pairs": n, "labels": last["labels_total"], "wall_s": wall,
+            "rounds": table}
+
+
+def interval(xs: list[float]) -> str:
+    m = statistics.mean(xs)
+    if len(xs) < 2:
+        return f"{m:.3f}"
+    half = T_95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return f"{m:.3f} ± {half:.3f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe seeds (default 0 1 2)")
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--work", type=Path, default=Path("runs/bench-rounds"), help="run directories")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(ROOT))
+    from rlhf import recipe as recipe_mod
+
+    base = yaml.safe_load(RECIPE.read_text())
+    results = []
+    for seed in args.seeds:
+        sft_out = args.work / f"seed{seed}" / "shared"
+        sft_cfg = {"output_dir": str(sft_out), "seed": seed, "stages": {"sft": base["stages"]["sft"]}}
+        sft_path = args.work / f"seed{seed}" / "sft.yaml"
+        sft_path.parent.mkdir(parents=True, exist_ok=True)
+        sft_path.write_text(yaml.safe_dump(sft_cfg, sort_keys=False))
+        recipe_mod.run(recipe_mod.load_recipe(sft_path))
+        for arm in args.arms:
+            r = run_arm(base, arm, seed, args.work, sft_out / "sft")
+            results.append(r)
+            print(f"seed {seed} {arm:20s} gold {r['gold']:.3f} (SFT {r['sft_gold']:.3f})  KL {r['kl']:.2f}  "
+                  f"RM acc on final policy {r['rm_acc_final_policy']:.3f} ({r['rm_acc_pairs']} pairs)  "
+                  f"{r['wall_s']:.0f} s", flush=True)
+    print(f"\n| arm | gold (final policy) | KL to SFT | RM accuracy on final policy's samples | wall s |"
+          f"\n|---|---:|---:|---:|---:|")
+    for arm in args.arms:
+        rs = [r for r in results if r["arm"] == arm]
+        print(f"| {arm} | {interval([r['gold'] for r in rs])} | {interval([r['kl'] for r in rs])} | "
+              f"{interval([r['rm_acc_final_policy'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+    print(f"\nseeds {args.seeds}; intervals: mean ± 95% t-interval across seeds; threads {args.threads}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
