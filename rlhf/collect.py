@@ -87,9 +87,10 @@ class Config:
     prompts: str = opt("", "prompts to sample for (JSONL with `prompt`)")
     prompts_per_round: int | None = opt(None, "a fresh seeded subset of this many prompts per round; null = all")
     candidates: int = opt(4, "responses sampled per prompt from each policy")
-    selection: Literal["random", "uncertainty"] = opt(
-        "random", "which pairs go to people: random, or those the reward model is least sure of "
-                  "(random when `reward` is null)")
+    selection: Literal["random", "uncertainty", "disagreement"] = opt(
+        "random", "which pairs go to people: random; uncertainty: those the reward model is least sure of; "
+                  "disagreement: those an ensemble reward model's members disagree on most (reward stage "
+                  "`ensemble: k`); random while `reward` is null")
     labels: int = opt(100, "label budget of the round (non-skip labels); pairs = ceil(labels / overlap)")
     db: str = opt("", "labeling database URL; empty = sqlite:///<output_dir>/labels.db")
     project: str = opt("rounds", "labeling project (created on first use)")
@@ -146,6 +147,9 @@ def validate(cfg: Config, ctx) -> None:
         load_tokenizer(ctx.loadable(name))
     if cfg.reward:
         check_source(cfg.reward, ctx.produces)
+        if cfg.selection == "disagreement" and _ensemble_size(cfg.reward, ctx) < 2:
+            raise BadInput(f"{key}.selection: disagreement needs an ensemble reward model (reward stage "
+                           f"`ensemble: k` with k >= 2); {cfg.reward} has one head")
     prompts = normalize_prompts(read_records(cfg.prompts))
     n = min(len(prompts), cfg.prompts_per_round or len(prompts))
     per_prompt = cfg.candidates * (2 if cfg.also_from else 1)
@@ -155,6 +159,22 @@ def validate(cfg: Config, ctx) -> None:
     parse_db_url(_db_url(cfg, ctx), flag=f"{key}.db")
     if cfg.simulated is not None:
         load_function(cfg.simulated.gold)
+
+
+def _ensemble_size(source: str, ctx) -> int:
+    """Heads of a reward checkpoint: from its saved reading settings, or from
+    the config of the stage of this recipe that will write it."""
+    from rlhf.rewards import is_function, read_settings
+
+    if is_function(source):
+        return 1
+    if Path(source).exists():
+        saved = read_settings(source)
+        return saved.ensemble if saved is not None else 1
+    for stage in ctx.recipe.stages:
+        if (ctx.recipe.stage_dir(stage.name) / "final").resolve() == Path(source).resolve():
+            return getattr(stage.config, "ensemble", 1)
+    return 1
 
 
 # ---------------------------------------------------------------- 1-2. sample and select
@@ -195,28 +215,35 @@ def _sample_candidates(cfg: Config, prompts: list, seed: int) -> list[list[tuple
     return out
 
 
-def _reward_scores(source: str, prompts: list, candidates: list[list[tuple[str, str]]]) -> list[list[float]]:
-    from rlhf.rewards import CombinedReward, RewardSpec
+def _member_scores(source: str, prompts: list, candidates: list[list[tuple[str, str]]]) -> list[list[list[float]]]:
+    """Per prompt, per candidate: every reward-model member's score (one for a
+    single model or a function)."""
+    from rlhf.rewards import CombinedReward, RewardModel, RewardSpec, is_function
 
-    fn = CombinedReward([RewardSpec(source=source)])
     flat_p = [p for p, cands in zip(prompts, candidates) for _ in cands]
     flat_r = [text for cands in candidates for text, _ in cands]
-    scores = fn(flat_p, flat_r)
+    if is_function(source):
+        flat = [[s] for s in CombinedReward([RewardSpec(source=source)])(flat_p, flat_r)]
+    else:
+        flat = RewardModel(source).members(flat_p, flat_r).tolist()
     out, i = [], 0
     for cands in candidates:
-        out.append(scores[i:i + len(cands)])
+        out.append(flat[i:i + len(cands)])
         i += len(cands)
     return out
 
 
-def select_pairs(candidates: list[list[str]], scores: list[list[float]] | None, n_pairs: int,
-                 rng: random.Random) -> list[tuple[int, int, int, float | None]]:
+def select_pairs(candidates: list[list[str]], scores: list[list[list[float]]] | None, n_pairs: int,
+                 rng: random.Random, how: str = "uncertainty") -> list[tuple[int, int, int, float | None]]:
     """(prompt index, candidate i, candidate j, P(i > j) or None) for ``n_pairs`` pairs.
 
-    Within a prompt, pairs are ranked by uncertainty ``|P(i > j) - 0.5|``
-    (random order without scores); distinct-text pairs only. Across prompts,
-    every prompt's best pair comes before any prompt's second best, and
-    ties of rank are broken by uncertainty (or at random)."""
+    ``scores[p][i]``: the reward members' scores of prompt p's candidate i;
+    P(i > j) = sigmoid(mean(i) - mean(j)). Within a prompt, pairs are ranked
+    by ``how``: ``uncertainty`` (``|P(i > j) - 0.5|`` smallest first) or
+    ``disagreement`` (the std over members of their score differences,
+    largest first); in random order without scores. Distinct, non-empty
+    texts only. Across prompts, every prompt's best pair comes before any
+    prompt's second best, ties of rank broken by the same key."""
     ranked = []
     for p, texts in enumerate(candidates):
         options = []
@@ -224,8 +251,14 @@ def select_pairs(candidates: list[list[str]], scores: list[list[float]] | None, 
             for j in range(i + 1, len(texts)):
                 if texts[i] == texts[j] or not texts[i].strip() or not texts[j].strip():
                     continue
-                prob = None if scores is None else 1.0 / (1.0 + math.exp(-(scores[p][i] - scores[p][j])))
-                options.append((abs(prob - 0.5) if prob is not None else rng.random(), i, j, prob))
+                if scores is None:
+                    options.append((rng.random(), i, j, None))
+                    continue
+                diffs = [a - b for a, b in zip(scores[p][i], scores[p][j])]
+                mean = sum(diffs) / len(diffs)
+                prob = 1.0 / (1.0 + math.exp(-mean))
+                spread = math.sqrt(sum((d - mean) ** 2 for d in diffs) / len(diffs))
+                options.append((-spread if how == "disagreement" else abs(prob - 0.5), i, j, prob))
         options.sort()
         ranked += [(rank, key, p, i, j, prob) for rank, (key, i, j, prob) in enumerate(options)]
     ranked.sort(key=lambda r: (r[0], r[1]))
@@ -240,12 +273,15 @@ def _make_pairs_file(cfg: Config, ctx, path: Path) -> dict:
     prompts = _round_prompts(cfg, seed)
     candidates = _sample_candidates(cfg, prompts, seed)
     scores = None
-    if cfg.selection == "uncertainty" and cfg.reward:
-        scores = _reward_scores(cfg.reward, prompts, candidates)
-    elif cfg.selection == "uncertainty":
+    if cfg.selection != "random" and cfg.reward:
+        if cfg.selection == "disagreement" and _ensemble_size(cfg.reward, ctx) < 2:
+            raise BadInput(f"stages.{ctx.name}.selection: disagreement needs an ensemble reward model; "
+                           f"{cfg.reward} has one head")
+        scores = _member_scores(cfg.reward, prompts, candidates)
+    elif cfg.selection != "random":
         log.info("stage %s: no reward model yet (reward: null): pairs chosen at random", ctx.name)
     texts = [[t for t, _ in cands] for cands in candidates]
-    chosen = select_pairs(texts, scores, cfg.pairs_needed, random.Random(seed))
+    chosen = select_pairs(texts, scores, cfg.pairs_needed, random.Random(seed), cfg.selection)
     rows = [Candidate(prompts[p], candidates[p][i][0], candidates[p][j][0], candidates[p][i][1],
                       candidates[p][j][1], f"{cfg.prompts} prompt {p}") for p, i, j, _ in chosen]
     pairs, _ = make_pairs(rows, seed)

@@ -351,7 +351,9 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
         kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
                       **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if num_labels is not None:
-            kwargs["num_labels"] = num_labels
+            # A head of another width (e.g. a value head, or a one-output model, started from an
+            # ensemble reward model's k heads) is initialised afresh instead of failing to load.
+            kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         with _seeded(cfg.seed if cfg.seed is not None else seed):  # the new head's init

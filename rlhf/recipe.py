@@ -236,10 +236,11 @@ class StageContext:
     is_main: bool = True
 
     def produces(self, path: str) -> bool:
-        """Whether ``path`` is (inside) the ``final/`` of one of this recipe's
-        stages, which validation (before anything runs) must accept as a
+        """Whether ``path`` lies in the directory of one of this recipe's
+        stages (its ``final/``, a PPO stage's ``best/``, a collect stage's
+        exports), which validation (before anything runs) must accept as a
         source."""
-        return any(_under(path, (self.recipe.stage_dir(s.name) / "final").resolve()) for s in self.recipe.stages)
+        return any(_under(path, self.recipe.stage_dir(s.name).resolve()) for s in self.recipe.stages)
 
     @property
     def round(self) -> int | None:

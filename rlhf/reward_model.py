@@ -54,10 +54,15 @@ class Config:
     use_margin: bool = opt(True, "use the data's `margin` column when present (Llama 2 style margin loss)")
     center_rewards_coefficient: float | None = opt(
         None, "penalise squared mean reward so scores stay centred (Eisenstein et al. 2023)")
+    ensemble: int = opt(1, "train k reward models at once: k scalar heads on one trunk, each from its own "
+                           "random init, the loss averaged over heads; the checkpoint scores as their mean, "
+                           "and PPO can use mean - lambda * std or min (reward.aggregate)")
 
     def check(self, fail):
         if self.max_length < 4:
             raise fail("max_length", f"expected >= 4, got {self.max_length}")
+        if self.ensemble < 1:
+            raise fail("ensemble", f"expected a positive integer (1 = one reward model), got {self.ensemble}")
         c = self.center_rewards_coefficient
         if c is not None and not 0 <= c < float("inf"):  # NaN fails the comparison too
             raise fail("center_rewards_coefficient", f"expected a finite number >= 0, or null; got {c}")
@@ -94,8 +99,9 @@ def _length_bias(model, pairs: list[dict], rows: list[dict], pad_id: int) -> dic
     """``eval/length_*``: how far the trained model's held-out scores follow
     response length (words), ``rlhf.rewards.length_bias``."""
     with torch.no_grad():
-        chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id).tolist()
-        rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id).tolist()
+        chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, label=None).tolist()
+        rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, label=None).tolist()
+    chosen, rejected = (torch.tensor(x).reshape(len(pairs), -1).mean(1).tolist() for x in (chosen, rejected))
     words = lambda text: len(text.split()) if isinstance(text, str) else len(str(text).split())  # noqa: E731
     got = length_bias(chosen, rejected, [words(r["chosen"]) for r in rows], [words(r["rejected"]) for r in rows])
     log.info("length bias on held-out pairs: score-length correlation %s; accuracy %s where the chosen response "
@@ -113,8 +119,13 @@ def train(cfg: Config, ctx) -> Path:
 
     model_cfg = _model_config(cfg)
     tok = load_tokenizer(model_cfg)
-    model = load_sequence_classifier(model_cfg, tok, seed=ctx.seed)
+    model = load_sequence_classifier(model_cfg, tok, seed=ctx.seed, num_labels=cfg.ensemble)
     train_rows, held_rows, dropped = _pairs(cfg, ctx.seed)
+    if cfg.ensemble > 1 and any("margin" in r for r in train_rows + held_rows):
+        # TRL's loss subtracts a (batch,) margin from (batch, k) score differences.
+        log.warning("ensemble: %d heads: the data's margin column is not used", cfg.ensemble)
+        for row in train_rows + held_rows:
+            row.pop("margin", None)
     train_pairs, train_stats = tokenize_pairs(train_rows, tok, cfg.max_length)
     held_pairs, held_stats = tokenize_pairs(held_rows, tok, cfg.max_length)
     for split, st in (("train", train_stats), ("held-out", held_stats)):
@@ -131,6 +142,11 @@ def train(cfg: Config, ctx) -> Path:
         disable_tqdm=not ctx.is_main,
     )
     logger = MetricsLogger(ctx.stage_dir, ctx.name, [], enabled=ctx.is_main)
+    # TRL refuses a model whose config says num_labels != 1. An ensemble's k
+    # heads are one (k, hidden) score layer whose size is fixed at init, and
+    # TRL's loss (-logsigmoid(chosen - rejected)).mean() over (batch, k) scores
+    # is the mean of the k members' losses: it only has to pass that check.
+    model.config.num_labels = 1
     trainer = RewardTrainer(
         model=model, args=args, processing_class=tok,
         train_dataset=Dataset.from_list(train_pairs),
@@ -138,6 +154,8 @@ def train(cfg: Config, ctx) -> Path:
         peft_config=peft_config(model_cfg.lora, "SEQ_CLS", model) if model_cfg.lora else None,
         callbacks=[MetricsCallback(logger)],
     )
+    model.config.num_labels = cfg.ensemble  # what config.json records, and loaders rebuild
+    trainer.model.config.num_labels = cfg.ensemble
     trainer.model.config.pad_token_id = tok.pad_token_id
     with unpartitioned(trainer.model):  # ZeRO-3 built it partitioned; HF's trainer has not wrapped it yet
         before = pairwise_accuracy(trainer.model.eval(), held_pairs, tok.pad_token_id) if held_pairs else None
@@ -160,8 +178,22 @@ def train(cfg: Config, ctx) -> Path:
         log.info("reward model held-out accuracy: %.3f before -> %.3f after, over all %d pairs",
                  before["accuracy"], after["accuracy"], after["pairs"])
         summary.update(_length_bias(model, held_pairs, held_rows, tok.pad_token_id))
+        if cfg.ensemble > 1:
+            summary.update(_members(model, held_pairs, tok.pad_token_id))
     return finish_stage(trainer, tok, ctx, summary, logger,
-                        lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed), model_cfg.lora,
-                                          "SEQ_CLS"),
+                        lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed,
+                                                                   num_labels=cfg.ensemble), model_cfg.lora, "SEQ_CLS"),
                         extra={READ_SETTINGS_FILE: ReadSettings(
-                            max_length=cfg.max_length, chat_template=bool(tok.chat_template)).to_json()})
+                            max_length=cfg.max_length, chat_template=bool(tok.chat_template),
+                            ensemble=cfg.ensemble).to_json()})
+
+
+def _members(model, pairs: list[dict], pad_id: int) -> dict:
+    """An ensemble's held-out accuracy per member and how much the members
+    disagree (mean over pairs of the std of their score differences)."""
+    with torch.no_grad():
+        diff = (score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, label=None)
+                - score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, label=None))
+    acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean(0)
+    return {**{f"eval/member_{i}_accuracy": a for i, a in enumerate(acc.tolist())},
+            "eval/member_disagreement": diff.std(1, unbiased=False).mean().item()}

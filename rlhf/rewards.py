@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -48,10 +48,16 @@ class RewardSpec:
                                   "lvwerra/distilbert-imdb); null: a one-output reward model")
     revision: str | None = opt(None, "hub revision of a checkpoint source (e.g. refs/pr/5, where a "
                                      "safetensors conversion lives)")
+    aggregate: Literal["mean", "mean_minus_std", "min"] = opt(
+        "mean", "an ensemble reward model (reward stage `ensemble: k`): the members' mean, mean - "
+                "uncertainty_coef * std (uncertainty-weighted), or min (worst case) [Coste et al. 2023]")
+    uncertainty_coef: float = opt(1.0, "lambda of mean_minus_std")
 
     def check(self, fail):
         if not self.source:
             raise fail("source", "required: a checkpoint dir or module:function")
+        if not 0 <= self.uncertainty_coef < math.inf:
+            raise fail("uncertainty_coef", f"expected a finite number >= 0, got {self.uncertainty_coef}")
         if self.label is not None and self.label < 0:
             raise fail("label", f"expected an output index >= 0, got {self.label}")
         if is_function(self.source) and (self.label is not None or self.revision is not None):
@@ -167,7 +173,8 @@ class CombinedReward:
                 fn = load_function(spec.source)
             else:
                 fn = RewardModel(spec.source, device=device, dtype=dtype, label=spec.label,
-                                 revision=spec.revision, max_length=max_length)
+                                 revision=spec.revision, max_length=max_length, aggregate=spec.aggregate,
+                                 uncertainty_coef=spec.uncertainty_coef)
             self.parts.append((spec.weight, fn, spec.source))
 
     def checkpoints(self) -> list[str]:
@@ -198,6 +205,7 @@ class ReadSettings:
     truncation: str = "prompt_left"  # drop prompt tokens from the left; cut the response only if it alone is too long
     chat_template: bool = False  # chat prompts rendered with the tokenizer's chat template
     response_eos: bool = True  # plain-text responses end with EOS, as the policy's do when they stop
+    ensemble: int = 1  # members: one scalar head each on a shared trunk (the classifier's outputs)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -290,8 +298,10 @@ def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], 
 
 
 @torch.no_grad()
-def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64, label: int = 0) -> torch.Tensor:
-    """Scalar scores of token sequences: the logit of output ``label``. Shape: (n,).
+def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 64,
+              label: int | None = 0) -> torch.Tensor:
+    """Scalar scores of token sequences: the logit of output ``label``, or with
+    ``label=None`` every output (an ensemble's members). Shape: (n,) or (n, k).
 
     Right-padded batches; transformers' sequence classifiers read the logit at
     the last non-pad token, which is why pad must differ from EOS.
@@ -307,14 +317,28 @@ def score_ids(model, sequences: list[list[int]], pad_id: int, batch_size: int = 
             ids[j, :len(s)] = torch.tensor(s)
             mask[j, :len(s)] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, label].float().cpu())
+        scores.append((logits if label is None else logits[:, label]).float().cpu())
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
+def aggregate_members(members: torch.Tensor, how: str = "mean", coef: float = 1.0) -> torch.Tensor:
+    """One score per row from an ensemble's member scores: ``mean``,
+    ``mean_minus_std`` (mean - coef * std, the population std over members)
+    or ``min``. Shape: (n, k) -> (n,)."""
+    if how == "mean":
+        return members.mean(1)
+    if how == "mean_minus_std":
+        return members.mean(1) - coef * members.std(1, unbiased=False)
+    if how == "min":
+        return members.min(1).values
+    raise ValueError(f"unknown aggregate {how!r} (expected mean, mean_minus_std or min)")
+
+
 def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy over every pair: P(score(chosen) > score(rejected)); ties count half."""
-    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size)
-    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size)
+    """Accuracy over every pair: P(score(chosen) > score(rejected)); ties count
+    half. An ensemble (several outputs) is scored by its members' mean."""
+    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size, label=None).mean(1)
+    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size, label=None).mean(1)
     wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
     return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(),
             "pairs": len(pairs)}
@@ -371,16 +395,19 @@ class RewardModel:
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: str = "float32",
                  max_length: int | None = None, batch_size: int = 64, label: int | None = None,
-                 revision: str | None = None):
+                 revision: str | None = None, aggregate: str = "mean", uncertainty_coef: float = 1.0):
         cfg = ModelConfig(name=str(path), dtype=dtype, revision=revision)
         self.label = label
+        self.aggregate, self.uncertainty_coef = aggregate, uncertainty_coef
         self.tokenizer = load_tokenizer(cfg, require_eos=label is None)
-        num_labels = 1 if label is None else None  # None: keep the classifier's own head
+        self.reading = read_settings(path)
+        self.ensemble = self.reading.ensemble if self.reading is not None and label is None else 1
+        # None: keep the classifier's own head (a labelled classifier's, or an ensemble's k outputs).
+        num_labels = 1 if label is None and self.ensemble == 1 else None
         self.model = load_sequence_classifier(cfg, self.tokenizer, num_labels=num_labels).to(device).eval()
         if label is not None and label >= self.model.config.num_labels:
             raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
                            f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
-        self.reading = read_settings(path)
         self.max_length = scoring_length(str(path), self.reading, max_length) or context_length(cfg) or 1024
         self.batch_size = batch_size
 
@@ -393,7 +420,13 @@ class RewardModel:
         p_ids, r_ids = encode_response(self.tokenizer, prompt, response)
         return truncate_pair(p_ids, r_ids, self.max_length)
 
-    def __call__(self, prompts: list, responses: list) -> list[float]:
+    def members(self, prompts: list, responses: list) -> torch.Tensor:
+        """Every member's score (an ensemble's k heads; one column otherwise). Shape: (n, k)."""
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size,
-                         label=self.label or 0).tolist()
+        if self.ensemble == 1:
+            return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size,
+                             label=self.label or 0)[:, None]
+        return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, label=None)
+
+    def __call__(self, prompts: list, responses: list) -> list[float]:
+        return aggregate_members(self.members(prompts, responses), self.aggregate, self.uncertainty_coef).tolist()

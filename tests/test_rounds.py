@@ -160,7 +160,7 @@ def test_select_pairs_by_uncertainty_one_per_prompt_first():
     from rlhf.collect import select_pairs
 
     texts = [["a", "b", "c"], ["d", "e", "f"]]
-    scores = [[0.0, 0.1, 5.0], [0.0, 3.0, 6.0]]
+    scores = [[[0.0], [0.1], [5.0]], [[0.0], [3.0], [6.0]]]  # one member
     chosen = select_pairs(texts, scores, 3, random.Random(0))
     # Prompt 0's closest pair (a, b: P = sigmoid(-0.1)) first, then prompt 1's closest (d, e or e, f: 3 apart),
     # and only then a prompt's second pair.
@@ -172,6 +172,18 @@ def test_select_pairs_by_uncertainty_one_per_prompt_first():
     assert same == []
     rand = select_pairs(texts, None, 2, random.Random(0))
     assert sorted(p for p, *_ in rand) == [0, 1] and all(prob is None for *_, prob in rand)
+
+
+def test_select_pairs_by_ensemble_disagreement():
+    from rlhf.collect import select_pairs
+
+    # Two members. Pair (0, 1): differences +1 and -1 (std 1); (0, 2): 2 and 2 (std 0); (1, 2): 1 and 3 (std 1).
+    texts = [["a", "b", "c"]]
+    members = [[[0.0, 0.0], [-1.0, 1.0], [-2.0, -2.0]]]
+    got = select_pairs(texts, members, 3, random.Random(0), how="disagreement")
+    assert [(i, j) for _, i, j, _ in got][:2] in ([(0, 1), (1, 2)], [(1, 2), (0, 1)])
+    assert (got[2][1], got[2][2]) == (0, 2)  # the members agree on it: last
+    assert got[-1][3] == pytest.approx(1 / (1 + math.exp(-2.0)))
 
 
 def test_simulated_choices_follow_bradley_terry_and_are_reproducible():

@@ -82,3 +82,35 @@ def test_watch_needs_prompts_and_a_heldout_signal(tmp_path):
     prompts = str(ppo_rewards.__file__).replace("ppo_rewards.py", "") + "../data/quickstart/prompts_test.jsonl"
     with pytest.raises(BadInput, match=r"watch\.heldout.*held-out signal"):
         _run(_recipe(tmp_path / "run", watch={"every": 2}, eval={"prompts": prompts}))
+
+
+def test_eval_report_plots_the_overoptimisation_curve(tmp_path):
+    """Tiny SFT -> reward -> PPO with the watch -> eval with best-of-n and the Gao fits."""
+    from conftest import QUICKSTART, tiny_recipe_dict, write_recipe
+    from rlhf import recipe as recipe_mod
+
+    cfg = tiny_recipe_dict(tmp_path / "out")
+    prompts = str(QUICKSTART / "prompts_test.jsonl")
+    cfg["stages"]["ppo"] = {
+        "type": "ppo", "model": "${output_dir}/sft/final", "reward": "${output_dir}/reward/final",
+        "data": {"path": str(QUICKSTART / "prompts_train.jsonl")}, "steps": 4, "rollout_batch_size": 8,
+        "num_minibatches": 2, "micro_batch_size": 4, "ppo_epochs": 1, "learning_rate": 1e-3,
+        "generation": {"max_new_tokens": 8}, "sample_every": 100, "save_every": 0,
+        "eval": {"prompts": prompts, "max_prompts": 8, "gold": "rlhf.gold:vader_sentiment"},
+        "watch": {"every": 1, "max_prompts": 8}}
+    cfg["stages"]["eval"] = {
+        "type": "eval", "checkpoints": {"sft": "${output_dir}/sft/final", "ppo": "${output_dir}/ppo/final",
+                                        "best": "${output_dir}/ppo/best"},
+        "prompts": {"path": prompts, "max_samples": 8}, "rewards": {"rm": "${output_dir}/reward/final"},
+        "gold": "rlhf.gold:vader_sentiment", "reference": "sft", "baseline": "sft",
+        "generation": {"max_new_tokens": 8}, "bootstrap_samples": 100,
+        "overoptimisation": {"stage": "ppo", "best_of_n": [1, 2, 4], "max_prompts": 4}}
+    out = tmp_path / "out"
+    recipe_mod.run(recipe_mod.load_recipe(write_recipe(tmp_path / "r.yaml", cfg)))
+    got = json.loads((out / "eval" / "overoptimisation.json").read_text())
+    assert [p["n"] for p in got["best_of_n"]] == [1, 2, 4] and len(got["rl"]) == 4
+    assert got["best_of_n"][0]["kl"] == 0.0 and "bon_fit" in got and "rl_best" in got
+    html = (out / "eval" / "report.html").read_text()
+    assert 'id="overoptimisation"' in html and (out / "eval" / "overoptimisation.png").stat().st_size > 1000
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert 0.0 <= metrics["ppo"]["lc_win_rate/gold"] <= 1.0

@@ -37,6 +37,8 @@ CURVE_PANELS = [
     ("Accuracy", re.compile(r"(^|/)accuracy$")),
     ("KL (nats / sequence)", re.compile(r"^objective/kl$")),
     ("KL coefficient", re.compile(r"(^|/)kl_coef$")),
+    ("Reward-hacking watch: proxy vs held-out", re.compile(r"^watch/(proxy|heldout)$")),
+    ("Watch: diversity", re.compile(r"^watch/(distinct_2|top_ending_share)$")),
 ]
 
 
@@ -64,7 +66,7 @@ def read_curves(run_dir: Path, exclude: Path | None = None,
         if _stage_type(stage_dir) == "eval":
             continue
         panels: dict[str, dict[str, list]] = {}
-        for row in _read_jsonl(stage_dir / "metrics.jsonl"):
+        for row in read_jsonl(stage_dir / "metrics.jsonl"):
             if "train/runtime" in row:  # HF's end-of-training averages, not a point on the curve
                 continue
             step = row.get("step")
@@ -83,7 +85,7 @@ def read_curves(run_dir: Path, exclude: Path | None = None,
     return curves
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     # Not rlhf.tracking.read_metrics: importing tracking imports transformers' Trainer (seconds).
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -558,8 +560,10 @@ def _samples_html(rows: list[dict], results: dict, settings: dict) -> str:
             f'<div id="sample-list">{"".join(items)}</div>')
 
 
-def write_report(out: Path, results: dict, settings: dict, rows: list[dict], curves: dict) -> Path:
-    """Write the PNGs and ``report.html`` into ``out``; returns the HTML path."""
+def write_report(out: Path, results: dict, settings: dict, rows: list[dict], curves: dict,
+                 extra: list[tuple[str, str, Path, str]] = ()) -> Path:
+    """Write the PNGs and ``report.html`` into ``out``; returns the HTML path.
+    ``extra``: more figure sections, (id, title, png, caption), after the curves."""
     out = Path(out)
     for old in out.glob("curves_*.png"):  # a re-run must not show a stage that no longer has curves
         old.unlink()
@@ -586,6 +590,9 @@ def write_report(out: Path, results: dict, settings: dict, rows: list[dict], cur
                        f"<figcaption>{_esc(stage)}: from its metrics.jsonl</figcaption></figure>"
                        for stage, p in curve_pngs)
         sections.append(("curves", "Training curves", figs))
+    for sid, title, png, caption in extra:
+        sections.append((sid, title, f"<figure>{_img(png, title, f'plot-{sid}')}<figcaption>{_esc(caption)}"
+                                     "</figcaption></figure>"))
     sections.append(("samples", "Samples", '<p class="note">The same prompts for every checkpoint, side by '
                      "side, with each response's scores.</p>" + _samples_html(rows, results, settings)))
     sections.append(("settings", "Settings", _settings_list(settings)))

@@ -37,6 +37,7 @@ from rlhf.config import opt, require_positive, to_dict
 from rlhf.data import (normalize_preferences, normalize_prompts, normalize_sft, read_records, render_prompt)
 from rlhf.errors import BadInput
 from rlhf.evaluation import metrics as M
+from rlhf.evaluation.overopt import OveroptConfig
 from rlhf.models import (ModelConfig, as_model_config, context_length, is_preset, load_causal_lm,
                          load_tokenizer)
 from rlhf.rewards import CombinedReward, RewardSpec, as_specs, check_source
@@ -88,6 +89,9 @@ class Config:
     bootstrap_samples: int = opt(1000, "bootstrap resamples for the 95% intervals")
     run_dir: str | None = opt(None, "plot training curves from <run_dir>/<stage>/metrics.jsonl "
                                     "(default: the recipe's output_dir); '' = no curves")
+    overoptimisation: OveroptConfig | None = opt(
+        None, "gold and proxy vs sqrt(KL) for a PPO stage's watch points and for best-of-n, with Gao et al.'s "
+              "fits (needs gold, a reward source and run_dir); null = off")
 
     def check(self, fail):
         if not self.checkpoints:
@@ -115,6 +119,15 @@ class Config:
             raise fail("max_length", f"expected >= 4, got {self.max_length}")
         if self.bootstrap_samples < 100:
             raise fail("bootstrap_samples", f"expected >= 100, got {self.bootstrap_samples}")
+        o = self.overoptimisation
+        if o is not None:
+            if not self.gold or not self.rewards:
+                raise fail("overoptimisation", "needs `gold` and at least one of `rewards` (the proxy)")
+            if o.reward is not None and o.reward not in self.rewards:
+                raise fail("overoptimisation.reward", f"{o.reward!r} is not one of rewards ({', '.join(self.rewards)})")
+            policy = o.policy or self.reference
+            if policy not in self.checkpoints:
+                raise fail("overoptimisation.policy", "expected a name in `checkpoints` (or set `reference` to one)")
 
 
 def as_data(value: str | EvalData | None) -> EvalData | None:
@@ -415,9 +428,45 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     curves = report.read_curves(Path(run_dir), exclude=out_dir, order=stage_order) if run_dir else {}
-    report.write_report(out_dir, results, settings, rows, curves)
+    extra = _overoptimisation(cfg, prompts, scorers, seed, device, run_dir, out_dir) if cfg.overoptimisation else []
+    report.write_report(out_dir, results, settings, rows, curves, extra)
     log.info("eval: wrote %s in %.1fs", out_dir / "report.html", time.time() - t_start)
     return results
+
+
+def _overoptimisation(cfg: Config, prompts: list, scorers: dict, seed: int, device, run_dir, out_dir: Path) -> list:
+    """Best-of-n points, the PPO stage's watch points, the fits: overoptimisation.{json,png};
+    returns the report section."""
+    from rlhf.evaluation import overopt
+    from rlhf.evaluation.report import read_jsonl
+
+    o = cfg.overoptimisation
+    n_max = max(o.best_of_n)
+    items = prompts[: o.max_prompts]
+    tok, policy = _load_policy(as_model_config(cfg.checkpoints[o.policy or cfg.reference]), seed, device)
+    got = sample(policy, tok, [render_prompt(tok, p) for p in items],
+                 SamplingConfig(**{**to_dict(cfg.generation), "samples_per_prompt": n_max}), seed, device)
+    del policy
+    repeated = [p for p in items for _ in range(n_max)]
+    proxy_key = f"reward/{o.reward or next(iter(cfg.rewards))}"
+    proxy = np.asarray(scorers[proxy_key](repeated, got.texts)).reshape(len(items), n_max)
+    gold = np.asarray(scorers["gold"](repeated, got.texts)).reshape(len(items), n_max)
+    bon = overopt.best_of_n(proxy, gold, o.best_of_n)
+    watch = Path(run_dir or "") / o.stage / "metrics.jsonl"
+    rl = overopt.rl_points(read_jsonl(watch)) if run_dir and watch.is_file() else []
+    if not rl:
+        log.warning("eval overoptimisation: no watch points in %s (run PPO with watch.every > 0): best-of-n only",
+                    watch)
+    summary = overopt.summarise(rl, bon, gold_init=float(gold[:, 0].mean()))
+    (out_dir / "overoptimisation.json").write_text(json.dumps(summary, indent=2) + "\n")
+    png = overopt.plot(summary, out_dir)
+    fit = summary.get("rl_fit")
+    peak = (f"the RL fit peaks at sqrt(KL) = {fit['peak_d']:.2f}" if fit and fit["peak_d"] is not None
+            else "no peak in the RL fit (gold still rising)")
+    caption = (f"Gold (left) and {proxy_key} (right) against sqrt(KL to the initial policy): {o.stage}'s watch "
+               f"points and best-of-n (n = {', '.join(map(str, sorted(set(o.best_of_n))))}, KL = log n - (n-1)/n) on "
+               f"{len(items)} prompts; {peak}. Fits: Gao et al. 2022. Numbers: overoptimisation.json.")
+    return [("overoptimisation", "Over-optimisation", png, caption)] if png else []
 
 
 # ---------------------------------------------------------------- recipe stage
