@@ -99,6 +99,35 @@ def run_arm(base: dict, arm: str, seed: int, work: Path, sft: Path) -> dict:
             "rounds": table}
 
 
+def gold_at_kl(rounds: list[dict], kl: float) -> float | None:
+    """Gold of an arm's round-by-round (KL, gold) path (SFT = 0 nats first),
+    linearly interpolated at ``kl``; None beyond its last point."""
+    pts = sorted((r["kl"], r["gold"]) for r in rounds)
+    for (k0, g0), (k1, g1) in zip(pts, pts[1:]):
+        if k0 <= kl <= k1:
+            return g0 + (g1 - g0) * (kl - k0) / (k1 - k0) if k1 > k0 else g1
+    return None
+
+
+def print_tables(results: list[dict], arms: list[str], seeds: list[int], threads: int) -> None:
+    print("\n| arm | gold (final policy) | KL to SFT | RM accuracy on final policy's samples | wall s |"
+          "\n|---|---:|---:|---:|---:|")
+    for arm in arms:
+        rs = [r for r in results if r["arm"] == arm]
+        print(f"| {arm} | {interval([r['gold'] for r in rs])} | {interval([r['kl'] for r in rs])} | "
+              f"{interval([r['rm_acc_final_policy'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
+    one = {r["seed"]: r for r in results if r["arm"] == "one-round"}
+    for arm in [a for a in arms if a != "one-round"]:
+        matched = [(gold_at_kl(r["rounds"], one[r["seed"]]["kl"]), one[r["seed"]]["gold"])
+                   for r in results if r["arm"] == arm and r["seed"] in one]
+        matched = [(g, g1) for g, g1 in matched if g is not None]
+        if matched:
+            print(f"\nmatched KL: {arm}'s round-by-round path at one-round's final KL: gold "
+                  f"{interval([g for g, _ in matched])} vs one-round {interval([g1 for _, g1 in matched])} "
+                  f"({len(matched)} seeds)")
+    print(f"\nseeds {seeds}; intervals: mean ± 95% t-interval across seeds; threads {threads}")
+
+
 def interval(xs: list[float]) -> str:
     m = statistics.mean(xs)
     if len(xs) < 2:
@@ -114,7 +143,13 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench-rounds"), help="run directories")
     p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--report", type=Path, help="print the tables from an earlier --json file; run nothing")
     args = p.parse_args()
+    if args.report:
+        results = json.loads(args.report.read_text())
+        arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+        print_tables(results, arms, sorted({r["seed"] for r in results}), args.threads)
+        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import yaml
@@ -138,13 +173,7 @@ def main() -> None:
             print(f"seed {seed} {arm:20s} gold {r['gold']:.3f} (SFT {r['sft_gold']:.3f})  KL {r['kl']:.2f}  "
                   f"RM acc on final policy {r['rm_acc_final_policy']:.3f} ({r['rm_acc_pairs']} pairs)  "
                   f"{r['wall_s']:.0f} s", flush=True)
-    print(f"\n| arm | gold (final policy) | KL to SFT | RM accuracy on final policy's samples | wall s |"
-          f"\n|---|---:|---:|---:|---:|")
-    for arm in args.arms:
-        rs = [r for r in results if r["arm"] == arm]
-        print(f"| {arm} | {interval([r['gold'] for r in rs])} | {interval([r['kl'] for r in rs])} | "
-              f"{interval([r['rm_acc_final_policy'] for r in rs])} | {statistics.mean(r['wall_s'] for r in rs):.0f} |")
-    print(f"\nseeds {args.seeds}; intervals: mean ± 95% t-interval across seeds; threads {args.threads}")
+    print_tables(results, args.arms, args.seeds, args.threads)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
