@@ -100,8 +100,39 @@ def hf_kwargs(cfg: TrainingConfig, stage_dir: Path, seed: int, report_to: list[s
         run_name=run_name,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),  # else a warning on every CPU run
+        # HF's default drops NaN/inf losses from the logged average: a diverged
+        # run would log a finite loss. Log them, and let _FiniteGuard stop it.
+        logging_nan_inf_filter=False,
         **precision_flags(cfg.precision),
     )
+
+
+def _finite_guard():
+    """A TrainerCallback that stops an HF Trainer run at the first non-finite
+    logged loss or gradient norm, and before a checkpoint is saved from
+    non-finite weights, so the last good checkpoint is what a re-run resumes
+    from; ``.problem`` says what happened. (Defined here, not at import:
+    importing transformers' trainer takes seconds.)"""
+    from transformers import TrainerCallback
+
+    class FiniteGuard(TrainerCallback):
+        problem: str | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value) and self.problem is None:
+                    self.problem = f"the training {key.replace('_', ' ')} is {value} at step {state.global_step}"
+                    control.should_training_stop, control.should_save = True, False
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and model is not None and self.problem is None:
+                bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()), None)
+                if bad is not None:
+                    self.problem = f"weight {bad} is non-finite at step {state.global_step}"
+                    control.should_training_stop, control.should_save = True, False
+
+    return FiniteGuard()
 
 
 def last_checkpoint(stage_dir: Path) -> str | None:
@@ -127,7 +158,25 @@ def train_or_resume(trainer, stage_dir: Path) -> None:
     what ``train`` itself uses and knows every format (full, LoRA adapters,
     safetensors shards). With sharded weights (FSDP, ZeRO-3) it needs the
     wrapped model, so there the extra step is left to happen (and logged).
+
+    A non-finite loss, gradient norm or weight stops training and raises
+    RunFailed (exit 1) before ``final/`` or a poisoned checkpoint is written.
     """
+    guard = _finite_guard()
+    trainer.add_callback(guard)
+    try:
+        _train(trainer, stage_dir)
+    finally:
+        trainer.remove_callback(guard)
+    if guard.problem is not None:
+        from rlhf.errors import RunFailed
+
+        raise RunFailed(f"{stage_dir}: training diverged: {guard.problem} (try a lower learning rate, or "
+                        f"check the data); no final/ was written, and {stage_dir / 'checkpoints'} keeps the last "
+                        "finite checkpoint, which a re-run resumes from")
+
+
+def _train(trainer, stage_dir: Path) -> None:
     from transformers import TrainerState
 
     resume = last_checkpoint(stage_dir)
