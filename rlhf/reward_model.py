@@ -75,7 +75,7 @@ def _pairs(cfg: Config, seed: int):
     if not cfg.use_margin:
         for row in train_rows + held_rows:
             row.pop("margin", None)
-    return train_rows, held_rows, dropped + held_dropped
+    return train_rows, held_rows, (dropped, held_dropped)
 
 
 def _model_config(cfg: Config) -> ModelConfig:
@@ -128,11 +128,13 @@ def train(cfg: Config, ctx) -> Path:
             row.pop("margin", None)
     train_pairs, train_stats = tokenize_pairs(train_rows, tok, cfg.max_length)
     held_pairs, held_stats = tokenize_pairs(held_rows, tok, cfg.max_length)
-    for split, st in (("train", train_stats), ("held-out", held_stats)):
-        if st.prompt_truncated or st.response_truncated:
-            log.warning("%s: %d of %d sequences lost prompt tokens on the left, %d had their response cut "
-                        "to fit max_length=%d (no pair dropped)", split, st.prompt_truncated, 2 * st.pairs,
-                        st.response_truncated, cfg.max_length)
+    for split, st, n_dropped in (("train", train_stats, dropped[0]), ("held-out", held_stats, dropped[1])):
+        if st.prompt_truncated or st.response_truncated or st.identical or n_dropped:
+            log.warning("%s: %d pairs kept, %d invalid dropped (on_invalid: %s); of %d sequences %d lost prompt "
+                        "tokens on the left and %d had their response cut before its EOS to fit max_length=%d; "
+                        "%d pairs became identical after truncation (scored as ties)", split, st.pairs, n_dropped,
+                        cfg.data.on_invalid, 2 * st.pairs, st.prompt_truncated, st.response_truncated,
+                        cfg.max_length, st.identical)
     args = RewardConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
         # TRL turns checkpointing on by default (~30% more compute); ours follows the model config.
@@ -164,7 +166,10 @@ def train(cfg: Config, ctx) -> Path:
         "model/init": model_cfg.name,
         "train/steps": trainer.state.global_step, "train/pairs": len(train_pairs),
         "dist/world_size": trainer.args.world_size,
-        "data/dropped_invalid": dropped,
+        "data/dropped_invalid": sum(dropped),
+        "data/train_dropped_invalid": dropped[0], "data/eval_dropped_invalid": dropped[1],
+        "data/train_identical_after_truncation": train_stats.identical,
+        "data/eval_identical_after_truncation": held_stats.identical,
         "data/train_prompt_truncated": train_stats.prompt_truncated,
         "data/train_response_truncated": train_stats.response_truncated,
         "data/eval_prompt_truncated": held_stats.prompt_truncated,

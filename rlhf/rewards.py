@@ -242,7 +242,8 @@ def scoring_length(source: str, saved: ReadSettings | None, asked: int | None) -
 class PairStats:
     pairs: int = 0
     prompt_truncated: int = 0  # lost prompt tokens on the left
-    response_truncated: int = 0  # response alone exceeded max_length: kept its start
+    response_truncated: int = 0  # response alone exceeded max_length: kept its start (scored before its EOS)
+    identical: int = 0  # pairs whose two sides became the same tokens after truncation (a forced tie)
 
 
 def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
@@ -291,6 +292,7 @@ def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], 
         p_r, r_r = encode_response(tok, row["prompt"], row["rejected"])
         item = {"chosen_ids": truncate_pair(p_c, r_c, max_length, stats),
                 "rejected_ids": truncate_pair(p_r, r_r, max_length, stats)}
+        stats.identical += item["chosen_ids"] == item["rejected_ids"]
         if "margin" in row:
             item["margin"] = row["margin"]
         out.append(item)

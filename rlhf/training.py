@@ -162,6 +162,13 @@ def train_or_resume(trainer, stage_dir: Path) -> None:
     A non-finite loss, gradient norm or weight stops training and raises
     RunFailed (exit 1) before ``final/`` or a poisoned checkpoint is written.
     """
+    from transformers.trainer_callback import ProgressCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, ProgressCallback):
+            # Its on_log prints every log dict ({'loss': '6.794', ...}) under the bar; the same
+            # figures are in metrics.jsonl, and the bar shows progress, rate and ETA.
+            cb.on_log = lambda *args, **kwargs: None
     guard = _finite_guard()
     trainer.add_callback(guard)
     try:

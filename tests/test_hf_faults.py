@@ -52,3 +52,32 @@ def test_nan_loss_stops_the_stage_and_keeps_only_finite_checkpoints(tmp_path, mo
     for ckpt in saved:
         weights = load_file(ckpt / "model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_reward_stage_reports_data_problems_per_split(tmp_path, caplog):
+    """Invalid pairs dropped, pairs made identical by truncation and responses
+    cut before their EOS: counted per split, in metrics.json and the log."""
+    import json
+
+    from conftest import QUICKSTART
+    from rlhf import recipe as recipe_mod
+
+    base = [json.loads(x) for x in (QUICKSTART / "prefs_train.jsonl").read_text().splitlines()[:24]]
+    long = " ".join(["wonderful"] * 80)
+    same_start = {"prompt": "Review:", "chosen": long + " and great", "rejected": long + " but awful"}
+    invalid = {"prompt": "Review:", "chosen": "same", "rejected": "same"}
+    train, held = base[:16] + [same_start, invalid, invalid], base[16:] + [same_start, invalid]
+    for name, rows in (("train.jsonl", train), ("held.jsonl", held)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_recipe_dict(tmp_path / "out", ("sft", "reward"))
+    cfg["stages"]["reward"]["data"] = {"path": str(tmp_path / "train.jsonl"), "eval_path": str(tmp_path / "held.jsonl"),
+                                       "on_invalid": "drop"}
+    cfg["stages"]["reward"]["max_length"] = 32
+    recipe_mod.run(recipe_mod.load_recipe(write_recipe(tmp_path / "r.yaml", cfg)))
+    m = json.loads((tmp_path / "out" / "reward" / "metrics.json").read_text())
+    assert (m["data/train_dropped_invalid"], m["data/eval_dropped_invalid"]) == (2, 1)
+    assert (m["data/train_identical_after_truncation"], m["data/eval_identical_after_truncation"]) == (1, 1)
+    assert m["data/train_response_truncated"] >= 2 and m["data/eval_response_truncated"] >= 2
+    assert m["eval/pairs"] == 9  # 8 valid + the forced tie: every kept pair is scored
+    assert "held-out: 9 pairs kept, 1 invalid dropped" in caplog.text
+    assert "1 pairs became identical after truncation" in caplog.text
