@@ -106,10 +106,11 @@ def main() -> None:
         recipe_mod.run(recipe_mod.load_recipe(path))
         for arm in args.arms:
             out = args.work / f"seed{seed}" / arm
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
-            shutil.copytree(shared / "sft", out / "sft")
+            if not (out / "ppo" / "final").exists():  # else finished by an earlier run: reuse it
+                if out.exists():
+                    shutil.rmtree(out)
+                out.mkdir(parents=True)
+                shutil.copytree(shared / "sft", out / "sft")
             path = out.parent / f"{arm}.yaml"
             path.write_text(yaml.safe_dump(arm_recipe(arm, out, seed), sort_keys=False))
             recipe_mod.run(recipe_mod.load_recipe(path))

@@ -72,7 +72,7 @@ class Config:
     checkpoints: dict[str, str | ModelConfig] = opt(
         {}, "name -> policy: checkpoint dir, hub id, or a preset (e.g. tiny: the random-init, untrained policy)")
     prompts: str | EvalData = opt("", "prompts to sample from (JSONL with `prompt`), or an EvalData mapping")
-    rewards: dict[str, str | list[str | RewardSpec]] = opt(
+    rewards: dict[str, str | RewardSpec | list[str | RewardSpec]] = opt(
         {}, "name -> reward source: reward-model dir, module:function, or a weighted list of them")
     gold: str | None = opt(None, "gold scorer (module:function or reward-model dir), e.g. rlhf.gold:vader_sentiment")
     reference: str | None = opt(None, "KL reference: a name in `checkpoints`, or a model dir / preset; null = no KL")

@@ -106,7 +106,9 @@ class Config:
     reference: str | ModelConfig | None = opt(
         None, "KL reference policy; null = `model` (with LoRA: the policy with adapters off). In rounds, "
               "where `model` is the previous round's policy, keep this the SFT policy")
-    reward: str | list[str | RewardSpec] = opt("", "reward source(s): checkpoint dir, module:function, or a list")
+    reward: str | RewardSpec | list[str | RewardSpec] = opt(
+        "", "reward source(s): checkpoint dir, module:function, a {source, weight, aggregate, ...} mapping, "
+            "or a list of them")
     value_model: str = opt("reward", "reward: init from the first reward-model checkpoint (or the policy if "
                                      "none); policy_head: value head on the policy; or a checkpoint dir")
     data: DataConfig = opt(DataConfig(), "training prompts (`prompt` field)")
