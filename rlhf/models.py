@@ -319,6 +319,24 @@ def _seeded(seed: int):
         yield
 
 
+@contextlib.contextmanager
+def quiet_bars(local: bool = True):
+    """Without transformers 5's progress bar per checkpoint loaded or written
+    ("Loading weights", "Writing model shards": dozens per run, each over in
+    an instant for a local checkpoint). Hub ids keep theirs: there the bar
+    reports a download."""
+    from transformers.utils import logging as hf_logging
+
+    if not local or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0) -> PreTrainedModel:
     """A causal LM from a preset (random init, seeded), a local dir or the hub."""
     if is_preset(cfg.name):
@@ -330,7 +348,8 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
                       **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with quiet_bars(Path(name).is_dir()):
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     return _finish(model, tok, cfg)
 
 
@@ -356,7 +375,7 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
             kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        with _seeded(cfg.seed if cfg.seed is not None else seed):  # the new head's init
+        with _seeded(cfg.seed if cfg.seed is not None else seed), quiet_bars(Path(name).is_dir()):  # seed: new head
             model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
     return _finish(model, tok, cfg)
 
@@ -447,7 +466,8 @@ def save_checkpoint(model, tok: PreTrainedTokenizerBase, out: Path, extra: dict[
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    with quiet_bars():
+        model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     for name, content in (extra or {}).items():
         (tmp / name).write_text(json.dumps(content, indent=2) + "\n")

@@ -36,7 +36,7 @@ from rlhf.rewards import (READ_SETTINGS_FILE, ReadSettings, length_bias, pairwis
                           tokenize_pairs)
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.sharding import unpartitioned
-from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, train_or_resume
+from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, quiet_trl_config, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,14 @@ def train(cfg: Config, ctx) -> Path:
                         "%d pairs became identical after truncation (scored as ties)", split, st.pairs, n_dropped,
                         cfg.data.on_invalid, 2 * st.pairs, st.prompt_truncated, st.response_truncated,
                         cfg.max_length, st.identical)
-    args = RewardConfig(
+    args = quiet_trl_config(lambda: RewardConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
         # TRL turns checkpointing on by default (~30% more compute); ours follows the model config.
         gradient_checkpointing=model_cfg.gradient_checkpointing,
         max_length=None,  # already truncated above; TRL would drop over-long pairs instead
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         disable_tqdm=not ctx.is_main,
-    )
+    ))
     logger = MetricsLogger(ctx.stage_dir, ctx.name, [], enabled=ctx.is_main)
     # TRL refuses a model whose config says num_labels != 1. An ensemble's k
     # heads are one (k, hidden) score layer whose size is fixed at init, and

@@ -21,7 +21,8 @@ from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_tokenizer,
                          load_policy, peft_config)
 from rlhf.tracking import MetricsCallback, MetricsLogger
-from rlhf.training import TrainingConfig, finish_stage, held_out_loss, hf_kwargs, train_or_resume
+from rlhf.training import (TrainingConfig, finish_stage, held_out_loss, hf_kwargs, quiet_trl_config,
+                           train_or_resume)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def train(cfg: Config, ctx) -> Path:
     model = load_causal_lm(model_cfg, tok, seed=ctx.seed)
     _, _, train_rows, held_rows = _examples(cfg, ctx.seed)
     initial_path = ctx.stage_dir / "initial_eval.json"
-    args = SFTConfig(
+    args = quiet_trl_config(lambda: SFTConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
         # TRL turns checkpointing on by default (~30% more compute); ours follows the model config.
         gradient_checkpointing=model_cfg.gradient_checkpointing,
@@ -104,7 +105,7 @@ def train(cfg: Config, ctx) -> Path:
         # model as prepared and train() skips the DDP wrapper, so each rank
         # trains alone without gradient all-reduce (seen under torchrun).
         eval_on_start=bool(held_rows) and not initial_path.exists(),
-    )
+    ))
     logger = MetricsLogger(ctx.stage_dir, ctx.name, [], enabled=ctx.is_main)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tok,

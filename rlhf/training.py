@@ -74,6 +74,18 @@ def precision_flags(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
+def quiet_trl_config(make):
+    """``make()`` (a TRL config constructor) without transformers'
+    "`gradient_checkpointing` is deprecated" FutureWarning: TRL 1.x's own
+    config declares that field (default True), so the warning fires on every
+    stage whatever we pass; we set the value explicitly."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return make()
+
+
 def hf_kwargs(cfg: TrainingConfig, stage_dir: Path, seed: int, report_to: list[str], run_name: str) -> dict:
     """TrainingArguments kwargs. Checkpoints go to ``<stage_dir>/checkpoints``."""
     return dict(
@@ -169,10 +181,13 @@ def train_or_resume(trainer, stage_dir: Path) -> None:
             # Its on_log prints every log dict ({'loss': '6.794', ...}) under the bar; the same
             # figures are in metrics.jsonl, and the bar shows progress, rate and ETA.
             cb.on_log = lambda *args, **kwargs: None
+    from rlhf.models import quiet_bars
+
     guard = _finite_guard()
     trainer.add_callback(guard)
     try:
-        _train(trainer, stage_dir)
+        with quiet_bars():  # checkpoint writes; the training bar is the Trainer's own
+            _train(trainer, stage_dir)
     finally:
         trainer.remove_callback(guard)
     if guard.problem is not None:

@@ -177,3 +177,22 @@ stages:
     summary = json.loads((tmp_path / "run" / "reward" / "metrics.json").read_text())
     assert summary["train/steps"] == 3 and summary["train/pairs"] == N_PAIRS - 1
     assert summary["eval/pairs"] == N_PAIRS - 1
+
+
+def test_a_sign_in_link_opened_in_a_tab_already_on_the_page_signs_in(browser, tmp_path):
+    """The link only changes the fragment (no reload): the page must notice."""
+    from playwright.sync_api import expect
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    tokens, _ = make_project(db)
+    with Store.open(db) as store:
+        store.add_labeler(store.project("e2e"), "bea", "rlhf_e2e_bea_" + "c" * 32)
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page()
+        page.goto(f"{server.url}/#token={tokens['ann']}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        expect(page.locator("#who")).to_contain_text("ann")
+        page.goto(f"{server.url}/#token={'rlhf_e2e_bea_' + 'c' * 32}")  # same document: only the fragment changes
+        expect(page.locator("#who")).to_contain_text("bea")
+        assert "token" not in page.url
+        page.close()

@@ -291,11 +291,21 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   // A sign-in link carries the token in the fragment, which browsers never
   // send to the server; keep it, then remove it from the address bar.
-  const m = location.hash.match(/token=([A-Za-z0-9_\-]+)/);
-  if (m) {
+  const takeLinkToken = () => {
+    const m = location.hash.match(/token=([A-Za-z0-9_\-]+)/);
+    if (!m) return false;
     localStorage.setItem(TOKEN_KEY, m[1]);
     history.replaceState(null, "", location.pathname);
-  }
+    return true;
+  };
+  takeLinkToken();
   state.token = localStorage.getItem(TOKEN_KEY);
   if (state.token) start(); else signOut("");
+  // A sign-in link opened in a tab already on this page only changes the
+  // fragment: no reload, so sign in with the new token here.
+  window.addEventListener("hashchange", () => {
+    if (!takeLinkToken()) return;
+    state.token = localStorage.getItem(TOKEN_KEY);
+    start();
+  });
 });
