@@ -591,9 +591,8 @@ def run(recipe: Recipe, force: bool = False, only: list[str] | None = None) -> d
         ctx = stage_context(recipe, stage, state.is_main_process)
         final = ctx.stage_dir / "final"
         if stage.name not in todo:
-            if final.exists():
-                if not only or stage.name in only:
-                    log.info("stage %s: %s exists, skipping (use --force to redo)", stage.name, final)
+            if final.exists() and (not only or stage.name in only):  # --only: report the chosen ones
+                log.info("stage %s: %s exists, skipping (use --force to redo)", stage.name, final)
                 results[stage.name] = final
             continue
         state.wait_for_everyone()

@@ -329,6 +329,10 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _too_few(n: int, min_votes: int) -> str:
+    return f"{n} not labeled yet" if min_votes == 1 else f"{n} with fewer than {min_votes} votes"
+
+
 def cmd_export(args) -> int:
     from rlhf.labeling.config import ExportConfig, replace
     from rlhf.labeling.export import export_rows, output_format, write_rows
@@ -347,10 +351,11 @@ def cmd_export(args) -> int:
     protect = [Path(db.url.database)] if db.url.get_backend_name() == "sqlite" else []
     if not rows:
         raise BadInput(f"--project {project.name}: no labeled pairs to export yet ({st.pairs} pairs, "
-                       f"{st.too_few_votes} with fewer than {cfg.min_votes} votes, {st.ties_dropped} ties dropped)")
+                       f"{_too_few(st.too_few_votes, cfg.min_votes)}, {st.ties_dropped} ties dropped)")
     write_rows(rows, out, fmt, protect)
-    print(f"{st.exported} preference pairs -> {out} ({fmt}); of {st.pairs} pairs: {st.too_few_votes} with fewer "
-          f"than {cfg.min_votes} votes, {st.ties_dropped} ties dropped, {st.ties_randomised} ties given a random side")
+    print(f"{st.exported} preference pairs -> {out} ({fmt}); of {st.pairs} pairs: "
+          f"{_too_few(st.too_few_votes, cfg.min_votes)}, {st.ties_dropped} ties dropped, {st.ties_randomised} ties "
+          "given a random side")
     return 0
 
 

@@ -359,6 +359,7 @@ class _WatchState:
     steps: list[int] = field(default_factory=list)
     alarm_step: int | None = None
     stopped: bool = False
+    heldout_fn: CombinedReward | None = None  # loaded at the first watch point
 
 
 @dataclass
@@ -780,12 +781,13 @@ def _watch(run: _Run, step: int) -> bool:
     with full_weights(run.model, acc) as local, acc.autocast():
         got = sample(policy, run.tok, texts, sampling, seed, acc.device, reference=initial, synced_gpus=not local)
     run.model.train()
-    heldout_fn = CombinedReward([RewardSpec(source=w.heldout or cfg.eval.gold)], device=acc.device)
-    every = gather_object(list(zip(run.reward_fn(share[:real], got.texts[:real]),
-                                   heldout_fn(share[:real], got.texts[:real]), got.kl[:real], got.lengths[:real],
-                                   got.texts[:real])))
-    proxy, heldout, kl, length, all_texts = (list(x) for x in zip(*every))
     state = run.watch
+    if state.heldout_fn is None:
+        state.heldout_fn = CombinedReward([RewardSpec(source=w.heldout or cfg.eval.gold)], device=acc.device)
+    every = gather_object(list(zip(run.reward_fn(share[:real], got.texts[:real]),
+                                   state.heldout_fn(share[:real], got.texts[:real]), got.kl[:real],
+                                   got.lengths[:real], got.texts[:real])))
+    proxy, heldout, kl, length, all_texts = (list(x) for x in zip(*every))
     state.proxy.append(float(np.mean(proxy)))
     state.heldout.append(float(np.mean(heldout)))
     state.steps.append(step)
