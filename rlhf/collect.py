@@ -385,10 +385,14 @@ def _simulate(cfg: Config, store, project, ids: set[int], progress: _Progress) -
             turn = (done + skips) % len(labelers)
             while turn in exhausted:
                 turn = (turn + 1) % len(labelers)
-            choice = labelers[turn].label_next()
-            if choice is None:
+            got = labelers[turn].label_next()
+            if got is None:
                 exhausted.add(turn)
-            elif choice == "skip":
+                continue
+            pair_id, choice = got
+            if pair_id not in ids:  # an earlier round's pair still open: labeled, but not this round's budget
+                continue
+            if choice == "skip":
                 skips += 1
             else:
                 done += 1

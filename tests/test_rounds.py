@@ -376,3 +376,26 @@ def test_people_get_sign_in_links_and_their_labels_over_http_finish_the_round(tm
     assert proc.returncode == 0, path.with_suffix(".log").read_text()[-3000:]
     got = json.loads((out / "round-1" / "collect" / "metrics.json").read_text())
     assert got["collect/labels_by/alice"] == 4 and got["collect/labels"] == 4
+
+
+def test_simulated_labels_on_an_earlier_rounds_open_pair_do_not_count_toward_this_round(tmp_path):
+    from types import SimpleNamespace
+
+    from rlhf.collect import Config, Labelers, _counts, _Progress, _simulate
+    from rlhf.labeling.config import ProjectConfig
+    from rlhf.labeling.simulated import SimulatedConfig
+    from rlhf.labeling.store import NewPair, Store
+
+    with Store.open(f"sqlite:///{tmp_path / 'labels.db'}", create=True) as store:
+        project = store.create_project("rounds", ProjectConfig())
+        store.add_pairs(project, [NewPair("old", "an unlabeled pair", "from round one")])  # lowest id: served first
+        store.add_pairs(project, [NewPair(f"p{i}", "short", "a longer answer") for i in range(2)])
+        ids = {pid for pid, row in store.pairs(project).items() if row.prompt != '"old"'}
+        cfg = Config(policy="unused", prompts="unused", labels=2, labelers=Labelers(
+            simulated=SimulatedConfig(count=1, gold="round_helpers:longer_is_better")))
+        ctx = SimpleNamespace(stage_dir=tmp_path / "collect", name="round-2/collect", is_main=True)
+        progress = _Progress(ctx, cfg.labels, 0)
+        _simulate(cfg, store, project, ids, progress)
+        progress.close()
+        assert _counts(store, project, ids)[0] == 2  # both of this round's pairs, besides the old one
+        assert len(store.current_labels(project.id)) == 3

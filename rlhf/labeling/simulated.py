@@ -116,9 +116,9 @@ class SimulatedLabeler:
         self.client = Client(url, token)
         self.gold = gold or load_function(cfg.gold)
 
-    def label_next(self) -> str | None:
+    def label_next(self) -> tuple[int, str] | None:
         """Take the next pair this labeler is offered, judge it and submit the
-        label; returns the choice, or None when no pair is left for them."""
+        label; returns (pair id, choice), or None when no pair is left for them."""
         pair = self.client.call("GET", "/api/next")["pair"]
         if pair is None:
             return None
@@ -128,4 +128,4 @@ class SimulatedLabeler:
         choice = choose(g_a, g_b, self.temperature, self.cfg.abstain, self.adversarial, rng)
         self.client.call("POST", "/api/labels", {"client_id": f"{self.name}-pair-{pair['id']:08d}",
                                                  "pair_id": pair["id"], "choice": choice})
-        return choice
+        return pair["id"], choice
