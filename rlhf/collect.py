@@ -95,8 +95,8 @@ class Config:
     db: str = opt("", "labeling database URL; empty = sqlite:///<output_dir>/labels.db")
     project: str = opt("rounds", "labeling project (created on first use)")
     overlap: int = opt(1, "labelers per pair when the project is created (>= 2 to measure agreement)")
-    labelers: Literal["people"] | Labelers = opt("people", "people (the default), or "
-                                                           "{simulated: {count, gold, temperature, ...}}")
+    labelers: Literal["people"] | Labelers = opt("people", "people (the default; or {people: [alice, bob]} to "
+                                                           "register them), or {simulated: {count, gold, ...}}")
     serve: ServeConfig = opt(ServeConfig(), "where to serve the labeling app while waiting for people")
     wait: bool = opt(True, "wait for the labels; false: end the run (exit 0) until they are in")
     poll_seconds: float = opt(10.0, "how often to check the store while people label")
@@ -116,6 +116,8 @@ class Config:
             raise fail("held_out", f"expected a fraction in [0, 1), got {self.held_out}")
         if not self.poll_seconds > 0:
             raise fail("poll_seconds", f"expected > 0, got {self.poll_seconds}")
+        if self.generation.samples_per_prompt != 1:
+            raise fail("generation.samples_per_prompt", "leave it at 1: `candidates` sets the samples per prompt")
         if self.prompts_per_round is not None and self.prompts_per_round < 1:
             raise fail("prompts_per_round", f"expected a positive integer or null, got {self.prompts_per_round}")
 
@@ -269,7 +271,8 @@ def _make_pairs_file(cfg: Config, ctx, path: Path) -> dict:
     """Sample, select and write the round's pairs (atomically); returns selection stats."""
     from rlhf.labeling.pairs import Candidate, make_pairs
 
-    seed = ctx.seed + 1000 * (ctx.round or 0)
+    base = cfg.generation.seed if cfg.generation.seed is not None else ctx.seed
+    seed = base + 1000 * (ctx.round or 0)  # a fresh draw each round
     prompts = _round_prompts(cfg, seed)
     candidates = _sample_candidates(cfg, prompts, seed)
     scores = None
