@@ -375,9 +375,40 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
             kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        with _seeded(cfg.seed if cfg.seed is not None else seed), quiet_bars(Path(name).is_dir()):  # seed: new head
-            model = AutoModelForSequenceClassification.from_pretrained(name, **kwargs)
+        with (_seeded(cfg.seed if cfg.seed is not None else seed), quiet_bars(Path(name).is_dir()),
+              _transformers_errors_only()):
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+        _report_new_head(name, model, info)
     return _finish(model, tok, cfg)
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers' own loading report (a table naming every missing key) is
+    replaced by ``_report_new_head``'s line: starting a reward or value model
+    from a causal-LM checkpoint always leaves the score head "missing"."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _report_new_head(name: str, model, info: dict) -> None:
+    """One line for the expected case (a new score head), a warning for anything else."""
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("score.")]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("lm_head.")]  # a causal LM's head
+    fresh = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
+    fresh += [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
+    if fresh:
+        log.info("%s: new score head (%d output%s)", name, model.config.num_labels,
+                 "s" if model.config.num_labels != 1 else "")
+    if missing or unexpected:
+        log.warning("%s: loaded as a sequence classifier with %d weights missing (%s) and %d unused (%s)", name,
+                    len(missing), ", ".join(missing[:3]), len(unexpected), ", ".join(unexpected[:3]))
 
 
 def context_length(cfg: ModelConfig) -> int | None:
