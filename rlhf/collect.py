@@ -463,15 +463,16 @@ def _export(cfg: Config, ctx, store, project, ids: set[int], out: Path) -> dict:
 
 
 def fresh_accuracy(source: str, rows: list[dict]) -> float | None:
-    """A reward model's pairwise accuracy on preference rows (ties count half)."""
+    """A reward source's pairwise accuracy on preference rows (ties count
+    half), scored as ``rlhf eval`` scores held-out preferences."""
+    from rlhf.evaluation.metrics import win_outcomes
+    from rlhf.evaluation.runner import pairwise_scores
     from rlhf.rewards import CombinedReward, RewardSpec
 
     if not rows:
         return None
-    fn = CombinedReward([RewardSpec(source=source)])
-    chosen = fn([r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    rejected = fn([r["prompt"] for r in rows], [r["rejected"] for r in rows])
-    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / len(rows)
+    chosen, rejected, _ = pairwise_scores(CombinedReward([RewardSpec(source=source)]), rows)
+    return float(win_outcomes(chosen, rejected).mean())
 
 
 def _agreement(store, project, ids: set[int]) -> dict:

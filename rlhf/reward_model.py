@@ -32,8 +32,8 @@ from rlhf.data import DataConfig, load_splits, normalize_preferences
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
-from rlhf.rewards import (READ_SETTINGS_FILE, ReadSettings, length_bias, pairwise_accuracy, score_ids,
-                          tokenize_pairs)
+from rlhf.rewards import (READ_SETTINGS_FILE, ReadSettings, length_bias, pair_member_scores, pairwise_accuracy,
+                          pairwise_stats, tokenize_pairs)
 from rlhf.tracking import MetricsCallback, MetricsLogger
 from rlhf.sharding import unpartitioned
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, quiet_trl_config, train_or_resume
@@ -95,15 +95,12 @@ def validate(cfg: Config, ctx) -> None:
     load_tokenizer(source)
 
 
-def _length_bias(model, pairs: list[dict], rows: list[dict], pad_id: int) -> dict:
-    """``eval/length_*``: how far the trained model's held-out scores follow
-    response length (words), ``rlhf.rewards.length_bias``."""
-    with torch.no_grad():
-        chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, label=None).tolist()
-        rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, label=None).tolist()
-    chosen, rejected = (torch.tensor(x).reshape(len(pairs), -1).mean(1).tolist() for x in (chosen, rejected))
+def _length_bias(chosen: torch.Tensor, rejected: torch.Tensor, rows: list[dict]) -> dict:
+    """``eval/length_*``: how far the trained model's held-out scores (n,)
+    follow response length (words), ``rlhf.rewards.length_bias``."""
     words = lambda text: len(text.split()) if isinstance(text, str) else len(str(text).split())  # noqa: E731
-    got = length_bias(chosen, rejected, [words(r["chosen"]) for r in rows], [words(r["rejected"]) for r in rows])
+    got = length_bias(chosen.tolist(), rejected.tolist(), [words(r["chosen"]) for r in rows],
+                      [words(r["rejected"]) for r in rows])
     log.info("length bias on held-out pairs: score-length correlation %s; accuracy %s where the chosen response "
              "is shorter (%d pairs), %s where it is longer (%d pairs)",
              *(f"{got[k]:.3f}" if got[k] is not None else "n/a" for k in ("length_corr", "accuracy_chosen_shorter")),
@@ -177,14 +174,16 @@ def train(cfg: Config, ctx) -> Path:
     }
     model = trainer.model.eval()
     if held_pairs:
-        after = pairwise_accuracy(model, held_pairs, tok.pad_token_id)
+        # Held-out pairs scored once, for the accuracy, the length statistics and the members.
+        chosen, rejected = pair_member_scores(model, held_pairs, tok.pad_token_id)
+        after = pairwise_stats(chosen.mean(1), rejected.mean(1))
         summary.update({"eval/accuracy": after["accuracy"], "eval/margin": after["margin"],
                         "eval/pairs": after["pairs"], "eval/accuracy_before": before["accuracy"]})
         log.info("reward model held-out accuracy: %.3f before -> %.3f after, over all %d pairs",
                  before["accuracy"], after["accuracy"], after["pairs"])
-        summary.update(_length_bias(model, held_pairs, held_rows, tok.pad_token_id))
+        summary.update(_length_bias(chosen.mean(1), rejected.mean(1), held_rows))
         if cfg.ensemble > 1:
-            summary.update(_members(model, held_pairs, tok.pad_token_id))
+            summary.update(_members(chosen, rejected))
     return finish_stage(trainer, tok, ctx, summary, logger,
                         lambda: with_lora(load_sequence_classifier(model_cfg, tok, seed=ctx.seed,
                                                                    num_labels=cfg.ensemble), model_cfg.lora, "SEQ_CLS"),
@@ -193,12 +192,11 @@ def train(cfg: Config, ctx) -> Path:
                             ensemble=cfg.ensemble).to_json()})
 
 
-def _members(model, pairs: list[dict], pad_id: int) -> dict:
+def _members(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     """An ensemble's held-out accuracy per member and how much the members
-    disagree (mean over pairs of the std of their score differences)."""
-    with torch.no_grad():
-        diff = (score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, label=None)
-                - score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, label=None))
+    disagree (mean over pairs of the std of their score differences), from
+    the member scores (n, k) of both sides."""
+    diff = chosen - rejected
     acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean(0)
     return {**{f"eval/member_{i}_accuracy": a for i, a in enumerate(acc.tolist())},
             "eval/member_disagreement": diff.std(1, unbiased=False).mean().item()}

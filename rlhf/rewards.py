@@ -336,14 +336,27 @@ def aggregate_members(members: torch.Tensor, how: str = "mean", coef: float = 1.
     raise ValueError(f"unknown aggregate {how!r} (expected mean, mean_minus_std or min)")
 
 
-def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
-    """Accuracy over every pair: P(score(chosen) > score(rejected)); ties count
-    half. An ensemble (several outputs) is scored by its members' mean."""
-    chosen = score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size, label=None).mean(1)
-    rejected = score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size, label=None).mean(1)
+def pair_member_scores(model, pairs: list[dict], pad_id: int, batch_size: int = 64
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every output's score of the chosen and of the rejected side of
+    tokenized pairs (``tokenize_pairs``); an ensemble has one output per
+    member. Shapes: (n, k), (n, k)."""
+    return (score_ids(model, [p["chosen_ids"] for p in pairs], pad_id, batch_size, label=None),
+            score_ids(model, [p["rejected_ids"] for p in pairs], pad_id, batch_size, label=None))
+
+
+def pairwise_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
+    """Accuracy over every pair, P(chosen > rejected) with ties counting half,
+    and the mean margin. Shapes: (n,), (n,)."""
     wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
-    return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(),
-            "pairs": len(pairs)}
+    return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(), "pairs": len(chosen)}
+
+
+def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    """``pairwise_stats`` of a model on tokenized pairs; an ensemble (several
+    outputs) is scored by its members' mean."""
+    chosen, rejected = pair_member_scores(model, pairs, pad_id, batch_size)
+    return pairwise_stats(chosen.mean(1), rejected.mean(1))
 
 
 

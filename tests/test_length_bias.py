@@ -87,6 +87,12 @@ def test_ensemble_reward_stage_trains_k_heads_and_scores_as_one_source(tmp_path)
                                           uncertainty_coef=2.0)])(prompts, responses)
     expected = members.mean(1) - 2.0 * members.std(1, unbiased=False)
     assert cautious == pytest.approx(expected.tolist(), abs=1e-6)
+    # Held-out preference scoring (rlhf eval, the collect stage) combines the members the same way.
+    from rlhf.evaluation.runner import pairwise_scores
+
+    rows = [{"prompt": p, "chosen": r, "rejected": " so-so"} for p, r in zip(prompts, responses)]
+    chosen, _, _ = pairwise_scores(CombinedReward([RewardSpec(source=str(out), aggregate="min")]), rows)
+    assert chosen.tolist() == pytest.approx(worst, abs=1e-5)
     # A PPO value model started from it gets a fresh one-output head instead of failing to load.
     from rlhf.models import ModelConfig, load_sequence_classifier, load_tokenizer
 

@@ -277,14 +277,14 @@ def pairwise_scores(source: CombinedReward, rows: list[dict]) -> tuple[np.ndarra
     (the reward stage's truncation: prompt tokens dropped from the left, never a
     pair); anything else (functions, weighted sums) is called on the texts.
     """
-    from rlhf.rewards import RewardModel, score_ids, tokenize_pairs
+    from rlhf.rewards import RewardModel, aggregate_members, pair_member_scores, tokenize_pairs
 
     weight, fn, _ = source.parts[0]
     if len(source.parts) == 1 and isinstance(fn, RewardModel) and fn.label is None:
         pairs, stats = tokenize_pairs(rows, fn.tokenizer, fn.max_length)
-        pad = fn.tokenizer.pad_token_id
-        chosen = weight * score_ids(fn.model, [p["chosen_ids"] for p in pairs], pad, fn.batch_size).numpy()
-        rejected = weight * score_ids(fn.model, [p["rejected_ids"] for p in pairs], pad, fn.batch_size).numpy()
+        members = pair_member_scores(fn.model, pairs, fn.tokenizer.pad_token_id, fn.batch_size)
+        # An ensemble's members combined as the source combines them for every other consumer.
+        chosen, rejected = (weight * aggregate_members(m, fn.aggregate, fn.uncertainty_coef).numpy() for m in members)
         return chosen, rejected, {"prompt_truncated": stats.prompt_truncated,
                                   "response_truncated": stats.response_truncated}
     prompts = [r["prompt"] for r in rows]
