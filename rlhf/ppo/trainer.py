@@ -770,16 +770,10 @@ def _watch(run: _Run, step: int) -> bool:
     from accelerate.utils import gather_object
 
     cfg, acc, w = run.cfg, run.accelerator, run.cfg.watch
-    prompts = _prompts(w.prompts or cfg.eval.prompts, cfg.data.columns, w.max_prompts, "test")
-    share, real = pad_shard(prompts, acc.process_index, acc.num_processes)
-    texts = [render_prompt(run.tok, p) for p in share]
-    sampling = dataclasses.replace(cfg.generation, batch_size=cfg.eval.batch_size, samples_per_prompt=1)
-    seed = cfg.generation.seed if cfg.generation.seed is not None else run.ctx.seed
-    policy = acc.unwrap_model(run.model).policy
-    initial = run.reference.model if run.reference.model is not None else _AdaptersOff(policy)
+    held = _held_out(run, w.prompts or cfg.eval.prompts, w.max_prompts)
+    share, real = held.share, held.real
     run.model.eval()
-    with full_weights(run.model, acc) as local, acc.autocast():
-        got = sample(policy, run.tok, texts, sampling, seed, acc.device, reference=initial, synced_gpus=not local)
+    got = _sample_trained(run, held)
     run.model.train()
     state = run.watch
     if state.heldout_fn is None:
@@ -920,6 +914,41 @@ def _finish(run: _Run) -> Path:
     return final
 
 
+@dataclass
+class _HeldOut:
+    """This rank's share of a held-out prompt file (padded to equal shares, so
+    sharded models run the same batches on every rank), rendered, and how it is sampled."""
+
+    share: list
+    real: int  # prompts at the start of ``share`` that are not padding
+    texts: list[str]
+    sampling: SamplingConfig
+    seed: int
+
+
+def _held_out(run: _Run, path: str, limit: int) -> _HeldOut:
+    cfg, acc = run.cfg, run.accelerator
+    share, real = pad_shard(_prompts(path, cfg.data.columns, limit, "test"), acc.process_index, acc.num_processes)
+    return _HeldOut(share, real, [render_prompt(run.tok, p) for p in share],
+                    dataclasses.replace(cfg.generation, batch_size=cfg.eval.batch_size, samples_per_prompt=1),
+                    cfg.generation.seed if cfg.generation.seed is not None else run.ctx.seed)
+
+
+def _initial_policy(run: _Run):
+    """The policy the run started from: the reference model, or the LoRA policy with adapters off."""
+    ref = run.reference.model
+    return ref if ref is not None else _AdaptersOff(run.accelerator.unwrap_model(run.model).policy)
+
+
+def _sample_trained(run: _Run, held: _HeldOut):
+    """The trained policy's samples of ``held`` with KL to the initial policy,
+    from its weights gathered once."""
+    acc = run.accelerator
+    with full_weights(run.model, acc) as local, acc.autocast():
+        return sample(acc.unwrap_model(run.model).policy, run.tok, held.texts, held.sampling, held.seed, acc.device,
+                      reference=_initial_policy(run), synced_gpus=not local)
+
+
 def _gold_eval(run: _Run) -> dict[str, float]:
     """Held-out check: gold score and response length of the initial and the
     trained policy, and KL(trained || initial) per sequence.
@@ -931,23 +960,17 @@ def _gold_eval(run: _Run) -> dict[str, float]:
     from accelerate.utils import gather_object
 
     cfg, acc = run.cfg, run.accelerator
-    prompts = _prompts(cfg.eval.prompts, cfg.data.columns, cfg.eval.max_prompts, "test")
-    share, real = pad_shard(prompts, acc.process_index, acc.num_processes)
-    texts = [render_prompt(run.tok, p) for p in share]
+    held = _held_out(run, cfg.eval.prompts, cfg.eval.max_prompts)
+    share, real = held.share, held.real
     gold = CombinedReward([RewardSpec(source=cfg.eval.gold)], device=acc.device) if cfg.eval.gold else None
-    sampling = dataclasses.replace(cfg.generation, batch_size=cfg.eval.batch_size, samples_per_prompt=1)
-    seed = cfg.generation.seed if cfg.generation.seed is not None else run.ctx.seed
-    policy = acc.unwrap_model(run.model).policy
     reference = run.reference
-    initial = reference.model if reference.model is not None else _AdaptersOff(policy)
+    initial = _initial_policy(run)
     # One model's weights gathered at a time: the initial policy's to sample
     # from it, then the trained policy's; the reference's KL forwards stay
     # sharded (collective; equal shares keep the ranks in step).
     with full_weights(initial if reference.model is not None else run.model, acc) as local, acc.autocast():
-        before = sample(initial, run.tok, texts, sampling, seed, acc.device, synced_gpus=not local)
-    with full_weights(run.model, acc) as local, acc.autocast():
-        after = sample(policy, run.tok, texts, sampling, seed, acc.device, reference=initial,
-                       synced_gpus=not local)
+        before = sample(initial, run.tok, held.texts, held.sampling, held.seed, acc.device, synced_gpus=not local)
+    after = _sample_trained(run, held)
     out = {}
     for name, samples in (("sft", before), ("ppo", after)):
         if gold is not None:
