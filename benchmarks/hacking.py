@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
+from seeds import interval, shared_sft  # benchmarks/seeds.py
+
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("single", "ensemble", "quickstart")
-T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57}
 WATCH = {"every": 5, "max_prompts": 64, "patience": 3, "threshold": 0.05}
 
 
@@ -70,16 +69,6 @@ def watch_figures(out: Path) -> dict:
             "last_top_ending": w[-1]["watch/top_ending_share"]}
 
 
-def interval(xs: list[float]) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return f"{m:.3f}"
-    return f"{m:.3f} ± {T_95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs)):.3f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -98,19 +87,15 @@ def main() -> None:
 
     results = []
     for seed in args.seeds:
-        shared = args.work / f"seed{seed}" / "shared"
-        sft = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["stages"]["sft"]
-        path = args.work / f"seed{seed}" / "sft.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump({"output_dir": str(shared), "seed": seed, "stages": {"sft": sft}}))
-        recipe_mod.run(recipe_mod.load_recipe(path))
+        sft = shared_sft(yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["stages"]["sft"], seed,
+                         args.work)
         for arm in args.arms:
             out = args.work / f"seed{seed}" / arm
             if not (out / "ppo" / "final").exists():  # else finished by an earlier run: reuse it
                 if out.exists():
                     shutil.rmtree(out)
                 out.mkdir(parents=True)
-                shutil.copytree(shared / "sft", out / "sft")
+                shutil.copytree(sft, out / "sft")
             path = out.parent / f"{arm}.yaml"
             path.write_text(yaml.safe_dump(arm_recipe(arm, out, seed), sort_keys=False))
             recipe_mod.run(recipe_mod.load_recipe(path))

@@ -15,23 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import statistics
 import sys
 from pathlib import Path
 
+from seeds import interval  # benchmarks/seeds.py
+
 ROOT = Path(__file__).resolve().parents[1]
-T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 FIGURES = [("sft", "eval/loss", "SFT held-out loss"), ("reward", "eval/accuracy", "RM held-out accuracy"),
            ("ppo", "gold/sft", "gold (SFT)"), ("ppo", "gold/ppo", "gold (PPO)"), ("ppo", "kl/ppo", "KL(PPO || SFT)")]
-
-
-def interval(xs: list[float]) -> str:
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return f"{m:.3f}"
-    return f"{m:.3f} ± {T_95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs)):.3f}"
 
 
 def main() -> None:

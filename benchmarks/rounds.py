@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import shutil
 import statistics
@@ -32,10 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+from seeds import interval, shared_sft  # benchmarks/seeds.py
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart-rounds.yaml"
 ARMS = ("rounds-uncertainty", "rounds-random", "one-round")
-T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def arm_recipe(base: dict, arm: str, out: Path, seed: int) -> dict:
@@ -128,14 +128,6 @@ def print_tables(results: list[dict], arms: list[str], seeds: list[int], threads
     print(f"\nseeds {seeds}; intervals: mean ± 95% t-interval across seeds; threads {threads}")
 
 
-def interval(xs: list[float]) -> str:
-    m = statistics.mean(xs)
-    if len(xs) < 2:
-        return f"{m:.3f}"
-    half = T_95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
-    return f"{m:.3f} ± {half:.3f}"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="recipe seeds (default 0 1 2)")
@@ -156,19 +148,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
-    from rlhf import recipe as recipe_mod
-
     base = yaml.safe_load(RECIPE.read_text())
     results = []
     for seed in args.seeds:
-        sft_out = args.work / f"seed{seed}" / "shared"
-        sft_cfg = {"output_dir": str(sft_out), "seed": seed, "stages": {"sft": base["stages"]["sft"]}}
-        sft_path = args.work / f"seed{seed}" / "sft.yaml"
-        sft_path.parent.mkdir(parents=True, exist_ok=True)
-        sft_path.write_text(yaml.safe_dump(sft_cfg, sort_keys=False))
-        recipe_mod.run(recipe_mod.load_recipe(sft_path))
+        sft = shared_sft(base["stages"]["sft"], seed, args.work)
         for arm in args.arms:
-            r = run_arm(base, arm, seed, args.work, sft_out / "sft")
+            r = run_arm(base, arm, seed, args.work, sft)
             results.append(r)
             print(f"seed {seed} {arm:20s} gold {r['gold']:.3f} (SFT {r['sft_gold']:.3f})  KL {r['kl']:.2f}  "
                   f"RM acc on final policy {r['rm_acc_final_policy']:.3f} ({r['rm_acc_pairs']} pairs)  "
