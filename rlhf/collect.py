@@ -35,6 +35,7 @@ a re-run picks up the same pairs and the labels already given.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -206,7 +207,7 @@ def _sample_candidates(cfg: Config, prompts: list, seed: int) -> list[list[tuple
         tok = load_tokenizer(model_cfg)
         model = load_causal_lm(model_cfg, tok, seed=seed).to(device).eval()
         texts = [render_prompt(tok, p) for p in prompts]
-        sampling = SamplingConfig(**{**cfg.generation.__dict__, "samples_per_prompt": cfg.candidates})
+        sampling = dataclasses.replace(cfg.generation, samples_per_prompt=cfg.candidates)
         room = (context_length(model_cfg) or 1024) - sampling.max_new_tokens
         got = sample(model, tok, texts, sampling, seed, device, max_prompt_tokens=room)
         for i in range(len(prompts)):

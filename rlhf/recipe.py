@@ -120,6 +120,12 @@ _PREVIOUS = re.compile(r"\$\{previous\.([^}]*)\}")
 _ROUND_VAR = re.compile(r"\$\{(round|round_dir)\}")
 
 
+def round_of(stage_name: str) -> int | None:
+    """k for ``round-<k>/<name>``, the name of a stage of a rounds block; else None."""
+    m = ROUND_NAME.match(stage_name)
+    return int(m.group(1)) if m else None
+
+
 def _round_value(value: Any, k: int, block: dict, key: str, where) -> Any:
     """One value of round k's copy of the block, with ``${previous.s}``,
     ``${round}`` and ``${round_dir}`` replaced (``${output_dir}`` is left to
@@ -209,8 +215,7 @@ class Stage:
     @property
     def round(self) -> int | None:
         """k for a stage of a rounds block (``round-<k>/<name>``), else None."""
-        m = ROUND_NAME.match(self.name)
-        return int(m.group(1)) if m else None
+        return round_of(self.name)
 
 
 @dataclass
@@ -245,8 +250,7 @@ class StageContext:
     @property
     def round(self) -> int | None:
         """k when this stage belongs to round k of a rounds block."""
-        m = ROUND_NAME.match(self.name)
-        return int(m.group(1)) if m else None
+        return round_of(self.name)
 
     def loadable(self, model):
         """The ModelConfig to read tokenizer and shapes from before training.

@@ -22,6 +22,7 @@ Same checkpoints, data and seed give an identical ``metrics.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -445,7 +446,7 @@ def _overoptimisation(cfg: Config, prompts: list, scorers: dict, seed: int, devi
     items = prompts[: o.max_prompts]
     tok, policy = _load_policy(as_model_config(cfg.checkpoints[o.policy or cfg.reference]), seed, device)
     got = sample(policy, tok, [render_prompt(tok, p) for p in items],
-                 SamplingConfig(**{**to_dict(cfg.generation), "samples_per_prompt": n_max}), seed, device)
+                 dataclasses.replace(cfg.generation, samples_per_prompt=n_max), seed, device)
     del policy
     repeated = [p for p in items for _ in range(n_max)]
     proxy_key = f"reward/{o.reward or next(iter(cfg.rewards))}"
