@@ -18,6 +18,12 @@ References used throughout:
   Case Study on TL;DR Summarization", https://arxiv.org/abs/2403.17031
 - [KL-approx] Schulman 2020, "Approximating KL Divergence",
   http://joschu.net/blog/kl-approx.html
+- [RLOO] Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+  Optimization for Learning from Human Feedback in LLMs",
+  https://arxiv.org/abs/2402.14740
+- [GRPO] Shao et al. 2024, "DeepSeekMath", https://arxiv.org/abs/2402.03300
+- [Dr.GRPO] Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical
+  Perspective", https://arxiv.org/abs/2503.20783
 """
 
 from __future__ import annotations
@@ -34,13 +40,17 @@ __all__ = [
     "PolicyLossStats",
     "compute_gae",
     "entropy_from_logits",
+    "aggregate_loss",
+    "clipped_surrogate",
     "first_true_indices",
+    "group_normalized_advantages",
     "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
     "masked_var",
     "masked_whiten",
     "per_token_rewards",
+    "rloo_advantages",
     "policy_loss",
     "truncate_after_eos",
     "value_loss",
@@ -188,6 +198,55 @@ def compute_gae(
     return advantages * maskf, returns * maskf
 
 
+def _groups(scores: Tensor, k: int) -> Tensor:
+    if k < 2 or scores.dim() != 1 or scores.numel() % k:
+        raise ValueError(f"expected a (n * k,) score vector with k >= 2 samples per prompt, got shape "
+                         f"{tuple(scores.shape)} and k={k}")
+    return scores.view(-1, k)
+
+
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out: each sample's baseline is the mean score of the
+    other k-1 samples of its prompt.
+
+    A_i = s_i - (sum_j s_j - s_i) / (k - 1) = k / (k - 1) * (s_i - mean(s)).
+    The baseline does not depend on s_i, so the estimate stays unbiased and no
+    value model is needed.
+
+    Shape: scores (n * k,), the k samples of a prompt consecutive -> (n * k,).
+    Reference: [RLOO] eq. 8 (Kool et al. 2019's leave-one-out baseline).
+    """
+    g = _groups(scores, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def group_normalized_advantages(scores: Tensor, k: int, scale: Literal["group", "batch", "none"] = "group",
+                                eps: float = 1e-4) -> Tensor:
+    """GRPO's outcome advantages: each score minus its prompt's mean, divided
+    by the prompt's (``group``, GRPO) or the whole batch's (``batch``) sample
+    std, or not divided (``none``: Dr. GRPO, whose authors show the division
+    up-weights prompts that are too easy or too hard).
+
+    A_i = (s_i - mean_group(s)) / (std(s) + eps); std with Bessel's correction
+    and eps = 1e-4, as TRL's GRPOTrainer.
+
+    Shape: scores (n * k,), the k samples of a prompt consecutive -> (n * k,).
+    Reference: [GRPO] sec. 4.1.2 (outcome supervision); [Dr.GRPO] sec. 3.1.
+    """
+    g = _groups(scores, k)
+    centered = g - g.mean(1, keepdim=True)
+    if scale == "none":
+        return centered.reshape(-1)
+    if scale == "group":
+        std = g.std(1, keepdim=True)
+    elif scale == "batch":
+        std = scores.std()
+    else:
+        raise ValueError(f"unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
+    return (centered / (std + eps)).reshape(-1)
+
+
 # ---------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------
@@ -199,6 +258,67 @@ class PolicyLossStats(NamedTuple):
     clipfrac: Tensor
     approx_kl: Tensor
     ratio_mean: Tensor
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, how: Literal["token_mean", "sequence_mean", "constant"],
+                   *, tokens: float | Tensor | None = None, sequences: int | None = None,
+                   max_len: int | None = None) -> Tensor:
+    """One loss from per-token losses; the choice weighs long and short
+    responses differently, which is where GRPO variants differ.
+
+    - ``token_mean``: sum / tokens, every token counts alike (PPO as in
+      [N-details]; DAPO; TRL's ``bnpo``/``dapo``).
+    - ``sequence_mean``: mean over sequences of each sequence's token mean
+      (the original [GRPO] objective; a token of a short response weighs more,
+      which biases toward short correct and long wrong answers).
+    - ``constant``: sum / (sequences * max_len), a constant divisor ([Dr.GRPO],
+      TRL's ``dr_grpo``; unbiased in length).
+
+    ``tokens`` and ``sequences`` are the whole minibatch's counts when
+    ``per_token`` is one micro-batch of it (so the gradient is the same for any
+    micro-batch size); by default they are this batch's own.
+
+    Shape: per_token (b, t), mask (b, t) -> scalar.
+    """
+    maskf = mask.to(per_token.dtype)
+    total = (per_token * maskf).sum()
+    sequences = per_token.size(0) if sequences is None else sequences
+    if how == "token_mean":
+        return total / (maskf.sum() if tokens is None else torch.as_tensor(tokens)).clamp(min=1)
+    if how == "sequence_mean":
+        per_seq = (per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1)
+        return per_seq.sum() / max(sequences, 1)
+    if how == "constant":
+        if not max_len:
+            raise ValueError("aggregate_loss('constant') needs max_len (the generation's max_new_tokens)")
+        return total / (max(sequences, 1) * max_len)
+    raise ValueError(f"unknown aggregation {how!r}; expected 'token_mean', 'sequence_mean' or 'constant'")
+
+
+def clipped_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float = 0.2
+) -> tuple[Tensor, PolicyLossStats]:
+    """PPO's clipped surrogate per token, before any aggregation.
+
+    loss_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1-eps, 1+eps)),
+    ratio_t = exp(logp_t - logp_old_t); ``advantages`` may be (b, t) or (b, 1)
+    (one sequence-level advantage broadcast over the tokens, RLOO/GRPO).
+    Statistics as in ``policy_loss``.
+
+    Shape: logprobs, old_logprobs, mask (b, t) -> loss (b, t).
+    Reference: [PPO] eq. 7; [GRPO] eq. 3 (the same surrogate per token).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    with torch.no_grad():
+        stats = PolicyLossStats(
+            clipfrac=masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            approx_kl=0.5 * masked_mean(log_ratio**2, mask),
+            ratio_mean=masked_mean(ratio, mask),
+        )
+    return torch.maximum(unclipped, clipped), stats
 
 
 def policy_loss(
@@ -217,18 +337,8 @@ def policy_loss(
     Shape: logprobs, old_logprobs, advantages, mask (b, t) -> loss scalar.
     Reference: [PPO] eq. 7; [KL-approx] for approx_kl; [N-details].
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = PolicyLossStats(
-            clipfrac=masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
-            approx_kl=0.5 * masked_mean(log_ratio**2, mask),
-            ratio_mean=masked_mean(ratio, mask),
-        )
-    return loss, stats
+    per_token, stats = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_range)
+    return masked_mean(per_token, mask), stats
 
 
 def value_loss(

@@ -6,11 +6,12 @@ to the policy loss with ``vf_coef``, docs/ppo.md).
 
 Value model choices (the PPO stage's ``value_model`` key, docs/ppo.md):
 - ``reward`` (default): a separate scalar-head model (``ScalarHeadModel``)
-  initialised from the first reward-model checkpoint (InstructGPT, N+), or
-  from the policy with a zero head when every reward is a function; queried
-  at every response position;
+  initialised from the first reward-model checkpoint (InstructGPT, N+),
+  queried at every response position;
 - ``policy_head``: a zero-initialised linear head on the policy's last hidden
-  state (one forward pass serves both; ``value_model=None`` here);
+  state (one forward pass serves both; ``value_model=None`` here), also the
+  ``reward`` choice when no reward model exists;
+- none (``value_head=False``): RLOO and GRPO need no value;
 - a checkpoint directory: a scalar-head model initialised from it.
 """
 
@@ -49,11 +50,11 @@ class PolicyAndValue(nn.Module):
     """Policy LM plus value model; ``forward`` returns per-response-token
     log-probs, values and (optionally) entropies."""
 
-    def __init__(self, policy: nn.Module, value_model: ScalarHeadModel | None):
+    def __init__(self, policy: nn.Module, value_model: ScalarHeadModel | None, value_head: bool = True):
         super().__init__()
         self.policy = policy
         self.value_model = value_model
-        if value_model is None:  # value head on the policy trunk
+        if value_model is None and value_head:  # value head on the policy trunk
             hidden = policy.config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
             # A new head starts at zero (docs/ppo.md): the first advantages are then
@@ -105,7 +106,7 @@ class PolicyAndValue(nn.Module):
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 entropy = entropy_from_logits(logits if temperature == 1.0 else logits.float() / temperature)
         values = None
-        if with_values:
+        if with_values and (self.value_head is not None or self.value_model is not None):
             if self.value_head is not None:
                 hidden = out.hidden_states[-1][:, context_length - 1:-1]
                 values = self.value_head(hidden).squeeze(-1).float()

@@ -72,6 +72,10 @@ class KLConfig:
     adaptive: bool = opt(False, "adapt beta toward `target` (Ziegler et al. 2019)")
     target: float = opt(6.0, "adaptive: target KL (nats per sequence)")
     horizon: float = opt(10000.0, "adaptive: horizon in episodes")
+    placement: Literal["reward", "loss"] = opt(
+        "reward", "reward: -beta * KL per token in the reward (PPO, RLOO; with rloo/grpo summed into each "
+                  "sequence's score before the baseline); loss: beta * k3 KL of the current policy per token in "
+                  "the loss (GRPO; rloo/grpo only)")
 
     def check(self, fail):
         if not 0 <= self.coef < math.inf:
@@ -109,12 +113,28 @@ class Config:
     reward: str | RewardSpec | list[str | RewardSpec] = opt(
         "", "reward source(s): checkpoint dir, module:function, a {source, weight, aggregate, ...} mapping, "
             "or a list of them")
-    value_model: str = opt("reward", "reward: init from the first reward-model checkpoint (or the policy if "
-                                     "none); policy_head: value head on the policy; or a checkpoint dir")
+    value_model: str = opt("reward", "advantage gae only. reward: a second trunk initialised from the first "
+                                     "reward-model checkpoint (InstructGPT; ~1.6x the step time of policy_head), "
+                                     "or policy_head when every reward is a function; policy_head: a value head "
+                                     "on the policy (one forward serves both); or a checkpoint dir")
+    advantage: Literal["gae", "rloo", "grpo"] = opt(
+        "gae", "gae: PPO with a value model; rloo: leave-one-out baseline over the samples of a prompt "
+               "(Ahmadian et al. 2024); grpo: scores normalised within the prompt's group (Shao et al. 2024). "
+               "rloo and grpo load no value model")
+    samples_per_prompt: int = opt(1, "responses sampled per prompt per step (rloo/grpo: >= 2); a step trains on "
+                                     "rollout_batch_size * samples_per_prompt sequences")
+    scale_advantages: Literal["group", "batch", "none"] = opt(
+        "group", "grpo: divide by the group's std (GRPO), the batch's, or not at all (Dr. GRPO)")
+    whiten_advantages: bool | None = opt(None, "whiten advantages over the batch; null = yes for gae, no for "
+                                               "rloo/grpo (as TRL's defaults)")
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = opt(
+        "token_mean", "per-token losses -> one loss: token_mean over the minibatch (PPO, DAPO), sequence_mean "
+                      "(the original GRPO), constant = sum / (sequences * max_new_tokens) (Dr. GRPO)")
     data: DataConfig = opt(DataConfig(), "training prompts (`prompt` field)")
     steps: int = opt(20, "PPO steps (each = one rollout batch + its update)")
     rollout_batch_size: int = opt(32, "prompts per step per process")
-    num_minibatches: int = opt(2, "minibatches per PPO epoch (one optimiser step each)")
+    num_minibatches: int = opt(2, "minibatches per PPO epoch (one optimiser step each); divides the step's "
+                                  "sequences, rollout_batch_size * samples_per_prompt")
     micro_batch_size: int = opt(16, "sequences per forward/backward (gradient accumulation inside a minibatch)")
     forward_batch_size: int = opt(64, "sequences per no-grad forward during the rollout")
     ppo_epochs: int = opt(4, "passes over each rollout batch")
@@ -151,10 +171,17 @@ class Config:
 
     def check(self, fail):
         require_positive(self, fail, "steps", "rollout_batch_size", "num_minibatches", "micro_batch_size",
-                                     "forward_batch_size", "ppo_epochs", "log_every", "sample_every")
-        if self.rollout_batch_size % self.num_minibatches:
-            raise fail("num_minibatches", f"must divide rollout_batch_size ({self.rollout_batch_size})")
-        mini = self.rollout_batch_size // self.num_minibatches
+                                     "forward_batch_size", "ppo_epochs", "log_every", "sample_every",
+                                     "samples_per_prompt")
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise fail("samples_per_prompt", f"advantage {self.advantage} compares the samples of a prompt: "
+                                             f"expected >= 2, got {self.samples_per_prompt}")
+        if self.advantage == "gae" and self.kl.placement == "loss":
+            raise fail("kl.placement", "loss is for advantage rloo or grpo; PPO (gae) puts the KL in the reward")
+        if self.sequences % self.num_minibatches:
+            raise fail("num_minibatches", f"must divide the step's sequences (rollout_batch_size * "
+                                          f"samples_per_prompt = {self.sequences})")
+        mini = self.sequences // self.num_minibatches
         if mini % self.micro_batch_size and self.micro_batch_size < mini:
             raise fail("micro_batch_size", f"must divide the minibatch size ({mini})")
         if not as_specs(self.reward) or not all(s.source for s in as_specs(self.reward)):
@@ -187,9 +214,18 @@ class Config:
             raise fail("watch.heldout", "the watch needs a held-out signal: a gold scorer or a reward model PPO "
                                         "does not optimise (watch.heldout or eval.gold)")
         if self.generation.samples_per_prompt != 1:
-            raise fail("generation.samples_per_prompt", "expected 1: PPO samples one response per prompt")
+            raise fail("generation.samples_per_prompt", "expected 1: set the stage's samples_per_prompt instead")
         if not self.value_model:
             raise fail("value_model", "expected reward, policy_head or a checkpoint dir")
+
+    @property
+    def sequences(self) -> int:
+        """Sequences per step per process."""
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage != "gae"
 
 
 # ---------------------------------------------------------------- inputs
@@ -315,16 +351,19 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 
 def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, tok, seed: int):
-    if cfg.value_model == "policy_head":
+    """The separate value model, or None for a value head on the policy (or none at all: rloo/grpo)."""
+    if cfg.critic_free or cfg.value_model == "policy_head":
         return None
     if cfg.value_model == "reward":
         # A classifier picked by `label` (e.g. a sentiment model) has its own
         # tokenizer and heads: it cannot read the policy's tokens.
         ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-        # With only function rewards there is no reward model: start from the
-        # policy's trunk with a fresh head.
-        source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(
-            name=policy_cfg.name, gguf_file=policy_cfg.gguf_file, revision=policy_cfg.revision)
+        # With only function rewards there is no reward model to start from: a
+        # second copy of the policy's trunk would cost ~1.6x the step time and
+        # its memory for nothing a head on the policy's trunk cannot learn.
+        if not ckpts:
+            return None
+        source = ModelConfig(name=ckpts[0])
     else:
         source = ModelConfig(name=cfg.value_model)
     source.dtype = policy_cfg.dtype
@@ -412,7 +451,8 @@ def _setup(cfg: Config, ctx) -> _Run:
         _disable_dropout(ref_model)
         reference = Reference(prepare_frozen(ref_model, accelerator))
     specs = as_specs(cfg.reward)
-    model = PolicyAndValue(policy, _value_model(cfg, specs, policy_cfg, tok, ctx.seed))
+    model = PolicyAndValue(policy, _value_model(cfg, specs, policy_cfg, tok, ctx.seed),
+                           value_head=not cfg.critic_free)
     _disable_dropout(model)
     reward_fn = CombinedReward(specs, device=accelerator.device, dtype=policy_cfg.dtype)
     for _, fn, _ in reward_fn.parts:
@@ -451,7 +491,7 @@ def _setup(cfg: Config, ctx) -> _Run:
 class Rollout:
     """One step's samples and what the update needs, on this rank.
 
-    Shapes: b = rollout_batch_size, q = prompt width (left-padded), r =
+    Shapes: b = rollout_batch_size * samples_per_prompt, q = prompt width (left-padded), r =
     response width (right-padded). Per-token tensors are (b, r) and zero
     outside ``response_mask``.
     """
@@ -465,7 +505,7 @@ class Rollout:
     finished: torch.Tensor  # (b,) bool: ended by EOS or a stop string
     logprobs: torch.Tensor  # (b, r) fp32, the policy that sampled
     ref_logprobs: torch.Tensor  # (b, r) fp32, the reference
-    values: torch.Tensor  # (b, r)
+    values: torch.Tensor  # (b, r); zeros for rloo/grpo
     raw_scores: torch.Tensor  # (b,) the reward sources' weighted sum
     scores: torch.Tensor  # (b,) after the missing-EOS penalty, clipping and normalisation
     timings: dict[str, float]
@@ -473,8 +513,8 @@ class Rollout:
     kl: torch.Tensor | None = None  # (b, r) per-token KL estimate            (set by `advantages`)
     non_score: torch.Tensor | None = None  # (b, r) -beta * KL
     rewards: torch.Tensor | None = None  # (b, r) non_score + score at the last token
-    advantages: torch.Tensor | None = None  # (b, r) GAE, whitened
-    returns: torch.Tensor | None = None  # (b, r) advantages + values (before whitening)
+    advantages: torch.Tensor | None = None  # (b, r) GAE (whitened), or a sequence's RLOO/GRPO advantage
+    returns: torch.Tensor | None = None  # (b, r) advantages + values (before whitening); gae only
 
 
 def rollout(run: _Run, step: int) -> Rollout:
@@ -483,6 +523,9 @@ def rollout(run: _Run, step: int) -> Rollout:
     unwrapped = acc.unwrap_model(run.model)
     prompts = _step_prompts(run.prompts, step, cfg.rollout_batch_size, acc.process_index, acc.num_processes,
                             run.ctx.seed)
+    # rloo/grpo: the k samples of a prompt are consecutive rows (the groups of
+    # core.rloo_advantages), always on one rank.
+    prompts = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
     prompt_texts = [render_prompt(run.tok, p) for p in prompts]
     timings = {}
     # Sharded (FSDP2 / ZeRO-3): the policy and value weights gathered once for
@@ -499,9 +542,10 @@ def rollout(run: _Run, step: int) -> Rollout:
         input_ids, attention_mask, q = gen.input_ids, gen.attention_mask, gen.query_ids.size(1)
         logprobs, ref_logprobs, values = [], [], []
         for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
-            lp, v, _ = unwrapped(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature)
+            lp, v, _ = unwrapped(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature,
+                                 with_values=not cfg.critic_free)
             logprobs.append(lp)
-            values.append(v)
+            values.append(v if v is not None else torch.zeros_like(lp))
             ref_logprobs.append(run.reference.logprobs(unwrapped.policy, input_ids[sl], attention_mask[sl], q,
                                                        cfg.generation.temperature))
         timings["forward_s"] = time.time() - t0
@@ -555,15 +599,31 @@ def _score(run: _Run, step: int, prompts: list, texts: list[str]) -> tuple[torch
 
 
 def advantages(run: _Run, ro: Rollout) -> None:
-    """4. per-token rewards (-beta * KL, the score at the last token), 5. GAE,
-    whitened over valid tokens. Fills ``ro.kl ... ro.returns``."""
+    """4. per-token rewards (-beta * KL, the score at the last token), 5. GAE
+    whitened over valid tokens; or (rloo/grpo) each sequence's summed reward
+    compared with the other samples of its prompt. Fills ``ro.kl ... ro.returns``."""
     cfg = run.cfg
-    ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * ro.response_mask
-    ro.rewards, ro.non_score = core.per_token_rewards(ro.scores, ro.kl, run.kl_ctl.kl_coef, ro.response_mask)
+    mask = ro.response_mask
+    ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * mask
+    beta = run.kl_ctl.kl_coef if cfg.kl.placement == "reward" else 0.0
+    ro.rewards, ro.non_score = core.per_token_rewards(ro.scores, ro.kl, beta, mask)
     if cfg.whiten_rewards:
-        ro.rewards = core.masked_whiten(ro.rewards, ro.response_mask, shift_mean=False)
-    adv, ro.returns = core.compute_gae(ro.values, ro.rewards, ro.response_mask, cfg.gamma, cfg.lam)
-    ro.advantages = core.masked_whiten(adv, ro.response_mask)
+        ro.rewards = core.masked_whiten(ro.rewards, mask, shift_mean=False)
+    whiten = cfg.whiten_advantages if cfg.whiten_advantages is not None else not cfg.critic_free
+    if not cfg.critic_free:
+        adv, ro.returns = core.compute_gae(ro.values, ro.rewards, mask, cfg.gamma, cfg.lam)
+        ro.advantages = core.masked_whiten(adv, mask) if whiten else adv
+        return
+    # With gamma = 1 and no value, every token's return is the sequence's
+    # summed reward: the score minus beta * its KL.
+    total = ro.rewards.sum(1)
+    k = cfg.samples_per_prompt
+    adv = (core.rloo_advantages(total, k) if cfg.advantage == "rloo"
+           else core.group_normalized_advantages(total, k, cfg.scale_advantages))
+    if whiten:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+    ro.advantages = adv.unsqueeze(1) * mask
+    ro.returns = torch.zeros_like(ro.values)
 
 
 # ---------------------------------------------------------------- 6. update
@@ -580,6 +640,7 @@ class UpdateStats:
     approx_kl: list = field(default_factory=list)
     entropy: list = field(default_factory=list)
     ratio: list = field(default_factory=list)
+    kl_loss: list = field(default_factory=list)  # kl.placement: loss
     first_minibatch: tuple[float, float, float] | None = None  # ratio, approx_kl, clipfrac
     optimizer_steps: int = 0
     skipped_updates: int = 0  # optimiser steps skipped for a non-finite loss or gradient norm
@@ -594,11 +655,12 @@ def update(run: _Run, ro: Rollout) -> UpdateStats:
     t0 = time.time()
     stats = UpdateStats()
     run.model.train()
-    mini = cfg.rollout_batch_size // cfg.num_minibatches
+    n = cfg.sequences
+    mini = n // cfg.num_minibatches
     for epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(cfg.rollout_batch_size, device=acc.device)
+        order = torch.randperm(n, device=acc.device)
         epoch_kl = []
-        for mb in _chunks(cfg.rollout_batch_size, mini):
+        for mb in _chunks(n, mini):
             epoch_kl.append(_minibatch_step(run, ro, order[mb], stats))
         stats.epochs = epoch + 1
         mean_kl = acc.reduce(torch.stack(epoch_kl).mean(), "mean").item()
@@ -616,33 +678,24 @@ def _minibatch_step(run: _Run, ro: Rollout, idx_mb: torch.Tensor, stats: UpdateS
     step unless the loss or the gradient norm is non-finite. Returns the
     minibatch's approx KL.
 
-    The loss is the token mean over the whole minibatch: each micro-batch's
-    token mean is weighted by its share of the minibatch's tokens, so the
-    gradient does not depend on ``micro_batch_size`` (a memory setting only).
+    Each micro-batch's loss is aggregated with the whole minibatch's token and
+    sequence counts (``core.aggregate_loss``), so the gradient does not depend
+    on ``micro_batch_size`` (a memory setting only).
     """
     cfg, acc, model = run.cfg, run.accelerator, run.model
     micro = min(cfg.micro_batch_size, len(idx_mb))
-    tokens = ro.response_mask[idx_mb].sum().clamp(min=1)
+    counts = {"tokens": ro.response_mask[idx_mb].sum().clamp(min=1), "sequences": len(idx_mb)}
     run.optimizer.zero_grad(set_to_none=True)
     finite, kls = True, []
     pieces = list(_chunks(len(idx_mb), micro))
     for i, mc in enumerate(pieces):
         idx = idx_mb[mc]
-        mask = ro.response_mask[idx]
         # DDP: all-reduce gradients once per minibatch, not per micro-batch.
         with contextlib.nullcontext() if i == len(pieces) - 1 else _no_sync(acc, model):
-            new_lp, new_v, ent = model(ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
-                                       cfg.generation.temperature, with_entropy=True,
-                                       entropy_grad=cfg.entropy_coef != 0)
-            pg_loss, pg = core.policy_loss(new_lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.clip_range)
-            vf_loss, vclip = core.value_loss(new_v, ro.values[idx], ro.returns[idx], mask, cfg.clip_range_value)
-            entropy = core.masked_mean(ent, mask)
-            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+            loss, parts, pg = _micro_loss(run, ro, idx, counts)
             finite = finite and bool(torch.isfinite(loss))
-            acc.backward(loss * mask.sum() / tokens)
-        for name, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clipfrac", pg.clipfrac),
-                            ("value_clipfrac", vclip), ("approx_kl", pg.approx_kl), ("entropy", entropy),
-                            ("ratio", pg.ratio_mean)):
+            acc.backward(loss)
+        for name, value in parts.items():
             getattr(stats, name).append(value.detach())
         kls.append(pg.approx_kl.detach())
         if stats.first_minibatch is None:
@@ -666,6 +719,40 @@ def _minibatch_step(run: _Run, ro: Rollout, idx_mb: torch.Tensor, stats: UpdateS
     return torch.stack(kls).mean()
 
 
+def _micro_loss(run: _Run, ro: Rollout, idx: torch.Tensor, counts: dict):
+    """The loss of micro-batch ``idx``, scaled as its share of the minibatch's
+    (``counts``), its logged parts and the policy-loss statistics.
+
+    loss = policy surrogate [+ vf_coef * value loss (gae)] [+ beta * k3 KL to the
+    reference (kl.placement: loss)] - entropy_coef * entropy, every per-token
+    term aggregated by ``loss_aggregation``.
+    """
+    cfg = run.cfg
+    mask = ro.response_mask[idx]
+    new_lp, new_v, ent = run.model(ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
+                                   cfg.generation.temperature, with_entropy=True, with_values=not cfg.critic_free,
+                                   entropy_grad=cfg.entropy_coef != 0)
+    # The backward pass takes this micro-batch's share of the minibatch's loss
+    # (aggregated with the minibatch's counts); the logs take its own mean.
+    agg = functools.partial(core.aggregate_loss, mask=mask, how=cfg.loss_aggregation,
+                            max_len=cfg.generation.max_new_tokens)
+    share = mask.sum() / counts["tokens"]
+    per_token, pg = core.clipped_surrogate(new_lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.clip_range)
+    entropy = core.masked_mean(ent, mask)
+    loss = agg(per_token, **counts) - cfg.entropy_coef * entropy * share
+    parts = {"policy_loss": agg(per_token.detach()), "entropy": entropy, "clipfrac": pg.clipfrac,
+             "approx_kl": pg.approx_kl, "ratio": pg.ratio_mean}
+    if not cfg.critic_free:
+        vf_loss, vclip = core.value_loss(new_v, ro.values[idx], ro.returns[idx], mask, cfg.clip_range_value)
+        loss = loss + cfg.vf_coef * vf_loss * share
+        parts.update(value_loss=vf_loss, value_clipfrac=vclip)
+    if cfg.kl.placement == "loss":
+        kl = core.kl_penalty(new_lp, ro.ref_logprobs[idx], "k3")
+        loss = loss + run.kl_ctl.kl_coef * agg(kl, **counts)
+        parts["kl_loss"] = agg(kl.detach())
+    return loss, parts, pg
+
+
 # ---------------------------------------------------------------- 7. log
 
 
@@ -676,24 +763,32 @@ def log_step(run: _Run, step: int, ro: Rollout, stats: UpdateStats | None, seq_k
     world = acc.num_processes
     mean = lambda xs: acc.reduce(torch.stack(xs).mean(), "mean").item() if xs else float("nan")  # noqa: E731
     g_raw, g_scores = acc.gather(ro.raw_scores), acc.gather(ro.scores)
-    g_non_score = acc.gather(ro.non_score.sum(1))
+    # -beta * KL whether the KL sits in the reward or (kl.placement: loss) in the loss.
+    g_non_score = -kl_coef * acc.gather(ro.kl.sum(1))
     g_len = acc.gather(ro.response_mask.sum(1).float())
     elapsed = time.time() - t_step
     metrics = {}
     if stats is not None and stats.policy_loss:
-        # Per rank (response widths differ between ranks), averaged.
-        explained = core.explained_variance(ro.values, ro.returns, ro.response_mask).to(acc.device)
         metrics.update({
-            "ppo/policy_loss": mean(stats.policy_loss), "ppo/value_loss": mean(stats.value_loss),
+            "ppo/policy_loss": mean(stats.policy_loss),
             "ppo/approx_kl": mean(stats.approx_kl), "ppo/clipfrac": mean(stats.clipfrac),
-            "ppo/value_clipfrac": mean(stats.value_clipfrac), "ppo/entropy": mean(stats.entropy),
-            "ppo/ratio": mean(stats.ratio),
+            "ppo/entropy": mean(stats.entropy), "ppo/ratio": mean(stats.ratio),
             "ppo/first_minibatch_ratio": stats.first_minibatch[0],
             "ppo/first_minibatch_approx_kl": stats.first_minibatch[1],
             "ppo/first_minibatch_clipfrac": stats.first_minibatch[2],
-            "ppo/explained_variance": acc.reduce(explained, "mean").item(),
             "ppo/epochs": stats.epochs, "ppo/skipped_updates": stats.skipped_updates,
             "perf/training_s": stats.seconds})
+        if not cfg.critic_free:
+            # Per rank (response widths differ between ranks), averaged.
+            explained = core.explained_variance(ro.values, ro.returns, ro.response_mask).to(acc.device)
+            metrics.update({"ppo/value_loss": mean(stats.value_loss), "ppo/value_clipfrac": mean(stats.value_clipfrac),
+                            "ppo/explained_variance": acc.reduce(explained, "mean").item()})
+        if stats.kl_loss:
+            metrics["ppo/kl_loss"] = mean(stats.kl_loss)
+    if cfg.critic_free:
+        # Prompts whose k samples scored alike teach nothing (advantage 0).
+        groups = g_scores.view(-1, cfg.samples_per_prompt)
+        metrics["rollout/zero_std_groups"] = (groups.std(1) < 1e-6).float().mean().item()
     metrics.update({
         "ppo/skipped_steps": run.skips.total,
         "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
@@ -706,10 +801,10 @@ def log_step(run: _Run, step: int, ro: Rollout, stats: UpdateStats | None, seq_k
         "rollout/response_length": g_len.mean().item(),
         "rollout/eos_rate": acc.gather(ro.finished.float()).mean().item(),
         **{f"perf/{k}": v for k, v in ro.timings.items()}, "perf/step_s": elapsed,
-        "perf/samples_per_s": cfg.rollout_batch_size * world / elapsed,
+        "perf/samples_per_s": cfg.sequences * world / elapsed,
         "perf/tokens_per_s": g_len.sum().item() / elapsed,
         "train/learning_rate": run.scheduler.get_last_lr()[0],
-        "train/episodes": (step + 1) * cfg.rollout_batch_size * world,
+        "train/episodes": (step + 1) * cfg.sequences * world,
     })
     run.logger.log(metrics, step=step + 1)
     return metrics
@@ -746,7 +841,7 @@ def train(cfg: Config, ctx) -> Path:
             seq_kl = run.accelerator.gather((ro.kl * ro.response_mask).sum(1)).mean().item()
             kl_coef = run.kl_ctl.kl_coef
             if ro.nonfinite is None:
-                run.kl_ctl.update(seq_kl, cfg.rollout_batch_size * run.accelerator.num_processes)
+                run.kl_ctl.update(seq_kl, cfg.sequences * run.accelerator.num_processes)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or ro.nonfinite:
                 m = log_step(run, step, ro, stats, seq_kl, kl_coef, t_step)  # 7
                 bar.set_postfix(score=f"{m['objective/scores']:.3f}", kl=f"{m['objective/kl']:.2f}",
@@ -872,7 +967,7 @@ def _finish(run: _Run) -> Path:
     world = acc.num_processes
     steps = run.watch.steps[-1] if run.watch.stopped else cfg.steps
     summary: dict[str, float] = {"train/steps": steps, "dist/world_size": world,
-                                 "train/episodes": steps * cfg.rollout_batch_size * world,
+                                 "train/episodes": steps * cfg.sequences * world,
                                  "ppo/skipped_steps": run.skips.total}
     if run.watch.steps:
         best = int(np.argmax(run.watch.heldout))
@@ -1092,7 +1187,7 @@ def _deepspeed_config(accelerator, cfg: Config) -> None:
     max_grad_norm replaces it (0 = off, as under DDP/FSDP).
     """
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
-    micro = min(cfg.micro_batch_size, cfg.rollout_batch_size // cfg.num_minibatches)
+    micro = min(cfg.micro_batch_size, cfg.sequences // cfg.num_minibatches)
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
               train_batch_size=micro * accelerator.num_processes, gradient_clipping=cfg.max_grad_norm)
 
