@@ -358,6 +358,21 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
     return out, dropped
 
 
+def preference_splits(cfg: DataConfig, seed: int, use_margin: bool = True
+                      ) -> tuple[list[dict], list[dict], tuple[int, int]]:
+    """Train and held-out preference pairs (``normalize_preferences``) as the
+    reward and DPO stages read them, and how many of each split were dropped
+    as invalid (``on_invalid: drop``). ``use_margin=False`` drops the
+    ``margin`` column."""
+    train, held = load_splits(cfg, seed)
+    train_rows, dropped = normalize_preferences(train, cfg.on_invalid)
+    held_rows, held_dropped = normalize_preferences(held, cfg.on_invalid) if held else ([], 0)
+    if not use_margin:
+        for row in train_rows + held_rows:
+            row.pop("margin", None)
+    return train_rows, held_rows, (dropped, held_dropped)
+
+
 def normalize_prompts(records: list[Record]) -> list[str | list]:
     """Prompt records -> prompt strings or message lists.
 

@@ -15,6 +15,28 @@ from recipes as e.g. `rlhf.gold:vader_sentiment`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from rlhf.config import opt, require_positive
+
+
+@dataclass
+class HeldOutCheck:
+    """Held-out check at the end of a policy stage (PPO, DPO): the gold score of
+    the initial and the trained policy on held-out prompts, and their KL."""
+
+    prompts: str | None = opt(None, "held-out prompts file (JSONL with `prompt`); null = skip")
+    gold: str | None = opt(None, "gold scorer module:function (e.g. rlhf.gold:vader_sentiment)")
+    max_prompts: int = opt(256, "evaluate at most this many prompts")
+    batch_size: int = opt(64, "generation batch size")
+
+    def check(self, fail):
+        require_positive(self, fail, "max_prompts", "batch_size")
+        for key in ("prompts", "gold"):
+            if getattr(self, key) == "":
+                raise fail(key, "expected a file / module:function, or null to skip")
+
+
 _analyzer = None  # loading the lexicon takes ~50 ms, so build it once, lazily
 
 

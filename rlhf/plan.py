@@ -273,6 +273,8 @@ def plan_stage(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
                          f"{cfg.train.batch_size} pairs x 2 x {cfg.max_length} tokens")
     if stage.type == "ppo":
         return _plan_ppo(stage, ctx, gpus, prompt_tokens)
+    if stage.type == "dpo":
+        return _plan_dpo(stage, ctx, gpus)
     if stage.type == "eval":
         return _plan_eval(stage, ctx, prompt_tokens)
     raise BadInput(f"stage {stage.name}: no memory model for stage type {stage.type!r}")
@@ -314,22 +316,19 @@ def _plan_ppo(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
     rewards = _reward_shapes(ctx, specs)
     seq = prompt_tokens + cfg.generation.max_new_tokens
     value = None
-    if cfg.value_model != "policy_head":
-        if cfg.value_model == "reward":
-            ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-            source = ModelConfig(name=ckpts[0]) if ckpts else ModelConfig(name=policy_cfg.name,
-                                                                         gguf_file=policy_cfg.gguf_file)
-        else:
-            source = ModelConfig(name=cfg.value_model)
+    ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
+    # As the trainer: no value for rloo/grpo; a head on the policy when no reward model exists.
+    if not cfg.critic_free and cfg.value_model != "policy_head" and (cfg.value_model != "reward" or ckpts):
+        source = ModelConfig(name=ckpts[0] if cfg.value_model == "reward" else cfg.value_model)
         value_cfg = dataclasses.replace(ctx.loadable(source), lora=None, dtype=policy_cfg.dtype,
                                         gradient_checkpointing=policy_cfg.gradient_checkpointing)
         value = model_shape(value_cfg, role="classifier")
     reference = None if policy_cfg.lora else dataclasses.replace(policy, trainable=0)
-    micro = min(cfg.micro_batch_size, cfg.rollout_batch_size // cfg.num_minibatches)
+    micro = min(cfg.micro_batch_size, cfg.sequences // cfg.num_minibatches)
     train_act = activations(policy, micro, seq, cfg.generation.max_new_tokens, lm_head=True)
     if value is not None:
         train_act += activations(value, micro, seq, 0, lm_head=False)
-    gen = kv_cache(policy, cfg.rollout_batch_size, seq) + 4 * cfg.rollout_batch_size * policy.vocab
+    gen = kv_cache(policy, cfg.sequences, seq) + 4 * cfg.sequences * policy.vocab
     per = {}
     for k in STRATEGIES:
         fixed = sum(frozen(r, k, gpus) for r in rewards) + (frozen(reference, k, gpus) if reference else 0)
@@ -339,11 +338,31 @@ def _plan_ppo(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
     models = [f"policy {_describe(policy)}"]
     models.append("reference: policy with LoRA off (no copy)" if reference is None
                   else f"reference {_describe(reference, frozen_only=True)}")
-    models.append("value: head on the policy" if value is None else f"value {_describe(value)}")
+    models.append("value: none (critic-free)" if cfg.critic_free else "value: head on the policy" if value is None
+                  else f"value {_describe(value)}")
     models += [f"reward {_describe(r, frozen_only=True)}" for r in rewards]
-    note = (f"rollout {cfg.rollout_batch_size}/GPU x {seq} tokens (prompt {prompt_tokens} assumed + "
+    note = (f"rollout {cfg.sequences}/GPU x {seq} tokens (prompt {prompt_tokens} assumed + "
             f"{cfg.generation.max_new_tokens} new); micro-batch {micro}")
     return StagePlan(stage.name, "ppo", models, per, note)
+
+
+def _plan_dpo(stage, ctx, gpus: int) -> StagePlan:
+    """Policy trained on chosen + rejected sequences, plus a frozen reference
+    (none with LoRA: the policy with adapters off)."""
+    from rlhf.models import as_model_config
+
+    cfg = stage.config
+    policy = model_shape(_with_training(ctx, cfg.model))
+    reference = None
+    if not (as_model_config(cfg.model).lora and cfg.reference is None):
+        ref = policy if cfg.reference is None else model_shape(ctx.loadable(as_model_config(cfg.reference)))
+        reference = dataclasses.replace(ref, trainable=0)
+    act = activations(policy, 2 * cfg.train.batch_size, cfg.max_length, cfg.max_length, lm_head=True)
+    per = {k: _total(model_state(policy, k, gpus) + (frozen(reference, k, gpus) if reference else 0) + act)
+           for k in STRATEGIES}
+    models = [f"policy {_describe(policy)}", "reference: policy with LoRA off (no copy)" if reference is None
+              else f"reference {_describe(reference, frozen_only=True)}"]
+    return StagePlan(stage.name, "dpo", models, per, f"{cfg.train.batch_size} pairs x 2 x {cfg.max_length} tokens")
 
 
 def _plan_eval(stage, ctx, prompt_tokens: int) -> StagePlan:

@@ -57,6 +57,7 @@ STAGE_MODULES = {
     "sft": "rlhf.sft",
     "reward": "rlhf.reward_model",
     "ppo": "rlhf.ppo.trainer",
+    "dpo": "rlhf.dpo",
     "eval": "rlhf.evaluation",
     # Human-feedback rounds (type: rounds expands in place; docs/rounds.md).
     "collect": "rlhf.collect",

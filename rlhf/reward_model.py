@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from rlhf.config import opt
-from rlhf.data import DataConfig, load_splits, normalize_preferences
+from rlhf.data import DataConfig, preference_splits
 from rlhf.errors import BadInput
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_sequence_classifier,
                          load_tokenizer, peft_config, with_lora)
@@ -69,13 +69,7 @@ class Config:
 
 
 def _pairs(cfg: Config, seed: int):
-    train, held = load_splits(cfg.data, seed)
-    train_rows, dropped = normalize_preferences(train, cfg.data.on_invalid)
-    held_rows, held_dropped = normalize_preferences(held, cfg.data.on_invalid) if held else ([], 0)
-    if not cfg.use_margin:
-        for row in train_rows + held_rows:
-            row.pop("margin", None)
-    return train_rows, held_rows, (dropped, held_dropped)
+    return preference_splits(cfg.data, seed, cfg.use_margin)
 
 
 def _model_config(cfg: Config) -> ModelConfig:

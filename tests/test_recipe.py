@@ -103,7 +103,7 @@ def test_bad_interpolation_names_key_and_line(make_recipe):
     ("output_dir: x\n", "key 'stages': expected a non-empty mapping"),
     ("stages: {}\n", "key 'stages': expected a non-empty mapping"),
     ("stages:\n  sft: 3\n", "key 'stages.sft': expected a mapping"),
-    ("stages:\n  s1: {type: dpo}\n", "key 'stages.s1.type': unknown stage type 'dpo'"),
+    ("stages:\n  s1: {type: dpoo}\n", "key 'stages.s1.type': unknown stage type 'dpoo'"),
     ("stages:\n  sft: {type: sft}\nseed: x\n", "key 'seed': expected an integer"),
     ("stages:\n  sft: {type: sft}\nreport_to: [mlflow]\n", "key 'report_to.0': expected one of"),
     ("stages:\n  sft:\n    type: sft\n    model: tiny\n  bad: [\n", "malformed YAML"),
@@ -202,8 +202,8 @@ def test_schema_prints_documented_keys(capsys, stage_type, keys):
 
 
 def test_schema_unknown_stage_type(capsys):
-    assert run_in_process("schema", "dpo") == 2
-    assert capsys.readouterr().err.startswith("error: unknown stage type 'dpo'")
+    assert run_in_process("schema", "kto") == 2
+    assert capsys.readouterr().err.startswith("error: unknown stage type 'kto'")
 
 
 def test_validate_command(tiny_recipe, capsys):

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from rlhf.config import opt, require_positive
 from rlhf.data import DataConfig, normalize_prompts, read_records, render_prompt
 from rlhf.errors import BadInput, RunFailed
+from rlhf.gold import HeldOutCheck as EvalConfig
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_policy, load_tokenizer)
 from rlhf.ppo import core
@@ -84,22 +85,6 @@ class KLConfig:
             raise fail("target", f"expected a finite number > 0, got {self.target}")
         if not 0 < self.horizon < math.inf:
             raise fail("horizon", f"expected a finite number > 0, got {self.horizon}")
-
-
-@dataclass
-class EvalConfig:
-    """Held-out check at the end: gold score of the initial vs trained policy."""
-
-    prompts: str | None = opt(None, "held-out prompts file (JSONL with `prompt`); null = skip")
-    gold: str | None = opt(None, "gold scorer module:function (e.g. rlhf.gold:vader_sentiment)")
-    max_prompts: int = opt(256, "evaluate at most this many prompts")
-    batch_size: int = opt(64, "generation batch size")
-
-    def check(self, fail):
-        require_positive(self, fail, "max_prompts", "batch_size")
-        for key in ("prompts", "gold"):
-            if getattr(self, key) == "":
-                raise fail(key, "expected a file / module:function, or null to skip")
 
 
 @dataclass
@@ -986,8 +971,8 @@ def _finish(run: _Run) -> Path:
     elif cfg.eval.prompts:
         held_out = _gold_eval(run)
         summary.update(held_out)
-        log.info("held-out gold score: %.4f (initial) -> %.4f (ppo), KL(ppo || initial) = %.3f nats",
-                 held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")),
+        log.info("held-out gold score: %.4f (initial) -> %.4f (%s, trained), KL(trained || initial) = %.3f nats",
+                 held_out.get("gold/sft", float("nan")), held_out.get("gold/ppo", float("nan")), ctx.name,
                  held_out["kl/ppo"])
     if run.watch.stopped:
         if acc.is_main_process:
