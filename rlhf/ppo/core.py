@@ -284,7 +284,11 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, how: Literal["token_mean", "
     total = (per_token * maskf).sum()
     sequences = per_token.size(0) if sequences is None else sequences
     if how == "token_mean":
-        return total / (maskf.sum() if tokens is None else torch.as_tensor(tokens)).clamp(min=1)
+        # sum / tokens, computed as this batch's token mean times its share of
+        # the tokens: the order of operations the PPO stage has always used,
+        # so its runs reproduce to the last bit.
+        own = masked_mean(per_token, mask)
+        return own if tokens is None else own * maskf.sum() / torch.as_tensor(tokens).clamp(min=1)
     if how == "sequence_mean":
         per_seq = (per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1)
         return per_seq.sum() / max(sequences, 1)

@@ -717,24 +717,29 @@ def _micro_loss(run: _Run, ro: Rollout, idx: torch.Tensor, counts: dict):
     new_lp, new_v, ent = run.model(ro.input_ids[idx], ro.attention_mask[idx], ro.context_length,
                                    cfg.generation.temperature, with_entropy=True, with_values=not cfg.critic_free,
                                    entropy_grad=cfg.entropy_coef != 0)
-    # The backward pass takes this micro-batch's share of the minibatch's loss
-    # (aggregated with the minibatch's counts); the logs take its own mean.
-    agg = functools.partial(core.aggregate_loss, mask=mask, how=cfg.loss_aggregation,
+    own = functools.partial(core.aggregate_loss, mask=mask, how=cfg.loss_aggregation,
                             max_len=cfg.generation.max_new_tokens)
-    share = mask.sum() / counts["tokens"]
     per_token, pg = core.clipped_surrogate(new_lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.clip_range)
     entropy = core.masked_mean(ent, mask)
-    loss = agg(per_token, **counts) - cfg.entropy_coef * entropy * share
-    parts = {"policy_loss": agg(per_token.detach()), "entropy": entropy, "clipfrac": pg.clipfrac,
+    parts = {"policy_loss": own(per_token.detach()), "entropy": entropy, "clipfrac": pg.clipfrac,
              "approx_kl": pg.approx_kl, "ratio": pg.ratio_mean}
+    token_terms = -cfg.entropy_coef * entropy  # token means, whatever the aggregation
     if not cfg.critic_free:
         vf_loss, vclip = core.value_loss(new_v, ro.values[idx], ro.returns[idx], mask, cfg.clip_range_value)
-        loss = loss + cfg.vf_coef * vf_loss * share
+        token_terms = token_terms + cfg.vf_coef * vf_loss
         parts.update(value_loss=vf_loss, value_clipfrac=vclip)
-    if cfg.kl.placement == "loss":
-        kl = core.kl_penalty(new_lp, ro.ref_logprobs[idx], "k3")
-        loss = loss + run.kl_ctl.kl_coef * agg(kl, **counts)
-        parts["kl_loss"] = agg(kl.detach())
+    kl = core.kl_penalty(new_lp, ro.ref_logprobs[idx], "k3") if cfg.kl.placement == "loss" else None
+    if kl is not None:
+        parts["kl_loss"] = own(kl.detach())
+    if cfg.loss_aggregation == "token_mean":
+        # Every term a token mean: the micro-batch's loss times its token share
+        # (the order of operations PPO runs have always reproduced with).
+        loss = own(per_token) + token_terms + (run.kl_ctl.kl_coef * own(kl) if kl is not None else 0)
+        return loss * mask.sum() / counts["tokens"], parts, pg
+    # sequence_mean / constant: the per-sequence terms divided by the minibatch's counts.
+    whole = functools.partial(own, **counts)
+    share = mask.sum() / counts["tokens"]
+    loss = whole(per_token) + token_terms * share + (run.kl_ctl.kl_coef * whole(kl) if kl is not None else 0)
     return loss, parts, pg
 
 
