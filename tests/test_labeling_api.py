@@ -4,14 +4,16 @@ malformed JSON, script tags in text)."""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 
 import pytest
 from fastapi.testclient import TestClient
 
 from rlhf.labeling.config import ProjectConfig
-from rlhf.labeling.server import STATIC_DIR, create_app
+from rlhf.labeling.server import STATIC_DIR, allowed_hosts_for, create_app, redact_tokens, running
 from rlhf.labeling.store import NewPair, Store, hash_token
 
 XSS = '<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">'
@@ -32,7 +34,7 @@ def env(tmp_path):
     store.add_labeler(project, "bob", tokens["bob"])
     store.add_labeler(project, "boss", tokens["boss"], role="admin")
     store.add_labeler(other, "stranger", tokens["stranger"])
-    client = TestClient(create_app(store, project, max_body_bytes=4096))
+    client = TestClient(create_app(store, project, max_body_bytes=4096, allowed_hosts=["testserver"]))
     yield client, tokens, store, db
     store.close()
 
@@ -189,3 +191,151 @@ def test_revoked_token_is_refused_at_once_and_its_open_pair_goes_to_others(env):
     # A new token reinstates her.
     store.add_labeler(project, "alice", "tok-alice-new-" + "q" * 30, replace_token=True)
     assert client.get("/api/me", headers=auth("tok-alice-new-" + "q" * 30)).status_code == 200
+
+
+def test_a_late_label_on_a_pair_others_filled_is_409_and_the_labeler_moves_on(env):
+    client, tokens, store, _ = env
+    project = store.project("api")
+    alice, bob = (store.authenticate(tokens[name]) for name in ("alice", "bob"))
+    # Overlap 1. alice was shown a pair two hours ago and walked away: her lease lapsed.
+    lapsed = store.next_pair(alice, now=time.time() - 7200).id
+    assert client.get("/api/next", headers=auth(tokens["bob"])).json()["pair"]["id"] == lapsed  # her slot: bob's
+    assert client.post("/api/labels", headers=auth(tokens["bob"]), json=label(lapsed, "B")).status_code == 201
+    r = client.post("/api/labels?next=true", headers=auth(tokens["alice"]), json=label(lapsed))
+    assert r.status_code == 409 and r.json()["code"] == "pair_full"
+    assert f"pair {lapsed}: your hold on it lapsed" in r.json()["detail"] and "next pair" in r.json()["detail"]
+    assert [(x.labeler, x.choice) for x in store.all_labels(project.id)] == [("bob", "B")]  # exactly one label
+    nxt = client.get("/api/next", headers=auth(tokens["alice"])).json()  # what the page does on that 409
+    assert nxt["pair"]["id"] != lapsed and nxt["progress"]["remaining"] == 2
+    # bob was shown the last pair an hour ago; it lapsed but nobody took it: his late label is stored.
+    last = store.next_pair(bob, now=time.time() - 3600).id
+    assert last not in (lapsed, nxt["pair"]["id"])
+    assert client.post("/api/labels", headers=auth(tokens["bob"]), json=label(last)).status_code == 201
+    assert len(store.all_labels(project.id)) == 2
+
+
+def test_ids_out_of_range_and_unprintable_text_are_422_not_500(env):
+    client, tokens, store, _ = env
+    h = auth(tokens["alice"])
+    pair = client.get("/api/next", headers=h).json()["pair"]
+    cases = {
+        "pair_id": [{"pair_id": 2**63}, {"pair_id": 2**31}, {"pair_id": 10**30}],
+        "supersedes": [{"supersedes": 2**31}],
+        "reason": [{"reason": "nul \x00 byte"}, {"reason": "escape \x1b[31m"}, {"reason": "c1 \x85"},
+                   {"reason": "carriage\rreturn"}],
+        "strength": [{"choice": "tie", "strength": "better"}, {"strength": "a lot"}],
+        "both_bad": [{"choice": "skip", "both_bad": True}, {"both_bad": "yes"}],
+    }
+    for field, bodies in cases.items():
+        for extra in bodies:
+            r = client.post("/api/labels", headers=h, json={**label(pair["id"]), **extra})
+            assert r.status_code == 422, (field, extra, r.text)
+            assert r.json()["error"].startswith(f"body.{field}"), r.json()
+    r = client.post("/api/labels", headers=h, json={**label(pair["id"]), "reason": "nul \x00 byte"})
+    assert "U+0000 at position 4" in r.json()["error"]
+    # A lone surrogate, as JSON escapes can spell it.
+    raw = ('{"client_id": "%s", "pair_id": %d, "choice": "A", "reason": "\\ud800"}' % (uuid.uuid4().hex, pair["id"]))
+    r = client.post("/api/labels", headers={**h, "Content-Type": "application/json"}, content=raw.encode())
+    assert r.status_code == 422 and r.json()["error"].startswith("body"), r.text
+    for path in (f"/api/pairs/{2**63}", f"/api/pairs/{2**31}", "/api/pairs/0"):
+        r = client.get(path, headers=h)
+        assert r.status_code == 422 and r.json()["error"].startswith("path.pair_id"), (path, r.text)
+    assert store.all_labels(store.project("api").id) == []  # nothing stored
+    # Newlines and tabs are fine, and so is any printable text.
+    ok = client.post("/api/labels", headers=h, json=label(pair["id"], reason="line 1\n\tline 2 ✓ 漢字"))
+    assert ok.status_code == 201
+
+
+def test_remaining_is_what_the_labeler_can_still_get(env):
+    """'All done' never shows next to '1 remaining': a pair another labeler
+    holds is not counted as remaining."""
+    client, tokens, _, _ = env
+    held = client.get("/api/next", headers=auth(tokens["alice"])).json()["pair"]["id"]  # alice holds one of 3
+    bob = auth(tokens["bob"])
+    r = client.get("/api/next", headers=bob).json()
+    assert r["progress"]["remaining"] == 2  # the one bob sees and the one nobody holds
+    while r["pair"] is not None:
+        assert r["pair"]["id"] != held
+        r = client.post("/api/labels?next=true", headers=bob, json=label(r["pair"]["id"])).json()["next"]
+    assert r["progress"] == {"done": 2, "remaining": 0, "project_pairs": 3, "project_complete": 2}
+    assert client.get("/api/me", headers=bob).json()["progress"]["remaining"] == 0
+
+
+def test_strength_and_both_bad_are_stored_shown_and_part_of_the_replay_check(env):
+    client, tokens, store, _ = env
+    h = auth(tokens["alice"])
+    first = client.get("/api/next", headers=h).json()["pair"]["id"]
+    body = label(first, "B", strength="significantly_better", both_bad=True)
+    assert client.post("/api/labels", headers=h, json=body).status_code == 201
+    assert client.post("/api/labels", headers=h, json=body).status_code == 200  # a replay
+    r = client.post("/api/labels", headers=h, json={**body, "strength": "better"})
+    assert r.status_code == 409 and "already used" in r.json()["detail"]
+    shown = client.get(f"/api/pairs/{first}", headers=h).json()["label"]
+    assert (shown["choice"], shown["strength"], shown["both_bad"]) == ("B", "significantly_better", True)
+    assert client.get("/api/history", headers=h).json()["labels"][0]["strength"] == "significantly_better"
+    second = client.get("/api/next", headers=h).json()["pair"]["id"]
+    assert client.post("/api/labels", headers=h, json=label(second, "tie", both_bad=True)).status_code == 201
+    rows = store.current_labels(store.project("api").id)
+    assert [(r.choice, r.strength, r.both_bad) for r in rows] == [("B", "significantly_better", True),
+                                                                   ("tie", None, True)]
+    st = client.get("/api/admin/stats", headers=auth(tokens["boss"])).json()["labels"]
+    assert (st["both_bad"], st["with_strength"]) == (2, 1)
+
+
+def test_api_answers_are_not_cached_and_the_page_is_revalidated(env):
+    client, tokens, _, _ = env
+    for r in (client.get("/api/me", headers=auth(tokens["alice"])), client.get("/api/next"),  # 401 too
+              client.post("/api/labels", headers=auth(tokens["alice"]), json={})):
+        assert r.headers["cache-control"] == "no-store", r.request.url
+    assert client.get("/").headers["cache-control"] == "no-cache"
+
+
+def test_host_header_is_checked_against_the_configured_names(env):
+    _, tokens, store, _ = env
+    project = store.project("api")
+    h = auth(tokens["alice"])
+    # The default: loopback names only, whatever the port.
+    app = create_app(store, project)
+    for base in ("http://localhost:8000", "http://127.0.0.1:8000", "http://[::1]:8000", "http://LOCALHOST."):
+        assert TestClient(app, base_url=base).get("/api/me", headers=h).status_code == 200, base
+    for base in ("http://testserver", "http://evil.example:8000", "http://127.0.0.1.evil.example"):
+        r = TestClient(app, base_url=base).get("/api/me", headers=h)
+        assert r.status_code == 400 and "is not served here" in r.json()["detail"], base
+        assert "--allowed-host" in r.json()["detail"] and r.headers["x-frame-options"] == "DENY"
+    # The server's own setting: the bind address decides, --allowed-host adds names.
+    assert allowed_hosts_for("127.0.0.1") == ("localhost", "127.0.0.1", "::1")
+    assert allowed_hosts_for("::1", ["Labels.Example.COM"]) == ("localhost", "127.0.0.1", "::1", "labels.example.com")
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("127.0.0.1", ["*"]) is None
+    assert "labels.example.com" in allowed_hosts_for("0.0.0.0", ["labels.example.com"])
+    named = create_app(store, project, allowed_hosts=allowed_hosts_for("127.0.0.1", ["labels.example.com"]))
+    assert TestClient(named, base_url="https://labels.example.com").get("/healthz").status_code == 200
+    assert TestClient(create_app(store, project, allowed_hosts=None), base_url="http://any.example").get(
+        "/healthz").status_code == 200
+
+
+def test_tokens_in_logged_urls_are_redacted(env):
+    _, tokens, store, _ = env
+    assert redact_tokens("/?token=rlhf_abc&x=1") == "/?token=[redacted]&x=1"
+    assert redact_tokens("/api/me?a=1&access_token=s3cret") == "/api/me?a=1&access_token=[redacted]"
+    assert redact_tokens("/static/app.js") == "/static/app.js"
+    # End to end: uvicorn's access log of a real server.
+    httpx = pytest.importorskip("httpx")
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    access = logging.getLogger("uvicorn.access")
+    server = running(store, store.project("api"), access_log=True)
+    handler = Collect()
+    access.addHandler(handler)
+    try:
+        assert httpx.get(f"{server.url}/?token={tokens['alice']}&lang=en").status_code == 200
+        refused = httpx.get(f"{server.url}/healthz", headers={"Host": "attacker.example"})
+        assert refused.status_code == 400  # a loopback-bound server checks the Host header
+    finally:
+        access.removeHandler(handler)
+        server.stop()
+    assert any("token=[redacted]&lang=en" in line for line in lines), lines
+    assert not any(tokens["alice"] in line for line in lines)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from rlhf.labeling.config import ProjectConfig
 from rlhf.labeling.pairs import read_pair_file
-from rlhf.labeling.store import NewPair, Store
+from rlhf.labeling.store import NewPair, Store, Submission
 from helpers.labeling import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,3 +198,90 @@ def test_a_sign_in_link_opened_in_a_tab_already_on_the_page_signs_in(browser, tm
         expect(page.locator("#who")).to_contain_text("bea")
         assert "token" not in page.url
         page.close()
+
+
+def test_strength_and_both_bad_with_the_keyboard_only(browser, tmp_path):
+    """Q W E N pick how much better (the same key again clears it), X marks
+    both bad; the answer key sends them, and only where they apply."""
+    from playwright.sync_api import expect
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    tokens, _ = make_project(db)
+    pressed = lambda sel: page.locator(sel).get_attribute("aria-pressed")  # noqa: E731
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page()
+        page.goto(f"{server.url}/#token={tokens['ann']}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        steps = [(["q"], "1", "Saved: A is significantly better."),
+                 (["x"], "3", "Saved: tie, both bad."),
+                 (["w", "w", "e"], "2", "Saved: B is slightly better."),
+                 (["e", "x"], "s", "Saved: skip."),  # a skip takes neither
+                 (["n", "x"], "1", "Saved: A is negligibly better or unsure, both bad.")]
+        for done, (keys, answer, saved) in enumerate(steps, start=1):
+            for key in keys:
+                page.keyboard.press(key)
+            if keys == ["q"]:
+                assert pressed("#strength-significantly") == "true" and pressed("#strength-better") == "false"
+            if keys == ["w", "w", "e"]:
+                assert pressed("#strength-better") == "false" and pressed("#strength-slightly") == "true"
+            page.keyboard.press(answer)
+            expect(page.locator("#progress-text")).to_have_text(re.compile(rf"^{done} done"))
+            expect(page.locator("#status")).to_have_text(saved)
+            # The next pair starts clean.
+            assert pressed("#both-bad") == "false"
+            assert page.locator(".strengths button[aria-pressed='true']").count() == 0
+        # U brings the last label back with its strength and mark, ready to change.
+        page.keyboard.press("u")
+        page.wait_for_selector("#revising:not([hidden])")
+        assert pressed("#strength-negligibly") == "true" and pressed("#both-bad") == "true"
+        page.keyboard.press("x")  # not both bad after all
+        page.keyboard.press("1")
+        page.wait_for_selector("#revising", state="hidden")
+        page.close()
+    with Store.open(db) as store:
+        history = store.all_labels(store.project("e2e").id)
+    assert [(r.choice, r.strength, r.both_bad) for r in history] == [
+        ("A", "significantly_better", False), ("tie", None, True), ("B", "slightly_better", False),
+        ("skip", None, False), ("A", "negligibly_better", True), ("A", "negligibly_better", False)]
+
+
+def test_the_page_moves_on_after_a_refused_late_label_and_never_retries_a_4xx(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    tokens, _ = make_project(db)  # overlap 1
+    with Store.open(db) as store:
+        bea = store.add_labeler(store.project("e2e"), "bea", "rlhf_e2e_bea_" + "c" * 32)
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page()
+        posts: list[str] = []
+        page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+        page.goto(f"{server.url}/#token={tokens['ann']}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        shown = page.locator("#prompt").text_content()
+        # ann's lease lapses (as after a long break) and bea labels the pair meanwhile.
+        with Store.open(db) as store:
+            with store.transaction() as s:
+                s.execute(text("UPDATE labeling_assignments SET expires_at = 0 WHERE status = 'open'"))
+            taken = store.next_pair(bea)
+            store.submit(bea, Submission("bea-late-test-1", taken.id, "B"))
+        page.keyboard.press("1")
+        expect(page.locator("#status")).to_contain_text(re.compile(r"your hold on pair \d+ lapsed.*next pair"))
+        expect(page.locator("#prompt")).not_to_have_text(shown)  # on to the next pair, no retry
+        assert len(posts) == 1
+        # A 422 (a control character in the reason) is final too: shown, not retried.
+        page.fill("#reason", "bad \u0001 char")
+        page.keyboard.press("Escape")
+        page.keyboard.press("1")
+        expect(page.locator("#status")).to_contain_text("Not saved: body.reason")
+        page.wait_for_timeout(1500)  # a retry would have gone out after 300 ms
+        assert len(posts) == 2
+        expect(page.locator("#status")).to_contain_text("Not saved: body.reason")
+        page.fill("#reason", "fine")
+        page.keyboard.press("Escape")
+        page.keyboard.press("1")
+        expect(page.locator("#progress-text")).to_have_text(re.compile(r"^1 done"))
+        page.close()
+    with Store.open(db) as store:
+        votes = Counter(r.pair_id for r in store.current_labels(store.project("e2e").id) if r.choice != "skip")
+    assert set(votes.values()) == {1}  # no pair labeled twice

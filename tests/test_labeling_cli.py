@@ -10,6 +10,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from rlhf.cli import main
 from rlhf.labeling.store import Store, Submission
 
@@ -24,7 +26,7 @@ def rlhf(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def label_everything(db: str, choice: str = "A") -> int:
+def label_everything(db: str, choice: str = "A", **judgement) -> int:
     """Every labeler labels every pair they are given; returns labels stored."""
     store = Store.open(db)
     n = 0
@@ -32,7 +34,7 @@ def label_everything(db: str, choice: str = "A") -> int:
         if labeler.role != "labeler":
             continue
         while (view := store.next_pair(labeler)) is not None:
-            store.submit(labeler, Submission(uuid.uuid4().hex, view.id, choice))
+            store.submit(labeler, Submission(uuid.uuid4().hex, view.id, choice, **judgement))
             n += 1
     store.close()
     return n
@@ -70,6 +72,24 @@ def test_workflow_pairs_labelers_stats_export(tmp_path, capsys):
     assert code == 0 and len(rows) == 25 and all(r["margin"] == 1.0 for r in rows)
     code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", tmp_path / "prefs_hf")
     assert code == 0 and (tmp_path / "prefs_hf" / "dataset_info.json").exists()
+
+
+def test_export_strength_margin_and_both_bad_flags(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    assert rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 4)[0] == 0
+    assert rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")[0] == 0
+    assert label_everything(db, "B", strength="slightly_better", both_bad=True) == 4
+    dest = tmp_path / "prefs.jsonl"
+    code, _, err = rlhf(capsys, "label", "export", "--db", db, "--out", dest)
+    assert code == 2 and "4 marked both bad left out (--include-both-bad keeps them)" in err
+    code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", dest, "--include-both-bad",
+                        "--margin", "strength")
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert code == 0 and "4 marked both bad kept" in out
+    assert [(r["both_bad"], r["margin"]) for r in rows] == [(True, 1.0)] * 4
+    with pytest.raises(SystemExit) as exited:  # argparse: usage and the error, exit 2
+        rlhf(capsys, "label", "export", "--db", db, "--out", dest, "--margin", "loud")
+    assert exited.value.code == 2 and "argument --margin: invalid choice: 'loud'" in capsys.readouterr().err
 
 
 def test_pairs_from_one_or_two_checkpoints(tmp_path, capsys):
@@ -128,6 +148,7 @@ def test_bad_input_exits_2_naming_the_flag_and_keeps_labels(tmp_path, capsys):
             (["add-labeler", "--db", db, "--name", "ann"], "--name ann"),
             (["add-labeler", "--db", db, "--name", "bad\x1bname"], "--name"),
             (["serve", "--db", db, "--port", port], "--port"),
+            (["serve", "--db", db, "--port", "0", "--allowed-host", "https://x.example/"], "--allowed-host"),
         ]
         for argv, named in cases:
             code, out, err = rlhf(capsys, "label", *argv)
@@ -145,7 +166,7 @@ def test_serve_binds_loopback_unless_told_otherwise():
     from rlhf.cli import _parser
 
     args = _parser().parse_args(["label", "serve", "--db", "labels.db"])
-    assert (args.host, args.port, args.max_body_kb) == ("127.0.0.1", 8000, 64)
+    assert (args.host, args.port, args.max_body_kb, args.allowed_host) == ("127.0.0.1", 8000, 64, [])
 
 
 def test_real_process_exit_code_and_single_error_line(tmp_path):

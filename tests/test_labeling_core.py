@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 
@@ -17,7 +18,8 @@ from rlhf.labeling.config import ExportConfig, ProjectConfig
 from rlhf.labeling.export import export_rows, resolve_vote, write_rows
 from rlhf.labeling.pairs import Candidate, make_pairs, read_pair_file
 from rlhf.labeling.stats import compute
-from rlhf.labeling.store import Conflict, NewPair, NotFound, Store, Submission, parse_db_url
+from rlhf.labeling.schema import STRENGTH_MARGIN, Strength
+from rlhf.labeling.store import Conflict, NewPair, NotFound, PairFull, Store, Submission, parse_db_url
 
 # ---------------------------------------------------------------- agreement (hand-computed)
 
@@ -149,6 +151,115 @@ def test_lease_expiry_frees_the_slot(sqlite_url):
     store.close()
 
 
+def check_late_labels(url: str, name: str = "p"):
+    """A label sent after its lease lapsed is stored only while the pair has a
+    free slot (non-skip labels + others' live leases < overlap)."""
+    t0 = 1_000_000.0
+    store, project, (a, b, c) = new_store(url, n_pairs=1, overlap=1, name=name)
+    try:
+        pid = store.next_pair(a, now=t0).id
+        assert store.next_pair(b, now=t0 + 61).id == pid  # a's lease lapsed: the slot went to b
+        # b's live lease holds the only slot: a's late label is refused, nothing stored.
+        with pytest.raises(PairFull, match=f"pair {pid}: your hold on it lapsed"):
+            store.submit(a, sub(pid), now=t0 + 62)
+        store.submit(b, sub(pid, "B"), now=t0 + 63)
+        late = sub(pid)
+        with pytest.raises(PairFull):  # b's label fills it now
+            store.submit(a, late, now=t0 + 64)
+        with pytest.raises(PairFull):  # and a retry of the refused label stays refused
+            store.submit(a, late, now=t0 + 65)
+        assert [(r.labeler, r.choice) for r in store.all_labels(project.id)] == [("l1", "B")]
+        assert store.pairs(project)[pid].labeled_count == 1
+        store.submit(a, sub(pid, "skip"), now=t0 + 66)  # a late skip takes no slot: stored
+        assert store.next_pair(a, now=t0 + 67) is None and store.progress(a, now=t0 + 67)["remaining"] == 0
+        assert store.next_pair(c, now=t0 + 68) is None and store.progress(c, now=t0 + 68)["remaining"] == 0
+    finally:
+        store.close()
+    store, project, (a, b, _) = new_store(url, n_pairs=1, overlap=2, name=name + "-room")
+    try:
+        pid = store.next_pair(a, now=t0).id
+        # Lapsed, but nobody took the slot (overlap 2, nobody else holds it): the late label is stored.
+        assert not store.submit(a, sub(pid), now=t0 + 500)[0].replayed
+        assert store.next_pair(b, now=t0 + 501).id == pid  # the second slot is still free
+        store.submit(b, sub(pid, "skip"), now=t0 + 502)
+        last = store.submit(b, sub(pid, "A", supersedes=store.current_labels(project.id)[1].id), now=t0 + 503)
+        assert last[0].revision == 1  # skip revised into a vote: there was room
+        assert store.pairs(project)[pid].labeled_count == 2
+    finally:
+        store.close()
+
+
+def test_late_labels_are_stored_only_while_the_pair_has_room(sqlite_url):
+    check_late_labels(sqlite_url)
+
+
+def test_a_skip_revised_into_a_vote_needs_a_free_slot(sqlite_url):
+    store, project, (a, b, _) = new_store(sqlite_url, n_pairs=1, overlap=1)
+    pid = store.next_pair(a).id
+    skipped, _ = store.submit(a, sub(pid, "skip"))
+    assert store.next_pair(b).id == pid
+    store.submit(b, sub(pid, "A"))
+    with pytest.raises(PairFull):
+        store.submit(a, sub(pid, "B", supersedes=skipped.label_id))
+    assert store.pairs(project)[pid].labeled_count == 1
+    store.close()
+
+
+def check_late_label_race(url: str, name: str = "p", racers: int = 6):
+    """Labelers whose leases on the same pair all lapsed submit at once
+    (overlap 1): exactly one label is stored; the rest are refused."""
+    store, project, who = new_store(url, n_pairs=1, overlap=1, labelers=racers, name=name)
+    try:
+        t0 = time.time() - 10_000  # every lease below lapsed long ago
+        (pid,) = store.pairs(project)
+        for k, labeler in enumerate(who):
+            assert store.next_pair(labeler, now=t0 + 61 * k).id == pid  # each lease lapses before the next
+        outcomes: list[str] = []
+        start = threading.Barrier(racers)
+
+        def race(labeler):
+            start.wait()
+            try:
+                store.submit(labeler, sub(pid), assign_next=True)
+                outcomes.append("stored")
+            except PairFull:
+                outcomes.append("full")
+
+        threads = [threading.Thread(target=race, args=(w,)) for w in who]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(outcomes) == ["full"] * (racers - 1) + ["stored"]
+        assert len(store.all_labels(project.id)) == 1 and store.pairs(project)[pid].labeled_count == 1
+    finally:
+        store.close()
+
+
+def test_late_label_race_stores_exactly_one(sqlite_url):
+    check_late_label_race(sqlite_url)
+
+
+def test_remaining_counts_only_what_the_labeler_can_be_given(sqlite_url):
+    """The progress count agrees with next_pair: pairs others hold are not 'remaining'."""
+    t0 = 1_000_000.0
+    store, project, (a, b, _) = new_store(sqlite_url, n_pairs=3, overlap=1)
+    held = store.next_pair(a, now=t0).id  # a holds one pair
+    assert store.progress(b, now=t0)["remaining"] == 2
+    for k in range(2):
+        view = store.next_pair(b, now=t0 + k)
+        assert view.id != held and store.progress(b, now=t0 + k)["remaining"] == 2 - k  # the one on screen counts
+        store.submit(b, sub(view.id), now=t0 + k)
+    assert store.next_pair(b, now=t0 + 2) is None
+    assert store.progress(b, now=t0 + 2) == {"done": 2, "remaining": 0, "project_pairs": 3, "project_complete": 2}
+    assert store.progress(a, now=t0 + 2)["remaining"] == 1  # a's own pair, still leased to a
+    # a's lease lapses: the pair is b's to take again, and counted for b (and still for a, who may renew it).
+    assert store.progress(b, now=t0 + 100)["remaining"] == 1 and store.progress(a, now=t0 + 100)["remaining"] == 1
+    assert store.next_pair(b, now=t0 + 100).id == held
+    assert store.progress(a, now=t0 + 101)["remaining"] == 0 and store.next_pair(a, now=t0 + 101) is None
+    store.close()
+
+
 def check_idempotency_and_history(url: str, name: str = "p"):
     store, project, (a, b, _) = new_store(url, n_pairs=2, name=name)
     try:
@@ -191,6 +302,48 @@ def test_labels_table_is_append_only_in_the_database(sqlite_url, tmp_path):
             with pytest.raises(sqlite3.IntegrityError, match="append-only"):
                 con.execute(sql)
         assert con.execute("SELECT count(*) FROM labeling_labels").fetchone() == (2,)
+
+
+def _sql(url: str, *statements: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(parse_db_url(url).url)
+    try:
+        with engine.begin() as con:
+            for statement in statements:
+                con.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+def check_schema_upgrade(url: str, name: str = "p"):
+    """A version-1 database (labels without strength and both_bad) is upgraded
+    in place when opened; its labels are kept and new ones carry the new fields.
+    A version this code does not know is refused."""
+    store, project, (a, _, _) = new_store(url, n_pairs=2, name=name)
+    first = store.next_pair(a).id
+    old, _ = store.submit(a, sub(first, "A", reason="from version 1"))
+    store.close()
+    # Back to version 1: the labels table as it was then.
+    _sql(url, "ALTER TABLE labeling_labels DROP COLUMN strength", "ALTER TABLE labeling_labels DROP COLUMN both_bad",
+         """UPDATE labeling_meta SET value = '1' WHERE "key" = 'schema_version'""")
+    with Store.open(url) as store:
+        (kept,) = [r for r in store.all_labels(project.id) if r.id == old.label_id]
+        assert (kept.choice, kept.reason, kept.strength, kept.both_bad) == ("A", "from version 1", None, False)
+        second = store.next_pair(a).id
+        store.submit(a, sub(second, "B", strength="slightly_better", both_bad=True))
+        assert [(r.strength, r.both_bad) for r in store.current_labels(project.id, labeler_id=a.id)] == [
+            (None, False), ("slightly_better", True)]
+    _sql(url, """UPDATE labeling_meta SET value = '99' WHERE "key" = 'schema_version'""")
+    try:
+        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 2"):
+            Store.open(url)
+    finally:
+        _sql(url, """UPDATE labeling_meta SET value = '2' WHERE "key" = 'schema_version'""")
+
+
+def test_a_version_1_database_is_upgraded_in_place(sqlite_url):
+    check_schema_upgrade(sqlite_url)
 
 
 def test_open_refuses_missing_foreign_and_garbage_databases(tmp_path):
@@ -255,6 +408,54 @@ def test_export_majority_ties_min_votes_and_margin(sqlite_url, tmp_path):
     store.close()
 
 
+def judged_store(url: str):
+    """3 labelers, overlap 3, labels with strengths and "both bad" marks:
+    pair 1 -> A 2:1, strengths 3 and 2 among A's voters; pair 2 -> B 2:1, both
+    bad by 2 of 3; pair 3 -> A 3:0, no strengths; pair 4 -> A/B/tie split, one
+    "both bad" mark."""
+    store, project, who = new_store(url, n_pairs=4, overlap=3)
+    plan = {1: [("A", "significantly_better", False), ("A", "better", False), ("B", "slightly_better", False)],
+            2: [("B", "slightly_better", True), ("B", None, True), ("A", None, False)],
+            3: [("A", None, False)] * 3,
+            4: [("A", "significantly_better", True), ("B", None, False), ("tie", None, False)]}
+    for pid, votes in plan.items():
+        for j, (choice, strength, both_bad) in enumerate(votes):
+            assert store.next_pair(who[j]).id == pid
+            store.submit(who[j], sub(pid, choice, strength=strength, both_bad=both_bad))
+    return store, project
+
+
+def test_export_strength_margin_and_both_bad(sqlite_url, tmp_path):
+    assert set(STRENGTH_MARGIN) == set(Strength.__args__)  # every grade the API takes has a margin
+    store, project = judged_store(sqlite_url)
+    rows, st = export_rows(store, project, ExportConfig())
+    # Pair 2 (both bad) and pair 4 (no majority) are left out by default; no margin column unless asked.
+    assert [(r["pair_id"], r["both_bad"], r["both_bad_votes"]) for r in rows] == [(1, False, 0), (3, False, 0)]
+    assert (st.exported, st.both_bad, st.ties_dropped) == (2, 1, 1) and "margin" not in rows[0]
+    rows, _ = export_rows(store, project, ExportConfig(margin="strength"))
+    # The winners' mean strength: (3 + 2) / 2; none given -> 0 (no margin: the plain Bradley-Terry loss).
+    assert [r["margin"] for r in rows] == [2.5, 0.0]
+    rows, st = export_rows(store, project, ExportConfig(margin="strength", include_both_bad=True, ties="random"))
+    by_pair = {r["pair_id"]: r for r in rows}
+    assert (by_pair[2]["both_bad"], by_pair[2]["both_bad_votes"], by_pair[2]["chosen"]) == (True, 2, "B1")
+    assert by_pair[2]["margin"] == 1.0  # only one B voter gave a strength: slightly better
+    assert by_pair[4]["margin"] == 0.0 and not by_pair[4]["both_bad"]  # a random side: no margin; 1 of 3 marks
+    assert (st.exported, st.both_bad, st.ties_randomised) == (4, 1, 1)
+    rows, _ = export_rows(store, project, ExportConfig(margin=True))  # true: the vote margin, as before
+    assert rows[0]["margin"] == pytest.approx(1 / 3)
+    # The reward stage reads the margin column, from a file and from the database.
+    rows, _ = export_rows(store, project, ExportConfig(margin="strength", include_both_bad=True))
+    out = write_rows(rows, tmp_path / "prefs.jsonl", "jsonl")
+    pairs, _ = normalize_preferences(read_records(str(out)))
+    assert [p["margin"] for p in pairs] == [2.5, 1.0, 0.0]
+    write_rows(rows, tmp_path / "prefs.parquet", "parquet")  # bool and float columns: Arrow takes them
+    store.close()
+    pairs, _ = normalize_preferences(read_records(f"{sqlite_url}?margin=strength&include_both_bad=true"))
+    assert [p["margin"] for p in pairs] == [2.5, 1.0, 0.0]
+    with pytest.raises(BadInput, match=r"key 'margin': expected bool or 'votes' \| 'strength', got 'loud'"):
+        read_records(f"{sqlite_url}?margin=loud")
+
+
 def test_export_never_overwrites_the_database_or_a_foreign_directory(sqlite_url, tmp_path):
     store, project = labeled_store(sqlite_url)
     rows, _ = export_rows(store, project, ExportConfig())
@@ -317,6 +518,9 @@ def test_postgres_store_same_rules_and_concurrent_submits(postgres_url):
     pytest.importorskip("psycopg")
     check_assignment_rules(postgres_url, name="pg-rules")
     check_idempotency_and_history(postgres_url, name="pg-history")
+    check_late_labels(postgres_url, name="pg-late")
+    check_late_label_race(postgres_url, name="pg-race", racers=8)
+    check_schema_upgrade(postgres_url, name="pg-upgrade")
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import DBAPIError
 

@@ -8,7 +8,6 @@ or file (exit code 2); no command deletes or rewrites stored labels.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import secrets
 import socket
@@ -105,33 +104,51 @@ def add_parser(sub) -> None:
     p = cmds.add_parser("serve", help="run the labeling web app", epilog=EPILOG, formatter_class=fmt)
     _db(p)
     _project(p)
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; put a TLS proxy in front "
-                        "before binding a public address)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body accepted (default 64)")
-    p.add_argument("--access-log", action="store_true", help="log every request")
+    _serve_options(p)
 
     p = cmds.add_parser("export", help="write labeled pairs in the reward stage's format",
                         description="Majority vote per pair over each labeler's current label (skips left "
                                     "out); ties dropped unless --ties random.", epilog=EPILOG, formatter_class=fmt)
     _db(p)
     _project(p)
-    p.add_argument("--out", required=True, metavar="PATH",
-                   help="FILE.jsonl, FILE.parquet, or a directory for a Hugging Face dataset (save_to_disk)")
-    p.add_argument("--format", choices=("jsonl", "parquet", "hf"), help="default: from --out's suffix")
-    p.add_argument("--min-votes", type=int, help="leave out pairs with fewer non-skip labels (default 1)")
-    p.add_argument("--ties", choices=("drop", "random"), help="pairs without a strict winner (default drop)")
-    p.add_argument("--margin", action="store_true", default=None, help="add a vote-margin column")
-    p.add_argument("--seed", type=int, help="seed for --ties random (default 0)")
-    p.add_argument("--exclude-labeler", action="append", metavar="NAME",
-                   help="leave this labeler's labels out (repeatable), e.g. one revoked for bad work")
+    _export_options(p)
 
     p = cmds.add_parser("stats", help="counts, per-labeler throughput and agreement (kappa)",
                         epilog=EPILOG, formatter_class=fmt)
     _db(p)
     _project(p)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
+
+
+def _serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; put a TLS proxy in front "
+                        "before binding a public address)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-body-kb", type=int, default=64, help="largest request body accepted (default 64)")
+    p.add_argument("--access-log", action="store_true", help="log every request (token=... in a URL is redacted)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME", default=[],
+                   help="also answer to this Host name, e.g. the one a TLS proxy forwards (repeatable; '*': any). "
+                        "Bound to a loopback address the server otherwise answers only to localhost, 127.0.0.1, "
+                        "::1 and --host (against DNS rebinding); bound to another address, to any name unless "
+                        "this is given")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="FILE.jsonl, FILE.parquet, or a directory for a Hugging Face dataset (save_to_disk)")
+    p.add_argument("--format", choices=("jsonl", "parquet", "hf"), help="default: from --out's suffix")
+    p.add_argument("--min-votes", type=int, help="leave out pairs with fewer non-skip labels (default 1)")
+    p.add_argument("--ties", choices=("drop", "random"), help="pairs without a strict winner (default drop)")
+    p.add_argument("--margin", nargs="?", const="votes", choices=("votes", "strength"),
+                   help="add a `margin` column for margin losses: `votes` (the default when the flag is bare) "
+                        "(winner - loser votes) / votes; `strength` the labelers' preference strength, "
+                        "significantly better 3, better 2, slightly better 1, negligibly better or unsure 0")
+    p.add_argument("--include-both-bad", action="store_true", default=None,
+                   help="keep pairs most labelers marked 'both bad' (flagged both_bad: true; left out by default)")
+    p.add_argument("--seed", type=int, help="seed for --ties random (default 0)")
+    p.add_argument("--exclude-labeler", action="append", metavar="NAME",
+                   help="leave this labeler's labels out (repeatable), e.g. one revoked for bad work")
 
 
 def _project_settings(p: argparse.ArgumentParser) -> None:
@@ -308,29 +325,35 @@ def _check_bind(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    from rlhf.labeling.server import serve
+    from rlhf.labeling.server import is_loopback, serve
     from rlhf.labeling.store import Store
 
     if args.max_body_kb < 1:
         raise BadInput(f"--max-body-kb {args.max_body_kb}: expected a positive integer")
+    for name in args.allowed_host:
+        if name != "*" and (not name.strip() or any(ch in name for ch in "/ \t@")):
+            raise BadInput(f"--allowed-host {name!r}: expected a host name or address (no scheme, path or "
+                           "spaces), or '*'")
     _check_bind(args.host, args.port)
     with Store.open(args.db) as store:
         project = store.project(args.project)
-        try:
-            loopback = ipaddress.ip_address(args.host).is_loopback
-        except ValueError:
-            loopback = args.host == "localhost"
-        if not loopback:
+        if not is_loopback(args.host):
             print(f"warning: listening on {args.host}, reachable from other machines; tokens travel in "
                   "clear text unless a TLS proxy is in front", file=sys.stderr)
         url = f"http://{args.host}:{args.port}"
         print(f"serving project {project.name} from {store.display} on {url} (Ctrl-C to stop)", flush=True)
-        serve(store, project, args.host, args.port, args.max_body_kb * 1024, args.access_log)
+        serve(store, project, args.host, args.port, args.max_body_kb * 1024, args.access_log, args.allowed_host)
     return 0
 
 
 def _too_few(n: int, min_votes: int) -> str:
     return f"{n} not labeled yet" if min_votes == 1 else f"{n} with fewer than {min_votes} votes"
+
+
+def _both_bad(st, cfg) -> str:
+    if cfg.include_both_bad:
+        return f"{st.both_bad} marked both bad kept (both_bad: true)"
+    return f"{st.both_bad} marked both bad left out (--include-both-bad keeps them)"
 
 
 def cmd_export(args) -> int:
@@ -346,16 +369,18 @@ def cmd_export(args) -> int:
     with Store.open(db) as store:
         project = store.project(args.project)
         cfg = replace(ExportConfig(project=project.name), min_votes=args.min_votes, ties=args.ties,
-                      margin=args.margin, seed=args.seed, exclude_labelers=args.exclude_labeler)
+                      margin=args.margin, seed=args.seed, exclude_labelers=args.exclude_labeler,
+                      include_both_bad=args.include_both_bad)
         rows, st = export_rows(store, project, cfg)
     protect = [Path(db.url.database)] if db.url.get_backend_name() == "sqlite" else []
     if not rows:
         raise BadInput(f"--project {project.name}: no labeled pairs to export yet ({st.pairs} pairs, "
-                       f"{_too_few(st.too_few_votes, cfg.min_votes)}, {st.ties_dropped} ties dropped)")
+                       f"{_too_few(st.too_few_votes, cfg.min_votes)}, {st.ties_dropped} ties dropped, "
+                       f"{_both_bad(st, cfg)})")
     write_rows(rows, out, fmt, protect)
     print(f"{st.exported} preference pairs -> {out} ({fmt}); of {st.pairs} pairs: "
           f"{_too_few(st.too_few_votes, cfg.min_votes)}, {st.ties_dropped} ties dropped, {st.ties_randomised} ties "
-          "given a random side")
+          f"given a random side, {_both_bad(st, cfg)}")
     return 0
 
 

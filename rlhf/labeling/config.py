@@ -79,9 +79,15 @@ class ExportConfig:
     ties: Literal["drop", "random"] = opt(
         "drop", "a pair whose vote has no strict winner (or whose majority is 'tie'): drop it, or pick "
                 "a side at random (seeded)")
-    margin: bool = opt(False, "add a `margin` column: (winner votes - loser votes) / votes, for margin losses")
+    margin: bool | Literal["votes", "strength"] = opt(
+        False, "add a `margin` column for margin losses: `votes` (or true): (winner votes - loser votes) / "
+               "votes; `strength`: the winners' mean preference strength, significantly better 3, better 2, "
+               "slightly better 1, negligibly better or unsure 0 (votes without one left out of the mean; 0 "
+               "when none has one or the side was picked at random)")
     seed: int = opt(0, "seed of the random tie-breaks")
     exclude_labelers: list[str] = opt([], "labelers whose labels are left out (e.g. ones revoked for bad work)")
+    include_both_bad: bool = opt(False, "keep pairs most of whose voters marked both responses bad (exported "
+                                        "with both_bad: true); by default they are left out")
 
     def check(self, fail):
         require_positive(self, fail, "min_votes")

@@ -3,10 +3,14 @@
 Each pair's current labels (one per labeler, skips left out) are a vote among
 A, B and tie. The strict plurality wins; a pair whose vote has no strict
 winner, or whose winner is "tie", has no preferred side: it is dropped or
-given a random side (``ExportConfig.ties``). Rows are
-``{prompt, chosen, rejected}`` plus provenance columns the reward stage
-ignores (``pair_id``, vote counts, which model wrote each side) and, when
-asked, a ``margin`` for margin losses.
+given a random side (``ExportConfig.ties``). A pair most of whose voters
+marked both responses bad is left out unless ``include_both_bad`` (then its
+row says ``both_bad: true``). Rows are ``{prompt, chosen, rejected}`` plus
+provenance columns the reward stage ignores (``pair_id``, vote counts, which
+model wrote each side, ``both_bad``) and, when asked, a ``margin`` for margin
+losses: from the vote, or from the labelers' preference strength
+(``schema.STRENGTH_MARGIN``: significantly better 3, better 2, slightly
+better 1, negligibly better or unsure 0), which the reward stage reads.
 
 Also the reader behind a reward stage's ``data.path: sqlite:///labels.db``
 (see :func:`read_db_records`).
@@ -30,7 +34,7 @@ import yaml
 from rlhf.config import build
 from rlhf.errors import BadInput
 from rlhf.labeling.config import ExportConfig
-from rlhf.labeling.schema import Pair
+from rlhf.labeling.schema import STRENGTH_MARGIN, Pair
 from rlhf.labeling.store import LabelRow, ProjectInfo, Store, parse_db_url
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,8 @@ class ExportSummary:
     too_few_votes: int = 0  # fewer than min_votes non-skip labels (includes unlabeled pairs)
     ties_dropped: int = 0
     ties_randomised: int = 0
+    # Pairs most voters marked both bad: left out, or (include_both_bad) exported flagged.
+    both_bad: int = 0
 
 
 def resolve_vote(votes: Counter) -> str | None:
@@ -55,40 +61,66 @@ def resolve_vote(votes: Counter) -> str | None:
     return ranked[0][0]
 
 
+def strength_margin(strengths: list[str | None]) -> float:
+    """The mean ``STRENGTH_MARGIN`` of the strengths given (None: not given,
+    left out of the mean); 0.0, no margin, when none was given."""
+    given = [STRENGTH_MARGIN[x] for x in strengths if x is not None]
+    return sum(given) / len(given) if given else 0.0
+
+
 def preference_rows(pairs: dict[int, Pair], current: list[LabelRow], cfg: ExportConfig
                     ) -> tuple[list[dict[str, Any]], ExportSummary]:
     """Resolve each pair's votes into a ``{prompt, chosen, rejected, ...}`` row."""
-    votes: dict[int, Counter] = {pid: Counter() for pid in pairs}
+    ballots: dict[int, list[LabelRow]] = {pid: [] for pid in pairs}
     excluded = set(cfg.exclude_labelers)
     for r in current:
-        if r.choice != "skip" and r.pair_id in votes and r.labeler not in excluded:
-            votes[r.pair_id][r.choice] += 1
+        if r.choice != "skip" and r.pair_id in ballots and r.labeler not in excluded:
+            ballots[r.pair_id].append(r)
     summary = ExportSummary(pairs=len(pairs))
     rows = []
     for pid in sorted(pairs):
-        pair, vote = pairs[pid], votes[pid]
-        n = sum(vote.values())
-        if n < cfg.min_votes:
-            summary.too_few_votes += 1
-            continue
-        winner = resolve_vote(vote)
-        if winner not in ("A", "B"):
-            if cfg.ties == "drop":
-                summary.ties_dropped += 1
-                continue
-            # Seeded per pair, so the same database always exports the same file.
-            winner = random.Random(f"{cfg.seed}:{pid}").choice("AB")
-            summary.ties_randomised += 1
-        loser = "B" if winner == "A" else "A"
-        sides = {"A": (pair.response_a, pair.source_a), "B": (pair.response_b, pair.source_b)}
-        row = {"prompt": json.loads(pair.prompt), "chosen": sides[winner][0], "rejected": sides[loser][0],
-               "pair_id": pid, "votes": n, "chosen_votes": vote[winner], "rejected_votes": vote[loser],
-               "tie_votes": vote["tie"], "chosen_source": sides[winner][1], "rejected_source": sides[loser][1]}
-        if cfg.margin:
-            row["margin"] = (vote[winner] - vote[loser]) / n
-        rows.append(row)
-        summary.exported += 1
+        row = _pair_row(pairs[pid], ballots[pid], cfg, summary)
+        if row is not None:
+            rows.append(row)
+            summary.exported += 1
     return rows, summary
+
+
+def _pair_row(pair: Pair, ballot: list[LabelRow], cfg: ExportConfig, summary: ExportSummary
+              ) -> dict[str, Any] | None:
+    """One pair's row from its non-skip labels, or None (counted in ``summary``) when it is left out."""
+    n = len(ballot)
+    if n < cfg.min_votes:
+        summary.too_few_votes += 1
+        return None
+    both_bad_votes = sum(r.both_bad for r in ballot)
+    both_bad = 2 * both_bad_votes > n
+    if both_bad and not cfg.include_both_bad:
+        summary.both_bad += 1
+        return None
+    vote = Counter(r.choice for r in ballot)
+    winner = resolve_vote(vote)
+    randomised = winner not in ("A", "B")
+    if randomised:
+        if cfg.ties == "drop":
+            summary.ties_dropped += 1
+            return None
+        # Seeded per pair, so the same database always exports the same file.
+        winner = random.Random(f"{cfg.seed}:{pair.id}").choice("AB")
+        summary.ties_randomised += 1
+    summary.both_bad += both_bad
+    loser = "B" if winner == "A" else "A"
+    sides = {"A": (pair.response_a, pair.source_a), "B": (pair.response_b, pair.source_b)}
+    row = {"prompt": json.loads(pair.prompt), "chosen": sides[winner][0], "rejected": sides[loser][0],
+           "pair_id": pair.id, "votes": n, "chosen_votes": vote[winner], "rejected_votes": vote[loser],
+           "tie_votes": vote["tie"], "chosen_source": sides[winner][1], "rejected_source": sides[loser][1],
+           "both_bad": both_bad, "both_bad_votes": both_bad_votes}
+    if cfg.margin is True or cfg.margin == "votes":
+        row["margin"] = (vote[winner] - vote[loser]) / n
+    elif cfg.margin == "strength":
+        # A side picked at random was preferred by no majority: no margin to demand.
+        row["margin"] = 0.0 if randomised else strength_margin([r.strength for r in ballot if r.choice == winner])
+    return row
 
 
 def export_rows(store: Store, project: ProjectInfo, cfg: ExportConfig) -> tuple[list[dict[str, Any]], ExportSummary]:
@@ -177,10 +209,12 @@ def read_db_records(path: str) -> list:
     with Store.open(db, create=False, flag="data.path") as store:
         project = store.project(cfg.project, flag=f"data.path {db.display} ?project=")
         rows, summary = export_rows(store, project, cfg)
-    log.info("%s project %s: %d preference pairs from %d pairs (%d with too few votes, %d ties dropped)",
-             db.display, project.name, summary.exported, summary.pairs, summary.too_few_votes, summary.ties_dropped)
+    both_bad = f"{summary.both_bad} marked both bad {'kept' if cfg.include_both_bad else 'left out'}"
+    log.info("%s project %s: %d preference pairs from %d pairs (%d with too few votes, %d ties dropped, %s)",
+             db.display, project.name, summary.exported, summary.pairs, summary.too_few_votes, summary.ties_dropped,
+             both_bad)
     if not rows:
         raise BadInput(f"{db.display}: project {project.name} has no labeled pairs yet "
                        f"({summary.pairs} pairs, {summary.too_few_votes} with too few votes, "
-                       f"{summary.ties_dropped} ties dropped)")
+                       f"{summary.ties_dropped} ties dropped, {both_bad})")
     return [Record(row, f"{db.display} project {project.name} pair {row['pair_id']}") for row in rows]

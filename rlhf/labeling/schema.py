@@ -13,14 +13,36 @@ Invariants the tables enforce, so no code path can break them:
 
 Times are Unix seconds (float): portable across both databases and what the
 throughput statistics compute with.
+
+Schema versions: ``SCHEMA_VERSION`` is what this code reads and writes; an
+older database is upgraded in place when opened (``MIGRATIONS``, applied by
+the store in one transaction). Steps are additive only (new columns with
+defaults), so they never touch a stored label and the append-only triggers
+never fire.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import DDL, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event
+from typing import Literal
+
+from sqlalchemy import DDL, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+
+# version -> the statements that take a database of that version to the next.
+MIGRATIONS: dict[str, list[str]] = {
+    # 1 -> 2: preference strength and the "both bad" flag on labels.
+    "1": ["ALTER TABLE labeling_labels ADD COLUMN strength VARCHAR(24)",
+          "ALTER TABLE labeling_labels ADD COLUMN both_bad BOOLEAN NOT NULL DEFAULT FALSE"],
+}
+
+# How much better the chosen side is (Llama 2's four grades), for A/B labels;
+# optional. Exported as a numeric ``margin`` (see export.py): the margin a
+# margin loss demands between the chosen and rejected rewards.
+Strength = Literal["significantly_better", "better", "slightly_better", "negligibly_better"]
+STRENGTH_MARGIN: dict[str, int] = {"significantly_better": 3, "better": 2, "slightly_better": 1,
+                                   "negligibly_better": 0}  # "negligibly better or unsure"
 
 
 class Base(DeclarativeBase):
@@ -105,6 +127,10 @@ class Label(Base):
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labeling_labelers.id"))
     client_id: Mapped[str] = mapped_column(String(64))
     choice: Mapped[str] = mapped_column(String(8))  # A, B (the sides as shown), tie or skip
+    strength: Mapped[str | None] = mapped_column(String(24), nullable=True)  # a Strength; A and B only
+    # Neither response is acceptable (with A, B or tie: which is less bad). Pairs
+    # most voters flag are left out of exports unless asked for.
+    both_bad: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     reason: Mapped[str] = mapped_column(Text, default="")
     duration_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)  # time the labeler spent
     revision: Mapped[int] = mapped_column(Integer, default=0)

@@ -9,7 +9,14 @@ Defences, each for a named threat:
 - request bodies are capped (413) before they are parsed: a client cannot
   make the server buffer unbounded input;
 - bodies are validated by pydantic in strict mode with unknown fields
-  rejected; a 422 names the offending field;
+  rejected; a 422 names the offending field. Ids must fit a 32-bit column
+  and free text must be printable, so bad input never reaches the database
+  as an overflow or an unstorable character (which would be a 500);
+- DNS rebinding (a web page that makes the browser call a server on this
+  machine under the attacker's domain name): a server bound to a loopback
+  address answers only to loopback Host names and those it was told (400);
+- API answers are ``Cache-Control: no-store`` (they carry labels and
+  prompts); a ``token=`` in a logged URL is redacted from the access log;
 - model text, reasons and names go out only as JSON and the page inserts
   them with ``textContent``; a Content-Security-Policy without inline
   scripts is the second line against HTML/script injection;
@@ -20,27 +27,40 @@ Defences, each for a named threat:
 # No `from __future__ import annotations`: FastAPI reads the endpoint
 # annotations at runtime, and the dependencies are closures it could not
 # resolve from strings.
+import ipaddress
 import logging
+import re
 import time
+from collections.abc import Sequence
 from importlib import resources
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.errors import BadInput
 from rlhf.labeling import stats as stats_mod
-from rlhf.labeling.store import Conflict, LabelerInfo, NotFound, ProjectInfo, Store, Submission
+from rlhf.labeling.schema import Strength
+from rlhf.labeling.store import Conflict, LabelerInfo, NotFound, PairFull, ProjectInfo, Store, Submission
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = resources.files("rlhf.labeling") / "static"
 DEFAULT_MAX_BODY_BYTES = 64 * 1024  # a label with a 2,000-character reason is < 10 kB
+# Ids are INTEGER columns: 32-bit on PostgreSQL (64 on SQLite). A larger one
+# names no row anyway, and sent to the database it would be an overflow (500).
+MAX_ID = 2**31 - 1
+# Host names a loopback-bound server answers to, besides its bind address.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# Control characters but tab and newline, and unpaired surrogates (JSON's
+# "\ud800" decodes to one): PostgreSQL cannot store NUL in text, no encoder
+# can write a lone surrogate, and the rest only garble logs and terminals.
+UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -50,25 +70,75 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
+# API answers hold prompts, responses and labels: never kept by a browser or proxy cache.
+API_HEADERS = [(b"cache-control", b"no-store")]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` makes the server reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header (or a configured host): no port, no IPv6
+    brackets, lower case, no final dot."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        h = h[1:h.find("]")] if "]" in h else h[1:]
+    elif h.count(":") == 1:
+        h = h.split(":")[0]
+    return h.rstrip(".")
+
+
+def allowed_hosts_for(bind_host: str, extra: Sequence[str] = ()) -> tuple[str, ...] | None:
+    """The Host names a server bound to ``bind_host`` answers to; None: any.
+
+    Bound to a loopback address: the loopback names, the bind address and
+    ``extra`` (e.g. the name a TLS proxy on this machine forwards). Bound to
+    another address: any, unless ``extra`` names some (the names it is
+    reached by are not known here). ``"*"`` in ``extra`` allows any.
+    """
+    if "*" in extra or (not extra and not is_loopback(bind_host)):
+        return None
+    return tuple(dict.fromkeys(host_name(h) for h in (*LOOPBACK_NAMES, bind_host, *extra)))
 
 
 class GuardMiddleware:
-    """Caps request bodies (413) and adds security headers to every response.
+    """Caps request bodies (413), checks the Host header (400) and adds
+    security headers to every response (and ``no-store`` to API answers).
 
     A pure ASGI middleware rather than ``BaseHTTPMiddleware``: it sees the
     body as it streams in, so a chunked upload without Content-Length is cut
     off too, and it costs almost nothing per request.
     """
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, max_body_bytes: int, allowed_hosts: Sequence[str] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = None if allowed_hosts is None else frozenset(host_name(h) for h in allowed_hosts)
+
+    def _host_refused(self, scope: Scope) -> str | None:
+        """Why this request's Host header is not one we answer to, or None."""
+        if self.allowed_hosts is None:
+            return None
+        raw = dict(scope["headers"]).get(b"host")
+        if raw is None:
+            return "missing Host header"
+        header = raw.decode("latin-1")
+        if host_name(header) in self.allowed_hosts:
+            return None
+        return (f"Host {header!r} is not served here (expected one of: {', '.join(sorted(self.allowed_hosts))}); "
+                "to allow another name, start the server with --allowed-host NAME")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = rejected = False
+        extra_headers = SECURITY_HEADERS + (API_HEADERS if scope["path"].startswith("/api/") else [])
 
         async def send_with_headers(message: Message) -> None:
             nonlocal started
@@ -76,8 +146,13 @@ class GuardMiddleware:
                 return  # we already answered 413; whatever the app says after that is dropped
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": list(message.get("headers", [])) + SECURITY_HEADERS}
+                message = {**message, "headers": list(message.get("headers", [])) + extra_headers}
             await send(message)
+
+        refused = self._host_refused(scope)
+        if refused is not None:
+            await JSONResponse({"detail": refused}, status_code=400)(scope, receive, send_with_headers)
+            return
 
         async def reject() -> None:
             nonlocal rejected
@@ -118,11 +193,40 @@ class LabelIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     client_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    pair_id: int = Field(ge=1)
+    pair_id: int = Field(ge=1, le=MAX_ID)
     choice: Literal["A", "B", "tie", "skip"]
+    # After choice: their validators read it.
+    strength: Strength | None = Field(None, description="with A or B: how much better it is (optional)")
+    both_bad: bool = Field(False, description="neither response is acceptable (with A, B or tie: which is "
+                                              "less bad)")
     reason: str = Field("", max_length=2000)
-    supersedes: int | None = Field(None, ge=1, description="id of your current label on this pair, to revise it")
+    supersedes: int | None = Field(None, ge=1, le=MAX_ID,
+                                   description="id of your current label on this pair, to revise it")
     duration_ms: int | None = Field(None, ge=0, le=86_400_000, description="time spent on the pair")
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        bad = UNPRINTABLE.search(value)
+        if bad:
+            raise ValueError(f"character U+{ord(bad.group()):04X} at position {bad.start()} is not allowed "
+                             "(no control characters other than newline and tab)")
+        return value
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_needs_a_side(cls, value: str | None, info: ValidationInfo) -> str | None:
+        choice = info.data.get("choice")
+        if value is not None and choice not in ("A", "B"):
+            raise ValueError(f"only with choice 'A' or 'B' (how much better the chosen side is), not {choice!r}")
+        return value
+
+    @field_validator("both_bad")
+    @classmethod
+    def _both_bad_needs_a_judgement(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("choice") == "skip":
+            raise ValueError("not with choice 'skip' (a skip passes no judgement; send A, B or tie with it)")
+        return value
 
 
 class LabelOut(BaseModel):
@@ -142,8 +246,15 @@ def _pair_json(view) -> dict[str, Any]:
     return {"id": view.id, "prompt": view.prompt, "response_a": view.response_a, "response_b": view.response_b}
 
 
-def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The ASGI app for one project of ``store``."""
+def _label_json(row) -> dict[str, Any]:
+    return {"label_id": row.id, "pair_id": row.pair_id, "choice": row.choice, "strength": row.strength,
+            "both_bad": row.both_bad, "reason": row.reason, "revision": row.revision, "created_at": row.created_at}
+
+
+def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allowed_hosts: Sequence[str] | None = LOOPBACK_NAMES) -> FastAPI:
+    """The ASGI app for one project of ``store``, answering to the Host names
+    ``allowed_hosts`` (None: any; see :func:`allowed_hosts_for`)."""
     app = FastAPI(title=f"rlhf labeling: {project.name}", docs_url=None, redoc_url=None, openapi_url=None)
     bearer = HTTPBearer(auto_error=False)
 
@@ -196,6 +307,9 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             result, view = store.submit(who, Submission(**body.model_dump()), assign_next=next)
         except NotFound as e:
             raise HTTPException(404, str(e)) from None
+        except PairFull as e:
+            # A code the page acts on: it moves on to the next pair instead of offering a retry.
+            return JSONResponse({"detail": str(e), "code": "pair_full"}, status_code=409)
         except Conflict as e:
             raise HTTPException(409, str(e)) from None
         out = LabelOut(**result._asdict())
@@ -207,21 +321,18 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
     @app.get("/api/history")
     def history(who: Annotated[LabelerInfo, Depends(labeler)],
                 limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
-        return {"labels": [{"label_id": r.id, "pair_id": r.pair_id, "choice": r.choice, "reason": r.reason,
-                            "revision": r.revision, "created_at": r.created_at}
-                           for r in store.history(who, limit)]}
+        return {"labels": [_label_json(r) for r in store.history(who, limit)]}
 
     @app.get("/api/pairs/{pair_id}")
-    def pair(pair_id: int, who: Annotated[LabelerInfo, Depends(labeler)]) -> dict[str, Any]:
+    def pair(pair_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+             who: Annotated[LabelerInfo, Depends(labeler)]) -> dict[str, Any]:
         try:
             view, current = store.pair_for(who, pair_id)
         except NotFound as e:
             raise HTTPException(404, str(e)) from None
         except Conflict as e:
             raise HTTPException(403, str(e)) from None
-        label = None if current is None else {"label_id": current.id, "choice": current.choice,
-                                               "reason": current.reason, "revision": current.revision}
-        return {"pair": _pair_json(view), "label": label}
+        return {"pair": _pair_json(view), "label": None if current is None else _label_json(current)}
 
     # ------------------------------------------------------------ admin API
 
@@ -243,18 +354,62 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
         return FileResponse(str(index), media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
     return app
 
 
-def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 8000,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access_log: bool = False) -> None:
-    """Run the app with uvicorn until interrupted (one process: SQLite has one writer anyway)."""
+# A query parameter whose name ends in "token", up to the next separator.
+TOKEN_IN_QUERY = re.compile(r"([?&;][^=&;#\s]*token=)[^&;#\s]*", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` (a URL, a log line) with every ``...token=VALUE`` query value hidden."""
+    return TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
+class RedactTokens(logging.Filter):
+    """Hides token values in the URLs of uvicorn's access log. The page
+    never puts a token in a URL it requests (the header carries it; a
+    sign-in link keeps it in the fragment, which browsers do not send), but
+    a hand-typed ``/?token=...`` would otherwise be written to the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        return True
+
+
+def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
+    """uvicorn's config for ``app``, its access log (when on) redacting tokens."""
     import uvicorn
 
-    app = create_app(store, project, max_body_bytes)
-    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info" if access_log else "warning",
-                server_header=False, timeout_graceful_shutdown=5)
+    # Config() sets up uvicorn's loggers; the filter goes on after, so that setup cannot drop it.
+    config = uvicorn.Config(app, access_log=access_log, log_level="info" if access_log else "warning",
+                            server_header=False, **kw)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
+    return config
+
+
+def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 8000,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access_log: bool = False,
+          allowed_hosts: Sequence[str] = ()) -> None:
+    """Run the app with uvicorn until interrupted (one process: SQLite has one
+    writer anyway). ``allowed_hosts``: more Host names to answer to (see
+    :func:`allowed_hosts_for`)."""
+    import uvicorn
+
+    app = create_app(store, project, max_body_bytes, allowed_hosts_for(host, allowed_hosts))
+    server = uvicorn.Server(_uvicorn_config(app, access_log, host=host, port=port, timeout_graceful_shutdown=5))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
+    if not server.started:
+        raise BadInput(f"serve {host}:{port}: the server did not start (uvicorn's message is above)")
 
 
 class Running:
@@ -268,7 +423,8 @@ class Running:
         self.thread.join(timeout=10)
 
 
-def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 0) -> Running:
+def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 0,
+            access_log: bool = False) -> Running:
     """Serve ``project`` on a background thread of this process, e.g. while a
     recipe's collect stage waits for labels; ``port=0`` picks a free port.
     Returns once the server accepts connections; ``stop()`` shuts it down."""
@@ -284,9 +440,8 @@ def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: i
     except OSError as e:
         sock.close()
         raise BadInput(f"serve {host}:{port}: cannot listen there ({e.strerror}); pick another port") from None
-    config = uvicorn.Config(create_app(store, project), log_level="warning", access_log=False,
-                            server_header=False, timeout_graceful_shutdown=2)
-    server = uvicorn.Server(config)
+    app = create_app(store, project, allowed_hosts=allowed_hosts_for(host))
+    server = uvicorn.Server(_uvicorn_config(app, access_log, timeout_graceful_shutdown=2))
     # uvicorn installs no signal handlers off the main thread: Ctrl-C stays the caller's.
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="label-server")
     thread.start()

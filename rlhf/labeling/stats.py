@@ -90,7 +90,9 @@ def compute(store: Store, project: ProjectInfo) -> dict[str, Any]:
                   "with_labels": sum(1 for p in pairs.values() if p.labeled_count > 0),
                   "complete": sum(1 for p in pairs.values() if p.labeled_count >= overlap)},
         "labels": {"stored": len(every), "current": len(current), "superseded": len(every) - len(current),
-                   **{c: by_choice[c] for c in ("A", "B", "tie", "skip")}},
+                   **{c: by_choice[c] for c in ("A", "B", "tie", "skip")},
+                   "both_bad": sum(r.both_bad for r in current),
+                   "with_strength": sum(r.strength is not None for r in current)},
         "labelers": labelers,
         "agreement": agreement(current),
     }
@@ -108,8 +110,9 @@ def format_stats(st: dict[str, Any]) -> str:
     lines = [
         f"project {st['project']} (overlap {st['overlap']})",
         f"pairs:  {p['total']} total, {p['with_labels']} with labels, {p['complete']} complete",
-        f"labels: {lab['current']} current ({lab['A']} A, {lab['B']} B, {lab['tie']} tie, {lab['skip']} skip), "
-        f"{lab['superseded']} superseded, {lab['stored']} stored",
+        f"labels: {lab['current']} current ({lab['A']} A, {lab['B']} B, {lab['tie']} tie, {lab['skip']} skip; "
+        f"{lab['both_bad']} both bad, {lab['with_strength']} with a strength), {lab['superseded']} superseded, "
+        f"{lab['stored']} stored",
         f"agreement over {ag['pairs_with_2plus_votes']} pairs with 2+ votes: Fleiss' kappa "
         f"{_fmt(ag['fleiss_kappa'])}, mean Cohen's kappa {_fmt(ag['cohen_kappa_mean'])}, "
         f"raw agreement {_fmt(ag['percent_agreement'])}",

@@ -13,9 +13,17 @@ Concurrency:
   one process queue on a lock instead of SQLite's sleep-and-retry busy
   handler, which would turn contention into long tail latencies. Other
   processes (an export while the server runs) wait via ``busy_timeout``.
-- PostgreSQL: handing out pairs locks the project row (``SELECT ... FOR NO
-  KEY UPDATE``) so two labelers cannot both take a pair's last slot; label
-  submissions rely on the unique constraints and retry as replays.
+- PostgreSQL: handing out pairs and storing labels lock the project row
+  (``SELECT ... FOR NO KEY UPDATE``) first, so every decision about a pair's
+  slots is made one at a time per project: two labelers cannot both take a
+  pair's last slot, whether by being given the pair or by a late label. The
+  unique constraints are the backstop; a submission that trips one retries
+  and comes back as a replay.
+
+Slots: a pair takes ``overlap`` distinct non-skip labels. A labeler shown a
+pair holds one of its slots until their lease expires; a label sent after
+that (or after their pair was released) is accepted only while the pair
+still has a free slot, else refused (:class:`PairFull`).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -31,16 +40,20 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, bindparam, case, create_engine, event, func, inspect, select, update
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from rlhf.errors import BadInput
 from rlhf.labeling.config import ProjectConfig
-from rlhf.labeling.schema import SCHEMA_VERSION, Assignment, Base, Label, Labeler, Meta, Pair, Project
+from rlhf.labeling.schema import (MIGRATIONS, SCHEMA_VERSION, Assignment, Base, Label, Labeler, Meta, Pair,
+                                  Project)
+
+log = logging.getLogger(__name__)
 
 # URL query keys that select what to read, not how to connect (see export.py).
-READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed", "exclude_labelers")
+READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed", "exclude_labelers", "include_both_bad")
 
 
 class NotFound(Exception):
@@ -50,6 +63,12 @@ class NotFound(Exception):
 class Conflict(Exception):
     """The request contradicts stored state (HTTP 409): e.g. a pair not
     assigned to this labeler, or a client id reused for a different label."""
+
+
+class PairFull(Conflict):
+    """A late label (the labeler's lease on the pair expired or was released)
+    for a pair whose slots are all taken meanwhile (HTTP 409). Nothing was
+    stored; the labeler should move on to their next pair."""
 
 
 class DbUrl(NamedTuple):
@@ -143,6 +162,8 @@ class LabelRow(NamedTuple):
     revision: int
     created_at: float
     duration_ms: int | None
+    strength: str | None = None  # a schema.Strength, on A/B labels that say how much better
+    both_bad: bool = False
 
 
 class SubmitResult(NamedTuple):
@@ -159,6 +180,8 @@ class Submission:
     reason: str = ""
     supersedes: int | None = None
     duration_ms: int | None = None
+    strength: str | None = None  # a schema.Strength; A and B only (the server checks)
+    both_bad: bool = False  # not with skip (the server checks)
 
 
 # ---------------------------------------------------------------- the store
@@ -188,6 +211,11 @@ def _sqlite_engine(url: URL, begin: str) -> Engine:
     return engine
 
 
+def _label_row(lab: Label, labeler_name: str) -> LabelRow:
+    return LabelRow(lab.id, lab.pair_id, labeler_name, lab.choice, lab.reason, lab.revision, lab.created_at,
+                    lab.duration_ms, lab.strength, bool(lab.both_bad))
+
+
 class _Q:
     """The per-request statements, built once.
 
@@ -202,33 +230,33 @@ class _Q:
                    .where(_live.pair_id == Pair.id, _live.status == "open", _live.expires_at > bindparam("now"),
                           _live.labeler_id != bindparam("me"))
                    .scalar_subquery())
-    # FOR NO KEY UPDATE (key_share): serialises assignment per project without
-    # conflicting with the KEY SHARE locks that inserting a label or an
-    # assignment takes on the project row through its foreign key; plain FOR
-    # UPDATE would deadlock two concurrent submit-and-assign transactions.
+    # FOR NO KEY UPDATE (key_share): serialises assignment and label storing per
+    # project (see Store._lock_project) without conflicting with the KEY SHARE
+    # locks that inserting a label, pair or labeler takes on the project row
+    # through its foreign key. Taken first in every such transaction, so the
+    # pair-row locks that follow are always acquired in the same order.
     project = select(Project).where(Project.id == bindparam("project")).with_for_update(key_share=True)
     own_open = (select(Assignment, Pair).join(Pair, Pair.id == Assignment.pair_id)
                 .where(Assignment.labeler_id == bindparam("me"), Assignment.status == "open")
                 .order_by(Assignment.assigned_at).limit(1))
-    leases_on = select(live_leases).where(Pair.id == bindparam("pair"))
+    # Slots of the pair taken by others: its non-skip labels plus others' live leases (< overlap: room left).
+    taken = select(Pair.labeled_count + live_leases).where(Pair.id == bindparam("pair"))
+    # Pairs never shown to this labeler with a free slot: what assignment may hand out.
+    _new_to_me = (Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
+                  Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"))),
+                  Pair.labeled_count + live_leases < bindparam("overlap"))
     # Fullest pairs first; the index on (project_id, labeled_count DESC, id) serves this order.
-    next_pair = (select(Pair)
-                 .where(Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
-                        Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"))),
-                        Pair.labeled_count + live_leases < bindparam("overlap"))
-                 .order_by(Pair.labeled_count.desc(), Pair.id).limit(1))
+    next_pair = select(Pair).where(*_new_to_me).order_by(Pair.labeled_count.desc(), Pair.id).limit(1)
+    new_to_me = select(func.count()).select_from(Pair).where(*_new_to_me)
     by_token = select(Labeler).where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None))
     by_client_id = select(Label).where(Label.labeler_id == bindparam("me"), Label.client_id == bindparam("client_id"))
+    schema_version = select(Meta).where(Meta.key == "schema_version").with_for_update()
     current_label = (select(Label).where(Label.pair_id == bindparam("pair"), Label.labeler_id == bindparam("me"))
                      .order_by(Label.revision.desc()).limit(1))
     count_up = (update(Pair).where(Pair.id == bindparam("pair"))
                 .values(labeled_count=Pair.labeled_count + bindparam("delta")))
     done = select(func.count()).select_from(Assignment).where(
         Assignment.labeler_id == bindparam("me"), Assignment.status.in_(("labeled", "skipped")))
-    remaining = select(func.count()).select_from(Pair).where(
-        Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
-        Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"),
-                                                        Assignment.status != "open")))
     pair_counts = select(func.count(), func.sum(case((Pair.labeled_count >= bindparam("overlap"), 1), else_=0))
                          ).where(Pair.project_id == bindparam("project"))
 
@@ -292,10 +320,30 @@ class Store:
             return
         with self.reading() as s:
             version = s.get(Meta, "schema_version")
-        if version is None or version.value != SCHEMA_VERSION:
-            found = version.value if version else "none"
+        found = version.value if version else "none"
+        if found == SCHEMA_VERSION:
+            return
+        if found not in MIGRATIONS:
             raise BadInput(f"{flag} {self.display}: labeling schema version {found}, this rlhf reads "
-                           f"{SCHEMA_VERSION}")
+                           f"{SCHEMA_VERSION} (and upgrades {', '.join(sorted(MIGRATIONS))}); a newer rlhf "
+                           "wrote it?")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Upgrade an older schema in place, every step in one transaction:
+        a crash leaves the old version, whole (DDL is transactional in both
+        databases). Another process opening the database at the same time
+        waits on the version row and then finds nothing left to do."""
+        with self.transaction() as s:
+            row = s.scalar(_Q.schema_version)
+            start = version = row.value
+            while version != SCHEMA_VERSION:
+                for statement in MIGRATIONS[version]:
+                    s.execute(sql_text(statement))
+                version = str(int(version) + 1)
+            row.value = version
+        if start != version:
+            log.info("%s: labeling schema upgraded from version %s to %s", self.display, start, version)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -445,28 +493,39 @@ class Store:
 
     def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
         """The pair this labeler should label next, leased to them; None when done."""
-        now = time.time() if now is None else now
         with self.transaction() as s:
-            return self._assign_next(s, labeler, now)
+            cfg, now = self._lock_project(s, labeler, now)
+            return self._assign_next(s, labeler, cfg, now)
 
-    def _assign_next(self, s: Session, labeler: LabelerInfo, now: float) -> PairView | None:
-        """Inside a write transaction: this labeler's unfinished pair (a page
+    @staticmethod
+    def _lock_project(s: Session, labeler: LabelerInfo, now: float | None) -> tuple[ProjectConfig, float]:
+        """Inside a write transaction, first: lock the labeler's project row
+        and read its settings.
+
+        Every decision about a pair's slots (handing it out, counting a label
+        into it) is made under this lock, so they happen one at a time per
+        project (PostgreSQL; SQLite has one writer anyway). The time they are
+        judged at is read once the lock is granted, so a request that queued
+        behind others sees the leases as they are when it runs.
+        """
+        project = s.scalar(_Q.project, {"project": labeler.project_id})
+        return ProjectConfig.from_json(project.config), time.time() if now is None else now
+
+    def _assign_next(self, s: Session, labeler: LabelerInfo, cfg: ProjectConfig, now: float) -> PairView | None:
+        """Under :meth:`_lock_project`: this labeler's unfinished pair (a page
         reload shows the same pair), else a new one.
 
         New pairs: ones this labeler was never given whose non-skip labels
         plus others' live leases leave a slot under ``overlap``, fullest
         first so that pairs reach their overlap early.
         """
-        project = s.scalar(_Q.project, {"project": labeler.project_id})
-        cfg = ProjectConfig.from_json(project.config)
         params = {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap}
         own = s.execute(_Q.own_open, params).first()
         if own is not None:
             asg, pair = own
             if asg.expires_at - now > cfg.lease_seconds / 2:
                 return self._view(pair)  # fresh lease: no write, so no commit to wait for
-            slots_left = pair.labeled_count + s.scalar(_Q.leases_on, {**params, "pair": pair.id}) < cfg.overlap
-            if asg.expires_at > now or slots_left:
+            if asg.expires_at > now or s.scalar(_Q.taken, {**params, "pair": pair.id}) < cfg.overlap:
                 asg.expires_at = now + cfg.lease_seconds
                 return self._view(pair)
             asg.status = "released"  # its slot went to someone else while the lease was lapsed
@@ -486,11 +545,8 @@ class Store:
                 raise NotFound(f"pair {pair_id} not found")
             if s.get(Assignment, (pair_id, labeler.id)) is None:
                 raise Conflict(f"pair {pair_id} was not assigned to you")
-            lab = s.scalar(select(Label).where(Label.pair_id == pair_id, Label.labeler_id == labeler.id)
-                           .order_by(Label.revision.desc()).limit(1))
-            current = None if lab is None else LabelRow(lab.id, lab.pair_id, labeler.name, lab.choice, lab.reason,
-                                                        lab.revision, lab.created_at, lab.duration_ms)
-            return self._view(pair), current
+            lab = s.scalar(_Q.current_label, {"pair": pair_id, "me": labeler.id})
+            return self._view(pair), None if lab is None else _label_row(lab, labeler.name)
 
     # ------------------------------------------------------------ labels
 
@@ -502,25 +558,28 @@ class Store:
         A replay (same client id, same content) returns the stored label with
         ``replayed=True``; the same client id with different content, a pair
         not assigned to this labeler, or a second label for a pair without
-        ``supersedes`` naming the current one is a Conflict.
+        ``supersedes`` naming the current one is a Conflict. A late label that
+        would exceed the pair's overlap is a :class:`PairFull`.
         """
-        now = time.time() if now is None else now
         for _attempt in range(3):
             try:
                 with self.transaction() as s:
-                    result = self._store_label(s, labeler, sub, now)
-                    return result, self._assign_next(s, labeler, now) if assign_next else None
+                    cfg, at = self._lock_project(s, labeler, now)
+                    result = self._store_label(s, labeler, sub, cfg, at)
+                    return result, self._assign_next(s, labeler, cfg, at) if assign_next else None
             except IntegrityError:
                 # PostgreSQL: a concurrent request won a unique constraint. If it
                 # stored this client id, the retry returns it as a replay.
                 continue
         raise Conflict(f"pair {sub.pair_id}: concurrent labels for the same pair; reload and retry")
 
-    def _store_label(self, s: Session, labeler: LabelerInfo, sub: Submission, now: float) -> SubmitResult:
+    def _store_label(self, s: Session, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
+                     now: float) -> SubmitResult:
         seen = s.scalar(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id})
         if seen is not None:
-            if (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id) != (
-                    sub.pair_id, sub.choice, sub.reason, sub.supersedes):
+            # Checked first: a retry of a stored label is answered even if the pair has filled since.
+            stored = (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id, seen.strength, bool(seen.both_bad))
+            if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad):
                 raise Conflict(f"client_id {sub.client_id} was already used for a different label")
             return SubmitResult(seen.id, seen.revision, True)
         pair = s.get(Pair, sub.pair_id)
@@ -535,18 +594,35 @@ class Store:
         if current is not None and sub.supersedes != current.id:
             raise Conflict(f"pair {sub.pair_id} already has your label {current.id}; to change it, "
                            f"send supersedes={current.id}")
-        label = Label(project_id=labeler.project_id, pair_id=sub.pair_id, labeler_id=labeler.id,
-                      client_id=sub.client_id, choice=sub.choice, reason=sub.reason,
-                      duration_ms=sub.duration_ms, revision=0 if current is None else current.revision + 1,
-                      supersedes_id=sub.supersedes, created_at=now)
-        s.add(label)
         delta = int(sub.choice != "skip") - int(current is not None and current.choice != "skip")
+        leased = asg.status == "open" and asg.expires_at > now  # a live lease holds one of the pair's slots
+        if delta > 0 and not leased:
+            self._check_room(s, labeler, sub.pair_id, cfg, now)
+        label = Label(project_id=labeler.project_id, pair_id=sub.pair_id, labeler_id=labeler.id,
+                      client_id=sub.client_id, choice=sub.choice, reason=sub.reason, strength=sub.strength,
+                      both_bad=sub.both_bad, duration_ms=sub.duration_ms,
+                      revision=0 if current is None else current.revision + 1, supersedes_id=sub.supersedes,
+                      created_at=now)
+        s.add(label)
         if delta:
-            # A SQL-side increment: correct even when PostgreSQL runs two submits at once.
+            # A SQL-side increment: never a write-back of a count read earlier.
             s.execute(_Q.count_up, {"pair": pair.id, "delta": delta})
         asg.status = "skipped" if sub.choice == "skip" else "labeled"
         s.flush()
         return SubmitResult(label.id, label.revision, False)
+
+    @staticmethod
+    def _check_room(s: Session, labeler: LabelerInfo, pair_id: int, cfg: ProjectConfig, now: float) -> None:
+        """A label that would take a slot without a live lease on it (the lease
+        expired or was released; or a skip revised into a vote) needs a free
+        slot: the pair's non-skip labels plus other labelers' live leases must
+        be under ``overlap``. Runs under :meth:`_lock_project`, so nothing can
+        take the slot between this check and the insert."""
+        taken = s.scalar(_Q.taken, {"pair": pair_id, "me": labeler.id, "now": now})
+        if taken >= cfg.overlap:
+            raise PairFull(f"pair {pair_id}: your hold on it lapsed and its {cfg.overlap} label slot"
+                           f"{'s' if cfg.overlap > 1 else ''} went to other labelers, so this label was not "
+                           "stored; go on to your next pair (GET /api/next)")
 
     def history(self, labeler: LabelerInfo, limit: int = 20) -> list[LabelRow]:
         """This labeler's current labels, newest first."""
@@ -556,10 +632,8 @@ class Store:
 
     def _label_rows(self, stmt) -> list[LabelRow]:
         with self.reading() as s:
-            return [LabelRow(lab.id, lab.pair_id, name, lab.choice, lab.reason, lab.revision, lab.created_at,
-                             lab.duration_ms)
-                    for lab, name in s.execute(stmt.join(Labeler, Labeler.id == Label.labeler_id)
-                                               .add_columns(Labeler.name).order_by(Label.id))]
+            return [_label_row(lab, name) for lab, name in s.execute(stmt.join(Labeler, Labeler.id == Label.labeler_id)
+                                                                     .add_columns(Labeler.name).order_by(Label.id))]
 
     def current_labels(self, project_id: int, labeler_id: int | None = None) -> list[LabelRow]:
         """Each labeler's latest revision per pair (what counts), oldest first."""
@@ -578,13 +652,25 @@ class Store:
 
     # ------------------------------------------------------------ progress
 
-    def progress(self, labeler: LabelerInfo) -> dict[str, int]:
-        """``done``: pairs this labeler finished (skips included); ``remaining``:
-        pairs still open to them (an upper bound: others may fill them first)."""
+    def progress(self, labeler: LabelerInfo, now: float | None = None) -> dict[str, int]:
+        """``done``: pairs this labeler finished (skips included).
+
+        ``remaining``: pairs they can be given right now, by the same rules as
+        :meth:`next_pair`: the pair they hold (if it is still theirs) plus pairs
+        never shown to them with a free slot. So 0 exactly when ``next_pair``
+        has nothing for them. Pairs held by other labelers are not counted;
+        they come back if those leases lapse, and others may fill the counted
+        ones first.
+        """
+        now = time.time() if now is None else now
         with self.reading() as s:
             overlap = ProjectConfig.from_json(s.get(Project, labeler.project_id).config).overlap
-            params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap}
+            params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap, "now": now}
             done = s.scalar(_Q.done, params)
-            remaining = s.scalar(_Q.remaining, params)
+            remaining = s.scalar(_Q.new_to_me, params)
+            own = s.execute(_Q.own_open, params).first()
+            if own is not None and (own[0].expires_at > now or
+                                    s.scalar(_Q.taken, {**params, "pair": own[1].id}) < overlap):
+                remaining += 1
             total, complete = s.execute(_Q.pair_counts, params).one()
         return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete or 0}

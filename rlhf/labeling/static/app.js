@@ -6,7 +6,8 @@
 // inline scripts as a second line of defence.
 //
 // Durability: each label gets a client id when the pair is shown; a failed
-// request is retried with the same id, which the server stores at most once.
+// request (network error or 5xx) is retried with the same id, which the
+// server stores at most once. A 4xx answer is final: retrying cannot change it.
 "use strict";
 
 const TOKEN_KEY = "rlhf-labeling-token";
@@ -18,7 +19,9 @@ const state = {
   pair: null,          // the pair on screen
   shownAt: 0,          // when it was shown (for duration_ms)
   clientId: null,      // the id of the label being made for it
-  revising: null,      // {label_id, choice} when revising an earlier label
+  revising: null,      // {label_id, choice, strength, both_bad, reason} when revising an earlier label
+  strength: null,      // how much better, picked before answering A or B (optional)
+  bothBad: false,      // "both bad" marked, before answering
   history: [],         // own labels, newest first (for U)
   historyIndex: -1,
   busy: false,
@@ -43,7 +46,7 @@ function setStatus(text, isError = false) {
 }
 
 class HttpError extends Error {
-  constructor(status, detail) { super(detail); this.status = status; }
+  constructor(status, detail, code) { super(detail); this.status = status; this.code = code || null; }
 }
 
 async function api(method, path, body) {
@@ -54,7 +57,7 @@ async function api(method, path, body) {
   try { data = await res.json(); } catch (_) { /* empty or non-JSON body */ }
   if (!res.ok) {
     const detail = data && (data.error || (typeof data.detail === "string" ? data.detail : null));
-    throw new HttpError(res.status, detail || `HTTP ${res.status}`);
+    throw new HttpError(res.status, detail || `HTTP ${res.status}`, data && data.code);
   }
   return data;
 }
@@ -94,6 +97,8 @@ function renderPrompt(el, prompt) {
   }
 }
 
+// "remaining" is what the server can still hand this labeler now (see the
+// #progress-text title), so it is 0 exactly when the page says "All done".
 function renderProgress(p) {
   if (!p) return;
   $("progress").hidden = false;
@@ -101,7 +106,28 @@ function renderProgress(p) {
   $("progress-bar").max = Math.max(total, 1);
   $("progress-bar").value = p.done;
   $("progress-text").textContent = `${p.done} done · ${p.remaining} remaining`;
+  $("done-others").hidden = p.project_complete >= p.project_pairs;
 }
+
+const STRENGTH_WORDS = {
+  significantly_better: "significantly better", better: "better", slightly_better: "slightly better",
+  negligibly_better: "negligibly better or unsure",
+};
+
+function setStrength(strength) {
+  state.strength = strength;
+  for (const b of document.querySelectorAll(".strengths button")) {
+    b.setAttribute("aria-pressed", String(b.dataset.strength === strength));
+  }
+}
+
+function setBothBad(on) {
+  state.bothBad = on;
+  $("both-bad").setAttribute("aria-pressed", String(on));
+}
+
+// Q W E N pick a strength (the same key again clears it); X marks both bad.
+function toggleStrength(strength) { setStrength(state.strength === strength ? null : strength); }
 
 function renderPair(pair, revising) {
   state.pair = pair;
@@ -117,9 +143,11 @@ function renderPair(pair, revising) {
     $("revising-pair").textContent = String(pair.id);
     $("revising-was").textContent = revising.choice;
   }
-  for (const b of document.querySelectorAll(".choices button")) {
+  for (const b of document.querySelectorAll(".choices button[data-choice]")) {
     b.classList.toggle("chosen", !!revising && b.dataset.choice === revising.choice);
   }
+  setStrength(revising ? revising.strength || null : null);
+  setBothBad(!!revising && !!revising.both_bad);
   show("label-view");
   window.scrollTo(0, 0);
 }
@@ -142,10 +170,7 @@ function showNext(data) {  // {pair, progress}, from GET /api/next or a submissi
   }
 }
 
-async function submit(choice) {
-  if (state.busy || !state.pair) return;
-  state.busy = true;
-  for (const b of document.querySelectorAll(".choices button")) b.disabled = true;
+function labelBody(choice) {
   const body = {
     client_id: state.clientId,
     pair_id: state.pair.id,
@@ -153,18 +178,47 @@ async function submit(choice) {
     reason: $("reason").value.trim(),
     duration_ms: Math.round(performance.now() - state.shownAt),
   };
+  // A strength says how much better A or B is; a skip passes no judgement at all.
+  if (state.strength && (choice === "A" || choice === "B")) body.strength = state.strength;
+  if (state.bothBad && choice !== "skip") body.both_bad = true;
   if (state.revising) body.supersedes = state.revising.label_id;
+  return body;
+}
+
+function savedText(body) {
+  const side = body.choice === "A" || body.choice === "B";
+  let text = side ? `${body.choice} is ${STRENGTH_WORDS[body.strength] || "better"}` : body.choice;
+  if (body.both_bad) text += ", both bad";
+  return `Saved: ${text}.`;
+}
+
+async function submit(choice) {
+  if (state.busy || !state.pair) return;
+  state.busy = true;
+  for (const b of document.querySelectorAll(".choices button, .strengths button")) b.disabled = true;
+  const body = labelBody(choice);
   try {
     setStatus("Saving…");
     const saved = await apiWithRetry("POST", "/api/labels?next=true", body);
     showNext(saved.next);
-    setStatus(`Saved: ${choice === "A" || choice === "B" ? choice + " is better" : choice}.`);
+    setStatus(savedText(body));
   } catch (e) {
     if (e.status === 401) return signOut("Your token is no longer valid.");
+    if (e.code === "pair_full") {
+      // Our hold on the pair lapsed and others filled it: this label can never be stored. Move on.
+      const why = `Not saved: your hold on pair ${body.pair_id} lapsed and others labeled it meanwhile`;
+      try {
+        await loadNext();
+        setStatus(`${why}; here is your next pair.`, true);
+      } catch (err) {
+        setStatus(`${why}. Could not load the next pair: ${err.message}`, true);
+      }
+      return;
+    }
     setStatus(`Not saved: ${e.message}`, true);
   } finally {
     state.busy = false;
-    for (const b of document.querySelectorAll(".choices button")) b.disabled = false;
+    for (const b of document.querySelectorAll(".choices button, .strengths button")) b.disabled = false;
   }
 }
 
@@ -200,7 +254,8 @@ async function loadAdmin() {
   const p = st.pairs, l = st.labels, a = st.agreement;
   $("admin-summary").textContent =
     `${p.complete} of ${p.total} pairs complete (overlap ${st.overlap}); ${p.with_labels} have labels. ` +
-    `${l.current} current labels: ${l.A} A, ${l.B} B, ${l.tie} tie, ${l.skip} skip; ${l.superseded} revised.`;
+    `${l.current} current labels: ${l.A} A, ${l.B} B, ${l.tie} tie, ${l.skip} skip; ${l.both_bad} both bad, ` +
+    `${l.with_strength} with a strength; ${l.superseded} revised.`;
   $("admin-agreement").textContent =
     `Agreement over ${a.pairs_with_2plus_votes} pairs with 2+ votes: Fleiss' kappa ${fmt(a.fleiss_kappa)}, ` +
     `mean Cohen's kappa ${fmt(a.cohen_kappa_mean)}, raw agreement ${fmt(a.percent_agreement)}.`;
@@ -257,6 +312,7 @@ async function start() {
 // ------------------------------------------------------------------ keyboard
 
 const KEYS = { 1: "A", a: "A", 2: "B", b: "B", 3: "tie", t: "tie", s: "skip" };
+const STRENGTH_KEYS = { q: "significantly_better", w: "better", e: "slightly_better", n: "negligibly_better" };
 
 document.addEventListener("keydown", (e) => {
   if (e.ctrlKey || e.metaKey || e.altKey || !state.token) return;
@@ -268,6 +324,8 @@ document.addEventListener("keydown", (e) => {
   const key = e.key.toLowerCase();
   const onPair = !$("label-view").hidden;
   if (onPair && KEYS[key]) { e.preventDefault(); submit(KEYS[key]); }
+  else if (onPair && STRENGTH_KEYS[key]) { e.preventDefault(); toggleStrength(STRENGTH_KEYS[key]); }
+  else if (onPair && key === "x") { e.preventDefault(); setBothBad(!state.bothBad); }
   else if (onPair && key === "r") { e.preventDefault(); $("reason").focus(); }
   else if (key === "u") { e.preventDefault(); reviseEarlier(); }
   else if (onPair && key === "g") { e.preventDefault(); $("guidelines-box").open = !$("guidelines-box").open; }
@@ -275,9 +333,13 @@ document.addEventListener("keydown", (e) => {
 });
 
 document.addEventListener("DOMContentLoaded", () => {
-  for (const b of document.querySelectorAll(".choices button")) {
+  for (const b of document.querySelectorAll(".choices button[data-choice]")) {
     b.addEventListener("click", () => submit(b.dataset.choice));
   }
+  for (const b of document.querySelectorAll(".strengths button")) {
+    b.addEventListener("click", () => toggleStrength(b.dataset.strength));
+  }
+  $("both-bad").addEventListener("click", () => setBothBad(!state.bothBad));
   $("cancel-revise").addEventListener("click", () => loadNext());
   $("check-again").addEventListener("click", () => loadNext());
   $("revise-last").addEventListener("click", () => reviseEarlier());
