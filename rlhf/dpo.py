@@ -61,7 +61,7 @@ class Config:
                                            "this model with the adapters off)")
     reference: str | ModelConfig | None = opt(None, "reference policy of the implicit reward; null = `model`")
     data: DataConfig = opt(DataConfig(), "preference pairs, in any format the reward stage reads")
-    train: TrainingConfig = opt(TrainingConfig(learning_rate=5e-5), "optimisation")
+    train: TrainingConfig = opt(TrainingConfig(), "optimisation (real models: a learning rate near 5e-7 to 5e-6)")
     max_length: int = opt(256, "tokens per (prompt + response); longer pairs lose prompt tokens from the left")
     beta: float = opt(0.1, "strength of the tie to the reference (the KL coefficient; IPO: its regulariser tau)")
     loss_type: list[str] = opt(["sigmoid"], f"TRL's DPO losses by name: {', '.join(LOSS_TYPES)}; several are "

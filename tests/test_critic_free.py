@@ -187,32 +187,9 @@ def test_function_rewards_get_no_second_trunk_by_default(tmp_path, monkeypatch):
     {"advantage": "grpo", "kl": {"placement": "loss", "adaptive": True, "target": 1.0, "horizon": 100},
      "loss_aggregation": "sequence_mean"}])
 def test_critic_free_resume_matches_uninterrupted_run(tmp_path, monkeypatch, settings):
-    from test_ppo_trainer import _recipe, _rows, _run
+    from test_ppo_trainer import assert_resume_matches
 
-    from rlhf.ppo import trainer
-
-    common = dict(steps=4, save_every=2, samples_per_prompt=4, rollout_batch_size=4, **settings)
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    full.mkdir(), resumed.mkdir()
-    _run(_recipe(full, **common))
-    real_save = trainer._save_state
-
-    def crash_after_save(run, step):
-        real_save(run, step)
-        raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(trainer, "_save_state", crash_after_save)
-    path = _recipe(resumed, **common)
-    with pytest.raises(KeyboardInterrupt):
-        _run(path)
-    monkeypatch.setattr(trainer, "_save_state", real_save)
-    _run(path)
-    a, b = _rows(full / "run"), _rows(resumed / "run")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
-        for key, va in ra.items():
-            if not key.startswith("perf/") and key != "time":
-                assert rb[key] == pytest.approx(va, rel=1e-5, abs=1e-6), (ra["step"], key)
+    assert_resume_matches(tmp_path, monkeypatch, samples_per_prompt=4, rollout_batch_size=4, **settings)
 
 
 def test_bad_critic_free_settings_are_clear(tmp_path):

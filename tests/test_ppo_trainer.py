@@ -61,13 +61,14 @@ def test_trivial_reward_rises_and_first_minibatch_ratio_is_one(tmp_path):
     assert (tmp_path / "run" / "ppo" / "samples.jsonl").exists()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+def assert_resume_matches(tmp_path, monkeypatch, **settings) -> None:
+    """A run crashed right after its step-2 checkpoint and resumed logs the
+    same rows, step for step, as one that ran through (the timings aside)."""
     from rlhf.ppo import trainer
 
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     full.mkdir(), resumed.mkdir()
-    _run(_recipe(full, steps=4, save_every=2, kl={"adaptive": True, "target": 1.0, "horizon": 100}))
-
+    _run(_recipe(full, steps=4, save_every=2, **settings))
     real_save = trainer._save_state
 
     def crash_after_save(run, step):
@@ -75,7 +76,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         raise KeyboardInterrupt("simulated crash")
 
     monkeypatch.setattr(trainer, "_save_state", crash_after_save)
-    path = _recipe(resumed, steps=4, save_every=2, kl={"adaptive": True, "target": 1.0, "horizon": 100})
+    path = _recipe(resumed, steps=4, save_every=2, **settings)
     with pytest.raises(KeyboardInterrupt):
         _run(path)
     assert not (resumed / "run" / "ppo" / "final").exists()
@@ -90,6 +91,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
             if key.startswith("perf/") or key == "time":
                 continue
             assert rb[key] == pytest.approx(va, rel=1e-5, abs=1e-6), (ra["step"], key)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    assert_resume_matches(tmp_path, monkeypatch, kl={"adaptive": True, "target": 1.0, "horizon": 100})
 
 
 def test_lora_policy_uses_adapters_off_reference(tmp_path):
