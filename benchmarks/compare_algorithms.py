@@ -11,7 +11,7 @@ seeds of what the eval stage measured on the 128 held-out prompts:
 The on-policy methods generate the same number of samples (3,840); DPO trains
 on the reward model's 3,000 pairs. ``--json`` writes every seed's figures.
 
-    python benchmarks/compare_algorithms.py                        # seeds 42 1 2, 2 threads, ~20 min
+    python benchmarks/compare_algorithms.py                        # seeds 42 1 2, 2 threads, ~15 min
     python benchmarks/compare_algorithms.py --seeds 42 --json out.json
 """
 

@@ -52,9 +52,11 @@ class DataConfig:
     eval_fraction: float = opt(0.0, "hold out this fraction of `path` when no eval_path/eval_split is given")
     columns: dict[str, str] = opt({}, "rename columns to the expected names, e.g. {prompt: question}")
     max_samples: int | None = opt(None, "use only the first N training records (after shuffling nothing)")
-    max_eval_samples: int | None = opt(None, "use only the first N held-out records")
+    max_eval_samples: int | None = opt(None, "use N held-out records drawn at random with the recipe seed (the "
+                                             "reward stage reports the accuracy as on a subset, with its interval)")
     on_invalid: Literal["error", "drop"] = opt(
-        "error", "a malformed record (empty or identical responses) is an error, or is dropped and counted")
+        "error", "a malformed record (a missing or empty prompt, identical responses, ...) is an error, or is "
+                 "dropped and counted; an empty response is valid (it is judged like any other)")
 
     def check(self, fail):
         if not self.path:
@@ -207,8 +209,20 @@ def read_records(path: str, split: str = "train", columns: dict[str, str] | None
     return records
 
 
+class Splits(NamedTuple):
+    train: list[Record]
+    held: list[Record]  # after max_eval_samples
+    held_available: int  # held-out records before max_eval_samples
+
+
 def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]:
     """Train and held-out records as configured (held-out may be empty)."""
+    return read_splits(cfg, seed)[:2]
+
+
+def read_splits(cfg: DataConfig, seed: int) -> Splits:
+    """``load_splits``, also saying how many held-out records there were
+    before ``max_eval_samples`` drew its random subset."""
     train = read_records(cfg.path, cfg.split, cfg.columns)
     if cfg.eval_path or cfg.eval_split:
         held = read_records(cfg.eval_path or cfg.path, cfg.eval_split or cfg.split, cfg.columns)
@@ -224,9 +238,15 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[list[Record], list[Record]]
         held = []
     if cfg.max_samples is not None:
         train = train[: cfg.max_samples]
-    if cfg.max_eval_samples is not None:
-        held = held[: cfg.max_eval_samples]
-    return train, held
+    available = len(held)
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples < len(held):
+        import random
+
+        # A random subset, not the first N: files are often sorted (by source, length or date), and the
+        # first N would then measure one corner of the held-out set. Kept in file order.
+        keep = sorted(random.Random(seed).sample(range(len(held)), cfg.max_eval_samples))
+        held = [held[i] for i in keep]
+    return Splits(train, held, available)
 
 
 # ---------------------------------------------------------------- formats
@@ -237,15 +257,17 @@ def _is_messages(value: Any) -> bool:
             and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
 
 
-def _text_or_messages(r: Record, key: str) -> str | list:
+def _text_or_messages(r: Record, key: str, allow_empty: bool = False) -> str | list:
+    """``r``'s ``key``: text, or a list of chat messages. Empty (or blank) text
+    is an error unless ``allow_empty`` (a response to judge may be empty)."""
     value = r.data.get(key)
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() and not allow_empty:
             raise BadInput(f"{r.where}: '{key}' is empty")
         return value
     if _is_messages(value):
         return value
-    raise BadInput(f"{r.where}: '{key}' must be a non-empty string or a list of "
+    raise BadInput(f"{r.where}: '{key}' must be a {'' if allow_empty else 'non-empty '}string or a list of "
                    f"{{role, content}} messages, got {type(value).__name__}")
 
 
@@ -308,6 +330,11 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
     Values are strings (prompt is text, responses continue it) or chat message
     lists (prompt: the conversation so far; chosen/rejected: one assistant
     message each). Returns the records and the number dropped as invalid.
+
+    An empty response (``""``, a lone space) is kept: real data has them (a
+    model that answered nothing), and a reward model should learn to rank
+    them. Only a pair whose two responses are identical is invalid: it
+    carries no preference.
     """
     out, dropped = [], 0
     for r in records:
@@ -316,7 +343,8 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
             if "chosen" not in d or "rejected" not in d:
                 raise BadInput(f"{r.where}: expected 'chosen' and 'rejected' (and optionally 'prompt'); "
                                f"record has {sorted(d)} (map other names with `columns`)")
-            chosen, rejected = _text_or_messages(r, "chosen"), _text_or_messages(r, "rejected")
+            chosen = _text_or_messages(r, "chosen", allow_empty=True)
+            rejected = _text_or_messages(r, "rejected", allow_empty=True)
             if "prompt" in d:
                 prompt = _text_or_messages(r, "prompt")
             elif isinstance(chosen, str):
@@ -337,10 +365,6 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
                 prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
                 if not prompt:
                     raise BadInput(f"{r.where}: conversation has no prompt before the last message")
-            for key, resp in (("chosen", chosen), ("rejected", rejected)):
-                text = resp if isinstance(resp, str) else resp[-1]["content"]
-                if not str(text).strip():
-                    raise BadInput(f"{r.where}: '{key}' response is empty")
             if chosen == rejected:
                 raise BadInput(f"{r.where}: 'chosen' and 'rejected' are identical")
             margin = _number(r, "margin") if "margin" in d else None
@@ -358,19 +382,25 @@ def normalize_preferences(records: list[Record], on_invalid: str = "error") -> t
     return out, dropped
 
 
-def preference_splits(cfg: DataConfig, seed: int, use_margin: bool = True
-                      ) -> tuple[list[dict], list[dict], tuple[int, int]]:
+class PreferenceSplits(NamedTuple):
+    train: list[dict]
+    held: list[dict]
+    dropped: tuple[int, int]  # invalid pairs dropped from train, from held-out (on_invalid: drop)
+    held_available: int  # held-out records before max_eval_samples drew its subset
+
+
+def preference_splits(cfg: DataConfig, seed: int, use_margin: bool = True) -> PreferenceSplits:
     """Train and held-out preference pairs (``normalize_preferences``) as the
     reward and DPO stages read them, and how many of each split were dropped
     as invalid (``on_invalid: drop``). ``use_margin=False`` drops the
     ``margin`` column."""
-    train, held = load_splits(cfg, seed)
+    train, held, available = read_splits(cfg, seed)
     train_rows, dropped = normalize_preferences(train, cfg.on_invalid)
     held_rows, held_dropped = normalize_preferences(held, cfg.on_invalid) if held else ([], 0)
     if not use_margin:
         for row in train_rows + held_rows:
             row.pop("margin", None)
-    return train_rows, held_rows, (dropped, held_dropped)
+    return PreferenceSplits(train_rows, held_rows, (dropped, held_dropped), available)
 
 
 def normalize_prompts(records: list[Record]) -> list[str | list]:

@@ -40,7 +40,8 @@ from rlhf.gold import HeldOutCheck
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_policy,
                          load_tokenizer, peft_config)
 from rlhf.ppo.core import logprobs_from_logits
-from rlhf.rewards import CombinedReward, PairStats, RewardSpec, check_source, encode_response
+from rlhf.rewards import (CombinedReward, PairStats, RewardSpec, check_source, describe_accuracy, encode_response,
+                          held_out_summary)
 from rlhf.sampling import SamplingConfig, sample
 from rlhf.tracking import MetricsCallback, MetricsLogger, write_summary
 from rlhf.training import TrainingConfig, finish_stage, hf_kwargs, quiet_trl_config, train_or_resume
@@ -238,7 +239,8 @@ def train(cfg: Config, ctx) -> Path:
     # With LoRA and no other reference, TRL takes the policy with adapters off.
     ref_model = None if model_cfg.lora and cfg.reference is None else \
         load_causal_lm(_reference_config(cfg), tok, seed=ctx.seed)
-    train_rows, held_rows, dropped = preference_splits(cfg.data, ctx.seed, use_margin=False)
+    data = preference_splits(cfg.data, ctx.seed, use_margin=False)
+    train_rows, held_rows, dropped = data.train, data.held, data.dropped
     train_pairs, train_stats = tokenize_dpo(train_rows, tok, cfg.max_length)
     held_pairs, held_stats = tokenize_dpo(held_rows, tok, cfg.max_length)
     _log_truncation("train", train_stats, dropped[0], cfg)
@@ -280,8 +282,9 @@ def train(cfg: Config, ctx) -> Path:
                                                 tok.pad_token_id), ref_held, cfg.beta)
         summary.update({"eval/accuracy_before": before["accuracy"], "eval/accuracy": after["accuracy"],
                         "eval/margin": after["margin"], "eval/pairs": after["pairs"]})
-        log.info("DPO implicit-reward accuracy on held-out pairs: %.3f before -> %.3f after, over all %d pairs",
-                 before["accuracy"], after["accuracy"], after["pairs"])
+        summary.update(held_out_summary(after["accuracy"], after["pairs"], data.held_available))
+        log.info("DPO implicit-reward accuracy on held-out pairs: %.3f before -> %s", before["accuracy"],
+                 describe_accuracy(summary))
     final = finish_stage(trainer, tok, ctx, summary, logger, lambda: load_policy(model_cfg, tok, ctx.seed))
     if cfg.eval.prompts and ctx.is_main:
         summary.update(_gold_check(cfg, ctx, tok, final))

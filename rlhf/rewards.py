@@ -11,6 +11,7 @@ logit used as the score.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -28,7 +29,9 @@ import torch
 from rlhf.config import opt
 from rlhf.data import render_pair
 from rlhf.errors import BadInput
-from rlhf.models import ModelConfig, context_length, load_sequence_classifier, load_tokenizer
+from rlhf.encoders import has_segment_ids, model_pooling
+from rlhf.models import (ModelConfig, context_length, is_encoder, load_config, load_sequence_classifier,
+                         load_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -201,14 +204,27 @@ READ_SETTINGS_FILE = "reward_config.json"
 class ReadSettings:
     """How a reward model turns (prompt, response) into the tokens it scores."""
 
-    max_length: int  # tokens per prompt + response (+ EOS)
+    max_length: int  # tokens per prompt + response (+ EOS, or + the encoder's special tokens)
     truncation: str = "prompt_left"  # drop prompt tokens from the left; cut the response only if it alone is too long
     chat_template: bool = False  # chat prompts rendered with the tokenizer's chat template
     response_eos: bool = True  # plain-text responses end with EOS, as the policy's do when they stop
     ensemble: int = 1  # members: one scalar head each on a shared trunk (the classifier's outputs)
+    # Encoders (BERT, MiniLM, DeBERTa, ...): prompt and response as the tokenizer's own text pair
+    # ([CLS] prompt [SEP] response [SEP]), no EOS; segment ids (token type 1 from the response on)
+    # when the model has them; `pooling` is how the sequence becomes one vector (rlhf.models.POOLINGS).
+    text_pair: bool = False
+    segment_ids: bool = False
+    pooling: str = "last"
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+
+def encoder_reading(max_length: int, model, ensemble: int = 1) -> ReadSettings:
+    """The reading settings of an encoder classifier loaded by
+    ``load_sequence_classifier`` (its pooling and whether it has segment ids)."""
+    return ReadSettings(max_length=max_length, response_eos=False, ensemble=ensemble, text_pair=True,
+                        segment_ids=has_segment_ids(model.config), pooling=model_pooling(model))
 
 
 def read_settings(path: str | Path) -> ReadSettings | None:
@@ -246,25 +262,30 @@ class PairStats:
     identical: int = 0  # pairs whose two sides became the same tokens after truncation (a forced tie)
 
 
-def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
-                  stats: PairStats | None = None) -> list[int]:
-    """prompt + response within ``max_length``, dropping prompt tokens from the left.
+def fit_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
+             stats: PairStats | None = None) -> tuple[list[int], list[int]]:
+    """(prompt, response) within ``max_length`` tokens together, dropping prompt tokens from the left.
 
     If the response alone does not fit, one prompt token is kept and the
     response is cut on the right (counted separately); nothing is dropped.
     """
     if len(prompt_ids) + len(response_ids) <= max_length:
-        return prompt_ids + response_ids
+        return prompt_ids, response_ids
     keep = max_length - len(response_ids)
     if keep >= 1:
         if stats:
             stats.prompt_truncated += 1
-        return prompt_ids[-keep:] + response_ids
+        return prompt_ids[-keep:], response_ids
     if stats:
         stats.response_truncated += 1
-    return prompt_ids[-1:] + response_ids[: max_length - 1]
+    return prompt_ids[-1:], response_ids[: max_length - 1]
 
 
+def truncate_pair(prompt_ids: list[int], response_ids: list[int], max_length: int,
+                  stats: PairStats | None = None) -> list[int]:
+    """prompt + response within ``max_length`` (``fit_pair``), as one sequence."""
+    p, r = fit_pair(prompt_ids, response_ids, max_length, stats)
+    return p + r
 
 
 def encode_response(tok, prompt, response) -> tuple[list[int], list[int]]:
@@ -283,15 +304,60 @@ def encode_response(tok, prompt, response) -> tuple[list[int], list[int]]:
     return p_ids, r_ids
 
 
-def tokenize_pairs(rows: list[dict], tok, max_length: int) -> tuple[list[dict], PairStats]:
+def pair_template(tok) -> tuple[list[int], list[int], list[int]]:
+    """The special tokens a tokenizer puts around a text pair: (before the
+    first text, between the two, after the second), e.g. ([CLS], [SEP], [SEP])
+    for BERT, (<s>, </s></s>, </s>) for RoBERTa. Read from the tokenizer
+    itself (its special-tokens mask on a sample pair), so every encoder gets
+    its own format."""
+    enc = tok("a", "b", return_special_tokens_mask=True, verbose=False)
+    ids, special = enc["input_ids"], enc["special_tokens_mask"]
+    n_first = len(tok("a", add_special_tokens=False)["input_ids"])
+    words = [i for i, s in enumerate(special) if not s]
+    if len(words) < n_first + 1:
+        raise BadInput(f"tokenizer {type(tok).__name__}: cannot find where a text pair's two texts go")
+    first_end, second_start = words[n_first - 1] + 1, words[n_first]
+    return ids[:words[0]], ids[first_end:second_start], ids[words[-1] + 1:]
+
+
+def pair_encoder(tok, reading: ReadSettings) -> Callable[..., list[int]]:
+    """``encode(prompt, response, stats=None) -> token ids``, as ``reading``
+    says the reward model reads: decoder style (prompt + response + EOS,
+    ``encode_response``), or an encoder's text pair with its special tokens.
+    Both drop prompt tokens from the left to fit ``reading.max_length``."""
+    if not reading.text_pair:
+        return lambda prompt, response, stats=None: truncate_pair(
+            *encode_response(tok, prompt, response), reading.max_length, stats)
+    before, between, after = pair_template(tok)
+    room = reading.max_length - len(before) - len(between) - len(after)
+    if room < 2:
+        raise BadInput(f"max_length {reading.max_length} leaves no room for text beside the tokenizer's "
+                       f"{reading.max_length - room} special tokens")
+    # The boundary of the two segments is the first separator (rlhf.models' segment ids): text that
+    # spells a special token (a literal "[SEP]") must not move it, so it reads as an unknown word.
+    specials = set(before + between + after)
+    unk = tok.unk_token_id if tok.unk_token_id is not None else tok.pad_token_id
+
+    def encode(prompt, response, stats: PairStats | None = None) -> list[int]:
+        p_text, r_text = render_pair(tok, prompt, response)
+        p_ids, r_ids = ([unk if i in specials else i for i in tok(t, add_special_tokens=False, verbose=False)
+                         ["input_ids"]] for t in (p_text, r_text))
+        p_ids, r_ids = fit_pair(p_ids, r_ids, room, stats)
+        return before + p_ids + between + r_ids + after
+
+    return encode
+
+
+def tokenize_pairs(rows: list[dict], tok, max_length: int, reading: ReadSettings | None = None
+                   ) -> tuple[list[dict], PairStats]:
+    """Every pair as the reward model reads it (``pair_encoder``; default: decoder style at ``max_length``)."""
+    encode = pair_encoder(tok, reading or ReadSettings(max_length=max_length))
     stats = PairStats()
     out = []
     for row in rows:
         stats.pairs += 1
-        p_c, r_c = encode_response(tok, row["prompt"], row["chosen"])
-        p_r, r_r = encode_response(tok, row["prompt"], row["rejected"])
-        item = {"chosen_ids": truncate_pair(p_c, r_c, max_length, stats),
-                "rejected_ids": truncate_pair(p_r, r_r, max_length, stats)}
+        item = {"chosen_ids": encode(row["prompt"], row["chosen"], stats),
+                "rejected_ids": encode(row["prompt"], row["rejected"], stats)}
         stats.identical += item["chosen_ids"] == item["rejected_ids"]
         if "margin" in row:
             item["margin"] = row["margin"]
@@ -352,6 +418,39 @@ def pairwise_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, fl
     return {"accuracy": wins.mean().item(), "margin": (chosen - rejected).mean().item(), "pairs": len(chosen)}
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% (z=1.96) Wilson score interval of an accuracy over ``n`` pairs.
+
+    Wilson rather than the normal approximation: it stays inside [0, 1] and
+    keeps its coverage at the small n and the accuracies near 1 that
+    reward-model held-out sets have. A tie counts half a success, as in the
+    accuracy itself."""
+    if n <= 0:
+        return 0.0, 1.0
+    denom = 1 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / denom
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def held_out_summary(accuracy: float, pairs: int, available: int) -> dict:
+    """``eval/*`` keys that say how far a held-out accuracy can be trusted:
+    its 95% Wilson interval, and whether it covers only a random subset of
+    the held-out pairs (``max_eval_samples``) and of how many."""
+    low, high = wilson_interval(accuracy, pairs)
+    return {"eval/accuracy_ci_low": low, "eval/accuracy_ci_high": high, "eval/accuracy_ci": "wilson95",
+            "eval/subset": pairs < available, "eval/pairs_available": available}
+
+
+def describe_accuracy(summary: dict) -> str:
+    """'0.812 [95% Wilson 0.77, 0.85] over all 500 pairs' (or 'over a random subset of 100 of 500 pairs')."""
+    n, available = summary["eval/pairs"], summary["eval/pairs_available"]
+    where = (f"over a random subset of {n} of {available} held-out records (max_eval_samples)"
+             if summary["eval/subset"] else f"over all {n} pairs")
+    return (f"{summary['eval/accuracy']:.3f} [95% Wilson interval {summary['eval/accuracy_ci_low']:.3f}, "
+            f"{summary['eval/accuracy_ci_high']:.3f}] {where}")
+
+
 def pairwise_accuracy(model, pairs: list[dict], pad_id: int, batch_size: int = 64) -> dict[str, float]:
     """``pairwise_stats`` of a model on tokenized pairs; an ensemble (several
     outputs) is scored by its members' mean."""
@@ -398,8 +497,14 @@ class RewardModel:
     Two kinds of checkpoint:
 
     - ``label=None``: a one-output reward model, as the reward stage trains.
-      It sees ``prompt_ids + response_ids + EOS``, exactly what the policy
-      produces when it stops (``encode_response``).
+      It reads text as its ``reward_config.json`` says (``ReadSettings``): a
+      decoder sees ``prompt_ids + response_ids + EOS``, exactly what the
+      policy produces when it stops (``encode_response``); an encoder sees
+      its tokenizer's text pair ``[CLS] prompt [SEP] response [SEP]``, with
+      its own tokenizer and pooling (``rlhf.encoders``). Text goes in and a
+      score comes out, so the policy's vocabulary never matters. An encoder
+      checkpoint without that file (e.g. a hub DeBERTa reward model) is read
+      as a text pair with its own head.
     - ``label=k``: a trained classifier with its own head (e.g. the 2-label
       sentiment classifier ``lvwerra/distilbert-imdb``, k=1 for POSITIVE);
       the score is the logit of output k, as in the classic IMDB RLHF demo.
@@ -414,26 +519,38 @@ class RewardModel:
         cfg = ModelConfig(name=str(path), dtype=dtype, revision=revision)
         self.label = label
         self.aggregate, self.uncertainty_coef = aggregate, uncertainty_coef
-        self.tokenizer = load_tokenizer(cfg, require_eos=label is None)
         self.reading = read_settings(path)
+        pair = self.reading.text_pair if self.reading is not None else (label is None and is_encoder(cfg))
+        self.tokenizer = load_tokenizer(cfg, require_eos=label is None and not pair)
         self.ensemble = self.reading.ensemble if self.reading is not None and label is None else 1
         # None: keep the classifier's own head (a labelled classifier's, or an ensemble's k outputs).
         num_labels = 1 if label is None and self.ensemble == 1 else None
-        self.model = load_sequence_classifier(cfg, self.tokenizer, num_labels=num_labels).to(device).eval()
+        pooling = (self.reading.pooling if self.reading is not None else "auto") if pair else None
+        self.model = load_sequence_classifier(
+            cfg, self.tokenizer, num_labels=num_labels, pooling=pooling,
+            segment_ids=self.reading.segment_ids if self.reading is not None else pair and has_segment_ids(
+                load_config(cfg))).to(device).eval()
         if label is not None and label >= self.model.config.num_labels:
             raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
                            f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
         self.max_length = scoring_length(str(path), self.reading, max_length) or context_length(cfg) or 1024
         self.batch_size = batch_size
+        reading = self.reading or (encoder_reading(self.max_length, self.model) if pair
+                                   else ReadSettings(max_length=self.max_length))
+        self.pair_reading = dataclasses.replace(reading, max_length=self.max_length)
+        self._encode = pair_encoder(self.tokenizer, self.pair_reading)
 
     def encode(self, prompt, response) -> list[int]:
         """Token ids the classifier scores for one (prompt, response)."""
-        if self.tokenizer.eos_token is None:  # encoder classifier: its own [CLS] text [SEP] format
+        if self.label is not None and self.tokenizer.eos_token is None:  # a labelled encoder classifier
             p_text, r_text = render_pair(self.tokenizer, prompt, response)
             return self.tokenizer(p_text + r_text, truncation=True, max_length=self.max_length,
                                   verbose=False)["input_ids"]
-        p_ids, r_ids = encode_response(self.tokenizer, prompt, response)
-        return truncate_pair(p_ids, r_ids, self.max_length)
+        return self._encode(prompt, response)
+
+    def tokenize_pairs(self, rows: list[dict]) -> tuple[list[dict], PairStats]:
+        """Preference pairs as this model reads them (``tokenize_pairs``)."""
+        return tokenize_pairs(rows, self.tokenizer, self.max_length, self.pair_reading)
 
     def members(self, prompts: list, responses: list) -> torch.Tensor:
         """Every member's score (an ensemble's k heads; one column otherwise). Shape: (n, k)."""

@@ -56,9 +56,9 @@ def _cases(d: Path) -> dict[str, tuple[list[str], str]]:
     cases["wrong_type"] = (["run", r], f"{r}:{_line_of(r, 'eight')}: key 'stages.reward.train.batch_size': "
                                        "expected an integer, got 'eight'")
 
-    r = variant("stage_type", lambda c: c["stages"]["reward"].update(type="dpo"))
-    cases["unknown_stage_type"] = (["run", r], f"{r}:{_line_of(r, 'dpo')}: key 'stages.reward.type': "
-                                               "unknown stage type 'dpo'")
+    r = variant("stage_type", lambda c: c["stages"]["reward"].update(type="rewrad"))  # dpo is a stage type now
+    cases["unknown_stage_type"] = (["run", r], f"{r}:{_line_of(r, 'rewrad')}: key 'stages.reward.type': "
+                                               "unknown stage type 'rewrad'")
 
     missing = d / "no_such_data.jsonl"
     cases["missing_data_file"] = (["run", recipe, f"stages.sft.data.path={missing}"], f"{missing}: file not found")
@@ -66,8 +66,10 @@ def _cases(d: Path) -> dict[str, tuple[list[str], str]]:
     f = _jsonl(d / "malformed.jsonl", [DEMO, DEMO, DEMO], '{"prompt": "x", "completion": ', at=3)
     cases["malformed_jsonl_line"] = (["run", recipe, f"stages.sft.data.path={f}"], f"{f}:3: malformed JSON")
 
-    f = _jsonl(d / "empty_chosen.jsonl", [PAIR, {**PAIR, "chosen": ""}, PAIR])
-    cases["empty_chosen"] = (["run", recipe, f"stages.reward.data.path={f}"], f"{f}:2: 'chosen' is empty")
+    # An empty response is valid (it is judged); a missing one is not.
+    f = _jsonl(d / "null_chosen.jsonl", [PAIR, {**PAIR, "chosen": None}, PAIR])
+    cases["null_chosen"] = (["run", recipe, f"stages.reward.data.path={f}"],
+                            f"{f}:2: 'chosen' must be a string or a list of {{role, content}} messages")
 
     f = _jsonl(d / "identical.jsonl", [PAIR, PAIR, {**PAIR, "rejected": PAIR["chosen"]}])
     cases["identical_pair"] = (["run", recipe, f"stages.reward.data.eval_path={f}"],
@@ -93,7 +95,7 @@ def _cases(d: Path) -> dict[str, tuple[list[str], str]]:
 
 
 CASES = ["malformed_yaml", "unknown_key", "wrong_type", "unknown_stage_type", "missing_data_file",
-         "malformed_jsonl_line", "empty_chosen", "identical_pair", "prompt_over_max_length", "prompt_over_context",
+         "malformed_jsonl_line", "null_chosen", "identical_pair", "prompt_over_max_length", "prompt_over_context",
          "max_length_over_context", "bad_override_syntax", "override_unknown_key", "only_unknown_stage",
          "missing_recipe"]
 # These also run as real subprocesses (each costs seconds of torch import), to

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.data import (DataConfig, Record, load_splits, normalize_preferences, normalize_prompts, normalize_sft,
-                       read_records, render_pair, split_hh)
+                       preference_splits, read_records, read_splits, render_pair, split_hh)
 from rlhf.errors import BadInput
 from rlhf.rewards import PairStats, encode_response, tokenize_pairs, truncate_pair
 
@@ -146,6 +146,26 @@ def test_splits_max_samples_and_eval_fraction(tmp_path):
     assert len(train) == 20 and held == []
 
 
+def test_max_eval_samples_draws_a_seeded_random_subset_in_file_order(tmp_path):
+    path = str(write_jsonl(tmp_path / "d.jsonl", [{"text": f"row {i}"} for i in range(50)]))
+    cfg = DataConfig(path=path, eval_path=path, max_eval_samples=10)
+    got = read_splits(cfg, seed=3)
+    rows = [int(r.data["text"].split()[1]) for r in got.held]
+    assert len(rows) == 10 and got.held_available == 50 and len(got.train) == 50
+    assert rows != list(range(10)) and rows == sorted(rows)  # not the first N; kept in file order
+    assert [r.data for r in read_splits(cfg, seed=3).held] == [r.data for r in got.held]  # the seed decides
+    assert [r.data for r in read_splits(cfg, seed=4).held] != [r.data for r in got.held]
+    everything = read_splits(DataConfig(path=path, eval_path=path, max_eval_samples=80), seed=3)
+    assert len(everything.held) == everything.held_available == 50  # N >= available: all of them
+
+
+def test_preference_splits_report_the_held_out_records_available(tmp_path):
+    pairs = [{"prompt": "P", "chosen": f" good {i}", "rejected": f" bad {i}"} for i in range(30)]
+    path = str(write_jsonl(tmp_path / "p.jsonl", pairs))
+    got = preference_splits(DataConfig(path=path, eval_path=path, max_eval_samples=8), seed=0)
+    assert len(got.train) == 30 and len(got.held) == 8 and got.held_available == 30 and got.dropped == (0, 0)
+
+
 # ---------------------------------------------------------------- SFT formats
 
 
@@ -225,13 +245,32 @@ def test_chat_message_pairs():
         normalize_preferences([rec({"chosen": [good], "rejected": [bad]})])
 
 
+def test_empty_responses_are_valid_pairs():
+    """Real data has them (a model that answered nothing, a lone space): they are judged, not refused."""
+    user = [{"role": "user", "content": "hi"}]
+    rows, dropped = normalize_preferences([
+        rec({"prompt": "P", "chosen": " Fine.", "rejected": " "}),
+        rec({"prompt": "P", "chosen": "", "rejected": " No."}),
+        rec({"chosen": "\n\nHuman: a\n\nAssistant:", "rejected": "\n\nHuman: a\n\nAssistant: b"}),
+        rec({"chosen": user + [{"role": "assistant", "content": ""}],
+             "rejected": user + [{"role": "assistant", "content": "go away"}]}),
+    ])
+    assert dropped == 0 and [r["rejected"] for r in rows[:2]] == [" ", " No."] and rows[1]["chosen"] == ""
+    assert rows[2]["chosen"] == "" and rows[3]["chosen"] == [{"role": "assistant", "content": ""}]
+
+
+def test_empty_response_is_scored_by_the_stage_encoding(tok):
+    pairs, stats = tokenize_pairs([{"prompt": "Review of Sky:", "chosen": " Great fun.", "rejected": ""}], tok, 16)
+    assert pairs[0]["rejected_ids"][-1] == tok.eos_token_id  # prompt + EOS: an answer of nothing
+    assert pairs[0]["chosen_ids"] != pairs[0]["rejected_ids"] and stats.identical == 0
+
+
 @pytest.mark.parametrize("data, expected", [
-    ({"prompt": "P", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
-    ({"prompt": "P", "chosen": "a", "rejected": "  "}, "'rejected' is empty"),
+    ({"prompt": "", "chosen": "a", "rejected": "b"}, "'prompt' is empty"),
+    ({"prompt": "P", "chosen": None, "rejected": "b"}, "'chosen' must be a string or a list of"),
     ({"prompt": "P", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+    ({"prompt": "P", "chosen": " ", "rejected": " "}, "'chosen' and 'rejected' are identical"),
     ({"prompt": "P", "chosen": "a"}, "expected 'chosen' and 'rejected'"),
-    ({"chosen": "\n\nHuman: a\n\nAssistant:", "rejected": "\n\nHuman: a\n\nAssistant: b"},
-     "'chosen' response is empty"),
 ])
 def test_invalid_pairs_error_with_location(data, expected):
     with pytest.raises(BadInput) as e:
@@ -242,7 +281,7 @@ def test_invalid_pairs_error_with_location(data, expected):
 def test_on_invalid_drop_counts():
     records = [
         rec({"prompt": "P", "chosen": " a", "rejected": " b"}, "p.jsonl:1"),
-        rec({"prompt": "P", "chosen": "", "rejected": " b"}, "p.jsonl:2"),
+        rec({"prompt": "P", "chosen": " b", "rejected": " b"}, "p.jsonl:2"),
         rec({"prompt": "P", "chosen": " c", "rejected": " c"}, "p.jsonl:3"),
         rec({"prompt": "P", "chosen": " d", "rejected": " e"}, "p.jsonl:4"),
     ]

@@ -10,8 +10,9 @@ modules it imports), the first cycle and every violation.
 Layers, low to high (a module may import its own layer's modules or lower ones):
 
   0  rlhf.errors, rlhf.config, rlhf.tracking, rlhf.threads, rlhf.textstats
-  1  rlhf.models, rlhf.data, rlhf.sharding, rlhf.training
-  2  rlhf.sampling, rlhf.rewards, rlhf.gold, rlhf.ppo (package), rlhf.ppo.core, rlhf.ppo.policy
+  1  rlhf.models, rlhf.encoders, rlhf.data, rlhf.sharding, rlhf.training
+  2  rlhf.sampling, rlhf.rewards, rlhf.reward_head, rlhf.pair_baselines, rlhf.gold, rlhf.ppo (package),
+     rlhf.ppo.core, rlhf.ppo.policy
   3  stages: rlhf.sft, rlhf.reward_model, rlhf.dpo, rlhf.ppo.trainer, rlhf.baselines.*,
      rlhf.collect, rlhf.rounds_report;
      rlhf.evaluation.*, rlhf.labeling.*
@@ -35,8 +36,9 @@ PKG = Path(__file__).resolve().parents[1] / "rlhf"
 
 LAYERS: list[tuple[str, ...]] = [
     ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads", "rlhf.textstats"),
-    ("rlhf.models", "rlhf.data", "rlhf.sharding", "rlhf.training"),
-    ("rlhf.sampling", "rlhf.rewards", "rlhf.gold", "rlhf.ppo", "rlhf.ppo.core", "rlhf.ppo.policy"),
+    ("rlhf.models", "rlhf.encoders", "rlhf.data", "rlhf.sharding", "rlhf.training"),
+    ("rlhf.sampling", "rlhf.rewards", "rlhf.reward_head", "rlhf.pair_baselines", "rlhf.gold", "rlhf.ppo",
+     "rlhf.ppo.core", "rlhf.ppo.policy"),
     ("rlhf.sft", "rlhf.reward_model", "rlhf.dpo", "rlhf.ppo.trainer", "rlhf.collect", "rlhf.rounds_report",
      "rlhf.evaluation", "rlhf.labeling", "rlhf.baselines"),
     ("rlhf.recipe", "rlhf.plan", "rlhf.cli", "rlhf.__main__"),

@@ -121,6 +121,9 @@ def test_reward_accuracy_covers_every_held_out_pair(tiny_run):
     assert summary["data/eval_prompt_truncated"] == 6  # chosen and rejected of the 3 long pairs
     assert summary["data/eval_response_truncated"] == 0
     assert 0.0 <= summary["eval/accuracy"] <= 1.0 and 0.0 <= summary["eval/accuracy_before"] <= 1.0
+    assert summary["eval/subset"] is False and summary["eval/pairs_available"] == N_HELD_OUT
+    assert summary["eval/accuracy_ci_low"] <= summary["eval/accuracy"] <= summary["eval/accuracy_ci_high"]
+    assert 0.0 <= summary["baseline/accuracy"] <= 1.0 and 0.0 <= summary["baseline/longer_wins"] <= 1.0
     assert summary["train/pairs"] == 64 and summary["data/dropped_invalid"] == 0
     # The reward model starts from the SFT trunk and trains it.
     sft = AutoModelForCausalLM.from_pretrained(out / "sft" / "final").state_dict()

@@ -278,11 +278,11 @@ def pairwise_scores(source: CombinedReward, rows: list[dict]) -> tuple[np.ndarra
     (the reward stage's truncation: prompt tokens dropped from the left, never a
     pair); anything else (functions, weighted sums) is called on the texts.
     """
-    from rlhf.rewards import RewardModel, aggregate_members, pair_member_scores, tokenize_pairs
+    from rlhf.rewards import RewardModel, aggregate_members, pair_member_scores
 
     weight, fn, _ = source.parts[0]
     if len(source.parts) == 1 and isinstance(fn, RewardModel) and fn.label is None:
-        pairs, stats = tokenize_pairs(rows, fn.tokenizer, fn.max_length)
+        pairs, stats = fn.tokenize_pairs(rows)
         members = pair_member_scores(fn.model, pairs, fn.tokenizer.pad_token_id, fn.batch_size)
         # An ensemble's members combined as the source combines them for every other consumer.
         chosen, rejected = (weight * aggregate_members(m, fn.aggregate, fn.uncertainty_coef).numpy() for m in members)

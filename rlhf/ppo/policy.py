@@ -26,6 +26,26 @@ from rlhf.ppo.core import logprobs_from_logits
 from rlhf.sampling import position_ids_from, response_logits, response_logprobs
 
 
+def value_init_problem(source: str, policy_tok) -> str | None:
+    """Why reward checkpoint ``source`` cannot start a value model for a policy
+    with tokenizer ``policy_tok``, or None when it can.
+
+    The value model reads the policy's token ids and gives a value at every
+    position from what precedes it: an encoder (BERT, MiniLM, ...) sees the
+    tokens after each position too and reads text as a (prompt, response)
+    pair, and a model with another vocabulary cannot read the policy's ids.
+    """
+    from rlhf.models import ModelConfig, is_encoder, load_tokenizer
+    from rlhf.rewards import read_settings
+
+    saved = read_settings(source)
+    if (saved is not None and saved.text_pair) or (saved is None and is_encoder(ModelConfig(name=source))):
+        return "it is a bidirectional encoder (it would see each position's future tokens)"
+    if load_tokenizer(ModelConfig(name=source), require_eos=False).get_vocab() != policy_tok.get_vocab():
+        return "its tokenizer differs from the policy's (it cannot read the policy's token ids)"
+    return None
+
+
 class ScalarHeadModel(nn.Module):
     """A transformer trunk and a linear head giving one value per position.
 

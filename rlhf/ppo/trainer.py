@@ -1,5 +1,6 @@
-"""PPO stage (``type: ppo``): our own trainer on Accelerate (design and
-sources: docs/ppo.md).
+"""PPO stage (``type: ppo``): our own on-policy trainer on Accelerate, for
+PPO and, with ``advantage: rloo | grpo``, the critic-free RLOO and GRPO
+(design and sources: docs/ppo.md, docs/algorithms.md).
 
 One step, CleanRL-style, reads top to bottom in ``train``:
 
@@ -9,9 +10,10 @@ One step, CleanRL-style, reads top to bottom in ``train``:
   3. score      reward sources on (prompt, response) text; non-finite scores
                 skip the step; missing-EOS penalty
   4. rewards    per-token -beta * KL, score added at the last response token
-  5. advantages GAE (gamma, lambda), whitened over valid tokens   ``advantages``
+  5. advantages GAE (gamma, lambda), whitened over valid tokens; rloo/grpo:
+                each sequence against the other samples of its prompt ``advantages``
   6. update     ppo_epochs x shuffled minibatches x micro-batches (grad accum,
-                token mean over the minibatch); a non-finite loss or gradient
+                loss_aggregation over the minibatch); a non-finite loss or gradient
                 norm skips the optimiser step; optional target_kl stop ``update``
   7. log        one flat row of statistics to metrics.jsonl (+ wandb/tensorboard)
   8. save       every ``save_every`` steps and on Ctrl-C / SIGTERM
@@ -52,7 +54,7 @@ from rlhf.gold import HeldOutCheck as EvalConfig
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_policy, load_tokenizer)
 from rlhf.ppo import core
-from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel
+from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, value_init_problem
 from rlhf.ppo.watch import WatchConfig, first_alarm
 from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source, is_function
 from rlhf.sampling import Generated, SamplingConfig, generate, sample
@@ -232,6 +234,10 @@ def validate(cfg: Config, ctx) -> None:
         check_source(spec.source, ctx.produces)
     if cfg.value_model not in ("reward", "policy_head"):
         check_source(cfg.value_model, ctx.produces)
+        if not cfg.critic_free and Path(cfg.value_model).exists() and \
+                (problem := value_init_problem(cfg.value_model, tok)) is not None:
+            raise BadInput(f"stages.{ctx.name}.value_model: {cfg.value_model} cannot be the value model: {problem}; "
+                           "use policy_head (or `reward` to start from a decoder reward model)")
     if cfg.eval.gold:
         check_source(cfg.eval.gold)
     if cfg.watch.every and cfg.watch.heldout:
@@ -343,9 +349,14 @@ def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, 
         # A classifier picked by `label` (e.g. a sentiment model) has its own
         # tokenizer and heads: it cannot read the policy's tokens.
         ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-        # With only function rewards there is no reward model to start from: a
-        # second copy of the policy's trunk would cost ~1.6x the step time and
-        # its memory for nothing a head on the policy's trunk cannot learn.
+        problems = {src: value_init_problem(src, tok) for src in ckpts}
+        for src, problem in problems.items():
+            if problem is not None:
+                log.info("value model: not initialised from reward model %s: %s", src, problem)
+        ckpts = [src for src in ckpts if problems[src] is None]
+        # With no reward model to start from (only function rewards, or
+        # encoders): a second copy of the policy's trunk would cost ~1.6x the
+        # step time and its memory for nothing a head on the policy's trunk cannot learn.
         if not ckpts:
             return None
         source = ModelConfig(name=ckpts[0])
