@@ -11,6 +11,7 @@ box it competes with the server for CPU: the figure is a floor.
     python benchmarks/labeling_throughput.py                  # SQLite, 20 labelers, 3000 labels
     python benchmarks/labeling_throughput.py --postgres       # a throwaway local PostgreSQL instead
     python benchmarks/labeling_throughput.py --labelers 50 --labels 5000 --json
+    python benchmarks/labeling_throughput.py --pairs 50000    # a large project (per-label cost must not grow)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
     p.add_argument("--labelers", type=int, default=20, help="concurrent simulated labelers (default 20)")
     p.add_argument("--labels", type=int, default=3000, help="labels to submit in total (default 3000)")
     p.add_argument("--overlap", type=int, default=3, help="labelers per pair (default 3)")
+    p.add_argument("--pairs", type=int, default=None,
+                   help="pairs in the project (default: just enough for --labels; at least that many)")
     p.add_argument("--postgres", action="store_true", help="use a temporary local PostgreSQL, not SQLite")
     p.add_argument("--deadline", type=float, default=300, help="stop after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -48,6 +51,10 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     # Enough open slots to never run dry: each pair takes min(overlap, labelers) labels, plus warm-up.
     n_pairs = (args.labels + args.labelers * 5) // min(args.overlap, args.labelers) + args.labelers * 10
+    if args.pairs is not None:
+        if args.pairs < n_pairs:
+            p.error(f"--pairs {args.pairs}: expected at least {n_pairs} for {args.labels} labels")
+        n_pairs = args.pairs
 
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp, contextlib.ExitStack() as stack:
         db = stack.enter_context(temporary_postgres()) if args.postgres else f"sqlite:///{Path(tmp) / 'bench.db'}"
@@ -64,6 +71,7 @@ def main() -> None:
     figures = {
         "store": "postgresql" if args.postgres else "sqlite (WAL, synchronous=FULL)",
         "labelers": args.labelers,
+        "pairs": n_pairs,
         "labels": len(r.acked),
         "seconds": round(r.elapsed_s, 2),
         "labels_per_s": round(r.labels_per_s, 1),
@@ -80,6 +88,7 @@ def main() -> None:
     print(f"machine:        {figures['cpu_cores']} CPU cores, Python {figures['python']} "
           "(server and load generator share them)")
     print(f"labelers:       {args.labelers} concurrent, closed loop")
+    print(f"pairs:          {n_pairs} in the project")
     print(f"threads:        {args.threads} (OMP_NUM_THREADS for server and load generator)")
     print(f"labels:         {figures['labels']} in {figures['seconds']} s")
     print(f"throughput:     {figures['labels_per_s']} labels/s")

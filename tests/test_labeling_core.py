@@ -260,6 +260,69 @@ def test_remaining_counts_only_what_the_labeler_can_be_given(sqlite_url):
     store.close()
 
 
+def _progress_by_scanning(store: Store, who, overlap: int, now: float) -> dict[str, int]:
+    """progress() as it was computed before the project counters: by counting
+    the project's pairs and this labeler's assignments outright."""
+    from sqlalchemy import func, select
+
+    from rlhf.labeling.schema import Assignment, Pair
+    from rlhf.labeling.store import _Q
+
+    params = {"me": who.id, "project": who.project_id, "overlap": overlap, "now": now}
+    with store.reading() as s:
+        done = s.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.labeler_id == who.id, Assignment.status.in_(("labeled", "skipped"))))
+        remaining = s.scalar(select(func.count()).select_from(Pair).where(*_Q._new_to_me), params)
+        own = s.execute(_Q.own_open, params).first()
+        if own is not None and (own.expires_at > now or s.scalar(_Q.taken, {**params, "pair": own.id}) < overlap):
+            remaining += 1
+        total, complete = s.execute(_Q.pair_counts, params).one()
+    return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete or 0}
+
+
+def check_progress_counters_match_a_full_count(url: str, name: str = "p", steps: int = 300):
+    """The incremental progress (project counters, this labeler's assignments,
+    the live leases) equals counting everything, through random leases, lapses,
+    labels, skips, revisions, late labels, new pairs and an overlap change."""
+    import random
+
+    rng = random.Random(7)
+    store, project, who = new_store(url, n_pairs=10, overlap=2, labelers=4, name=name)
+    t, overlap = 1_000_000.0, 2
+    for step in range(steps):
+        t += rng.choice([0.5, 1, 5, 70])  # 70 > lease_seconds: leases lapse now and then
+        w = rng.choice(who)
+        action = rng.random()
+        if action < 0.45:
+            view = store.next_pair(w, now=t)
+            if view is not None and rng.random() < 0.8:
+                try:
+                    store.submit(w, sub(view.id, rng.choice(["A", "B", "skip"])), now=t)
+                except PairFull:
+                    pass
+        elif action < 0.6:  # revise a label: a skip into a vote or back, which moves the pair's count
+            mine = store.current_labels(project.id, labeler_id=w.id)
+            if mine:
+                cur = rng.choice(mine)
+                try:
+                    store.submit(w, sub(cur.pair_id, "skip" if cur.choice != "skip" else "A", supersedes=cur.id),
+                                 now=t)
+                except PairFull:
+                    pass
+        elif action < 0.63:
+            store.add_pairs(project, [NewPair(f"{name} more {step}", "x", "y")])
+        elif action < 0.65:
+            overlap = 3 if overlap == 2 else 2
+            project = store.set_project_config(project, ProjectConfig(overlap=overlap, lease_seconds=60))
+        for x in who:
+            assert store.progress(x, now=t) == _progress_by_scanning(store, x, overlap, t), (step, x.name)
+    store.close()
+
+
+def test_progress_counters_match_a_full_count(sqlite_url):
+    check_progress_counters_match_a_full_count(sqlite_url)
+
+
 def check_idempotency_and_history(url: str, name: str = "p"):
     store, project, (a, b, _) = new_store(url, n_pairs=2, name=name)
     try:
@@ -324,22 +387,27 @@ def check_schema_upgrade(url: str, name: str = "p"):
     first = store.next_pair(a).id
     old, _ = store.submit(a, sub(first, "A", reason="from version 1"))
     store.close()
-    # Back to version 1: the labels table as it was then.
+    # Back to version 1: the labels table as it was then, no project counters (version 3).
     _sql(url, "ALTER TABLE labeling_labels DROP COLUMN strength", "ALTER TABLE labeling_labels DROP COLUMN both_bad",
+         "ALTER TABLE labeling_projects DROP COLUMN pair_count",
+         "ALTER TABLE labeling_projects DROP COLUMN complete_count", "DROP INDEX ix_labeling_assignments_live",
          """UPDATE labeling_meta SET value = '1' WHERE "key" = 'schema_version'""")
     with Store.open(url) as store:
         (kept,) = [r for r in store.all_labels(project.id) if r.id == old.label_id]
         assert (kept.choice, kept.reason, kept.strength, kept.both_bad) == ("A", "from version 1", None, False)
+        # Counters unknown after the upgrade: progress counts the pairs until a write stores them.
+        assert store.progress(a) == {"done": 1, "remaining": 1, "project_pairs": 2, "project_complete": 0}
         second = store.next_pair(a).id
         store.submit(a, sub(second, "B", strength="slightly_better", both_bad=True))
         assert [(r.strength, r.both_bad) for r in store.current_labels(project.id, labeler_id=a.id)] == [
             (None, False), ("slightly_better", True)]
+        assert store.progress(a) == {"done": 2, "remaining": 0, "project_pairs": 2, "project_complete": 0}
     _sql(url, """UPDATE labeling_meta SET value = '99' WHERE "key" = 'schema_version'""")
     try:
-        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 2"):
+        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 3"):
             Store.open(url)
     finally:
-        _sql(url, """UPDATE labeling_meta SET value = '2' WHERE "key" = 'schema_version'""")
+        _sql(url, """UPDATE labeling_meta SET value = '3' WHERE "key" = 'schema_version'""")
 
 
 def test_a_version_1_database_is_upgraded_in_place(sqlite_url):
@@ -521,6 +589,7 @@ def test_postgres_store_same_rules_and_concurrent_submits(postgres_url):
     check_late_labels(postgres_url, name="pg-late")
     check_late_label_race(postgres_url, name="pg-race", racers=8)
     check_schema_upgrade(postgres_url, name="pg-upgrade")
+    check_progress_counters_match_a_full_count(postgres_url, name="pg-progress", steps=150)
     from sqlalchemy import create_engine, text
     from sqlalchemy.exc import DBAPIError
 
@@ -558,5 +627,10 @@ def test_postgres_store_same_rules_and_concurrent_submits(postgres_url):
     assert len(acked) == len(rows) == 40 * 3  # every slot filled exactly once
     assert sorted(r.id for r in rows) == sorted(i for _, i in acked)
     assert Counter(r.pair_id for r in rows) == {pid: 3 for pid in store.pairs(project)}
+    now = time.time()  # the counters kept up under concurrent submits
+    for w in who:
+        progress = store.progress(w, now=now)
+        assert progress == _progress_by_scanning(store, w, 3, now)
+        assert (progress["remaining"], progress["project_pairs"], progress["project_complete"]) == (0, 40, 40)
     store.close()
     assert len(read_records(f"{postgres_url}?project=pg-load")) == 40

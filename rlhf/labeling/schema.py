@@ -16,9 +16,9 @@ throughput statistics compute with.
 
 Schema versions: ``SCHEMA_VERSION`` is what this code reads and writes; an
 older database is upgraded in place when opened (``MIGRATIONS``, applied by
-the store in one transaction). Steps are additive only (new columns with
-defaults), so they never touch a stored label and the append-only triggers
-never fire.
+the store in one transaction). Steps are additive only (new columns, with
+defaults or NULL; new indexes), so they never touch a stored label and the
+append-only triggers never fire.
 """
 
 from __future__ import annotations
@@ -28,13 +28,18 @@ from typing import Literal
 from sqlalchemy import DDL, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 # version -> the statements that take a database of that version to the next.
 MIGRATIONS: dict[str, list[str]] = {
     # 1 -> 2: preference strength and the "both bad" flag on labels.
     "1": ["ALTER TABLE labeling_labels ADD COLUMN strength VARCHAR(24)",
           "ALTER TABLE labeling_labels ADD COLUMN both_bad BOOLEAN NOT NULL DEFAULT FALSE"],
+    # 2 -> 3: per-project pair counters (NULL until the store first counts them, under the project
+    # lock) and an index on live leases, so progress never scans the project's pairs.
+    "2": ["ALTER TABLE labeling_projects ADD COLUMN pair_count INTEGER",
+          "ALTER TABLE labeling_projects ADD COLUMN complete_count INTEGER",
+          "CREATE INDEX ix_labeling_assignments_live ON labeling_assignments (status, expires_at)"],
 }
 
 # How much better the chosen side is (Llama 2's four grades), for A/B labels;
@@ -63,6 +68,13 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     config: Mapped[str] = mapped_column(Text)  # ProjectConfig as JSON
     created_at: Mapped[float] = mapped_column(Float)
+    # Counters kept in the same transaction as what changes them, so progress
+    # need not count the project's pairs: its pairs, and those with
+    # ``labeled_count >= overlap`` (complete, for the overlap in ``config``).
+    # NULL: not known (a database upgraded from version 2, or the overlap just
+    # changed); the next write under the project lock counts them afresh.
+    pair_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    complete_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Labeler(Base):
@@ -106,7 +118,9 @@ class Assignment(Base):
 
     __tablename__ = "labeling_assignments"
     __table_args__ = (Index("ix_labeling_assignments_open", "pair_id", "status", "expires_at"),
-                      Index("ix_labeling_assignments_labeler", "labeler_id", "status"))
+                      Index("ix_labeling_assignments_labeler", "labeler_id", "status"),
+                      # Live leases of a project (few: about one per labeler), for progress.
+                      Index("ix_labeling_assignments_live", "status", "expires_at"))
     pair_id: Mapped[int] = mapped_column(ForeignKey("labeling_pairs.id"), primary_key=True)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labeling_labelers.id"), primary_key=True)
     status: Mapped[str] = mapped_column(String(16))  # open | labeled | skipped | released

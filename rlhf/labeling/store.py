@@ -24,11 +24,18 @@ Slots: a pair takes ``overlap`` distinct non-skip labels. A labeler shown a
 pair holds one of its slots until their lease expires; a label sent after
 that (or after their pair was released) is accepted only while the pair
 still has a free slot, else refused (:class:`PairFull`).
+
+Cost per label does not grow with the project: the project row keeps its
+pair and complete-pair counts, moved in the same transaction as the pairs
+and labels they count, and progress ("remaining" for a labeler) is derived
+from them, the labeler's own assignments and the live leases (see
+``_Q.mine`` and ``_Q.blocked``), never by counting the project's pairs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -39,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, bindparam, case, create_engine, event, func, inspect, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, create_engine, event, func, insert, inspect, select, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
@@ -211,6 +218,17 @@ def _sqlite_engine(url: URL, begin: str) -> Engine:
     return engine
 
 
+@functools.lru_cache(maxsize=64)
+def project_config(text: str) -> ProjectConfig:
+    """A project's settings parsed from their stored JSON, cached by that text:
+    a changed config is different text, so it is parsed afresh (no stale
+    entry to invalidate). Callers must not modify the result (it is shared)."""
+    return ProjectConfig.from_json(text)
+
+
+_VIEW = (Pair.id, Pair.prompt, Pair.response_a, Pair.response_b)  # what a PairView is built from
+
+
 def _label_row(lab: Label, labeler_name: str) -> LabelRow:
     return LabelRow(lab.id, lab.pair_id, labeler_name, lab.choice, lab.reason, lab.revision, lab.created_at,
                     lab.duration_ms, lab.strength, bool(lab.both_bad))
@@ -221,7 +239,10 @@ class _Q:
 
     Building a SQLAlchemy statement (especially with aliases and correlated
     subqueries) costs more Python time than SQLite takes to run it; these
-    run with bound parameters on every request.
+    run with bound parameters on every request. The hot ones (authenticate,
+    next pair, submit, progress) select columns and run on a Connection, not
+    through ORM objects and a Session's unit of work, which cost several
+    times the database's own time per label.
     """
 
     _live = aliased(Assignment)
@@ -235,8 +256,17 @@ class _Q:
     # locks that inserting a label, pair or labeler takes on the project row
     # through its foreign key. Taken first in every such transaction, so the
     # pair-row locks that follow are always acquired in the same order.
-    project = select(Project).where(Project.id == bindparam("project")).with_for_update(key_share=True)
-    own_open = (select(Assignment, Pair).join(Pair, Pair.id == Assignment.pair_id)
+    project = (select(Project.config, Project.pair_count, Project.complete_count)
+               .where(Project.id == bindparam("project")).with_for_update(key_share=True))
+    project_row = select(Project.config, Project.pair_count, Project.complete_count).where(
+        Project.id == bindparam("project"))
+    # The project's counters, moved in the same transaction as the pairs and labels they count.
+    counters_up = (update(Project).where(Project.id == bindparam("project"))
+                   .values(pair_count=Project.pair_count + bindparam("pairs"),
+                           complete_count=Project.complete_count + bindparam("complete")))
+    counters_set = (update(Project).where(Project.id == bindparam("project"))
+                    .values(pair_count=bindparam("pairs"), complete_count=bindparam("complete")))
+    own_open = (select(Assignment.expires_at, *_VIEW).join(Pair, Pair.id == Assignment.pair_id)
                 .where(Assignment.labeler_id == bindparam("me"), Assignment.status == "open")
                 .order_by(Assignment.assigned_at).limit(1))
     # Slots of the pair taken by others: its non-skip labels plus others' live leases (< overlap: room left).
@@ -246,19 +276,51 @@ class _Q:
                   Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"))),
                   Pair.labeled_count + live_leases < bindparam("overlap"))
     # Fullest pairs first; the index on (project_id, labeled_count DESC, id) serves this order.
-    next_pair = select(Pair).where(*_new_to_me).order_by(Pair.labeled_count.desc(), Pair.id).limit(1)
-    new_to_me = select(func.count()).select_from(Pair).where(*_new_to_me)
-    by_token = select(Labeler).where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None))
-    by_client_id = select(Label).where(Label.labeler_id == bindparam("me"), Label.client_id == bindparam("client_id"))
+    next_pair = select(*_VIEW).where(*_new_to_me).order_by(Pair.labeled_count.desc(), Pair.id).limit(1)
+    by_token = (select(Labeler.id, Labeler.project_id, Labeler.name, Labeler.role)
+                .where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None)))
+    by_client_id = (select(Label.id, Label.revision, Label.pair_id, Label.choice, Label.reason, Label.supersedes_id,
+                           Label.strength, Label.both_bad)
+                    .where(Label.labeler_id == bindparam("me"), Label.client_id == bindparam("client_id")))
+    pair_slots = select(Pair.project_id, Pair.labeled_count).where(Pair.id == bindparam("pair"))
+    assignment = select(Assignment.status, Assignment.expires_at).where(
+        Assignment.pair_id == bindparam("pair"), Assignment.labeler_id == bindparam("me"))
+    _this_assignment = update(Assignment.__table__).where(Assignment.pair_id == bindparam("pair"),
+                                                          Assignment.labeler_id == bindparam("me"))
+    renew_lease = _this_assignment.values(expires_at=bindparam("expires"))
+    set_status = _this_assignment.values(status=bindparam("new_status"))
+    add_assignment = insert(Assignment.__table__)
+    add_label = insert(Label.__table__).returning(Label.__table__.c.id)
+    current = (select(Label.id, Label.choice, Label.revision)
+               .where(Label.pair_id == bindparam("pair"), Label.labeler_id == bindparam("me"))
+               .order_by(Label.revision.desc()).limit(1))
     schema_version = select(Meta).where(Meta.key == "schema_version").with_for_update()
     current_label = (select(Label).where(Label.pair_id == bindparam("pair"), Label.labeler_id == bindparam("me"))
                      .order_by(Label.revision.desc()).limit(1))
     count_up = (update(Pair).where(Pair.id == bindparam("pair"))
                 .values(labeled_count=Pair.labeled_count + bindparam("delta")))
-    done = select(func.count()).select_from(Assignment).where(
-        Assignment.labeler_id == bindparam("me"), Assignment.status.in_(("labeled", "skipped")))
+    # Counts the whole project: only when its counters are unknown (see schema.Project).
     pair_counts = select(func.count(), func.sum(case((Pair.labeled_count >= bindparam("overlap"), 1), else_=0))
                          ).where(Pair.project_id == bindparam("project"))
+    # Progress without scanning the project: "new to me" = open pairs (from the
+    # counters) - open pairs ever shown to me - open pairs never shown to me that
+    # others' live leases fill. Each term reads only this labeler's assignments
+    # or the live leases (about one per labeler), whatever the project's size.
+    mine = (select(func.count(case((Assignment.status.in_(("labeled", "skipped")), 1))),
+                   func.count(case((Pair.labeled_count < bindparam("overlap"), 1))))
+            .select_from(Assignment).join(Pair, Pair.id == Assignment.pair_id)
+            .where(Assignment.labeler_id == bindparam("me")))
+    _mine = aliased(Assignment)
+    _leased = aliased(Assignment)
+    # Driven by the live leases (index on status, expires_at), each pair then looked up by its key.
+    blocked = (select(func.count(_leased.pair_id.distinct())).select_from(_leased)
+               .join(Pair, Pair.id == _leased.pair_id)
+               .where(_leased.status == "open", _leased.expires_at > bindparam("now"),
+                      _leased.labeler_id != bindparam("me"),
+                      Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
+                      ~select(_mine.pair_id).where(_mine.pair_id == Pair.id, _mine.labeler_id == bindparam("me"))
+                      .exists(),
+                      Pair.labeled_count + live_leases >= bindparam("overlap")))
 
 
 class Store:
@@ -362,6 +424,18 @@ class Store:
             yield session
 
     @contextlib.contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """:meth:`transaction` on a bare Connection, for the per-label hot path."""
+        with self._lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _read_conn(self) -> Iterator[Connection]:
+        """:meth:`reading` on a bare Connection."""
+        with self.read_engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only snapshot; with SQLite WAL it runs beside the writer."""
         with Session(self.read_engine, expire_on_commit=False) as session, session.begin():
@@ -373,20 +447,23 @@ class Store:
         with self.transaction() as s:
             if s.scalar(select(Project).where(Project.name == name)) is not None:
                 raise BadInput(f"--project {name}: already exists")
-            p = Project(name=name, config=config.to_json(), created_at=time.time())
+            p = Project(name=name, config=config.to_json(), created_at=time.time(), pair_count=0,
+                        complete_count=0)
             s.add(p)
             s.flush()
             return ProjectInfo(p.id, p.name, config)
 
     def set_project_config(self, project: ProjectInfo, config: ProjectConfig) -> ProjectInfo:
         with self.transaction() as s:
-            s.execute(update(Project).where(Project.id == project.id).values(config=config.to_json()))
+            # The complete count depends on the overlap: counted afresh by the next write (under the lock).
+            s.execute(update(Project).where(Project.id == project.id)
+                      .values(config=config.to_json(), pair_count=None, complete_count=None))
         return project._replace(config=config)
 
     def projects(self) -> list[ProjectInfo]:
         with self.reading() as s:
             rows = s.scalars(select(Project).order_by(Project.id)).all()
-        return [ProjectInfo(p.id, p.name, ProjectConfig.from_json(p.config)) for p in rows]
+        return [ProjectInfo(p.id, p.name, project_config(p.config)) for p in rows]
 
     def project(self, name: str | None, flag: str = "--project") -> ProjectInfo:
         """A project by name; with no name, the database's only project."""
@@ -406,8 +483,8 @@ class Store:
 
     def project_by_id(self, project_id: int) -> ProjectInfo:
         with self.reading() as s:
-            p = s.get(Project, project_id)
-        return ProjectInfo(p.id, p.name, ProjectConfig.from_json(p.config))
+            name, config = s.execute(select(Project.name, Project.config).where(Project.id == project_id)).one()
+        return ProjectInfo(project_id, name, project_config(config))
 
     # ------------------------------------------------------------ labelers
 
@@ -453,9 +530,9 @@ class Store:
             return True, released
 
     def authenticate(self, token: str) -> LabelerInfo | None:
-        with self.reading() as s:
-            row = s.scalar(_Q.by_token, {"hash": hash_token(token)})
-        return None if row is None else LabelerInfo(row.id, row.project_id, row.name, row.role)
+        with self._read_conn() as c:
+            row = c.execute(_Q.by_token, {"hash": hash_token(token)}).first()
+        return None if row is None else LabelerInfo(*row)
 
     def labelers(self, project: ProjectInfo) -> list[LabelerInfo]:
         with self.reading() as s:
@@ -480,6 +557,8 @@ class Store:
                            source_b=p.source_b, meta=json.dumps(p.meta or {}, ensure_ascii=False),
                            labeled_count=0, created_at=now))
                 added += 1
+            if added:
+                s.execute(_Q.counters_up, {"project": project.id, "pairs": added, "complete": 0})
         return added, len(pairs) - added
 
     def pairs(self, project: ProjectInfo) -> dict[int, Pair]:
@@ -488,17 +567,18 @@ class Store:
             return {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == project.id))}
 
     @staticmethod
-    def _view(p: Pair) -> PairView:
+    def _view(p) -> PairView:
+        """A PairView from a Pair or a row with the ``_VIEW`` columns."""
         return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b)
 
     def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
         """The pair this labeler should label next, leased to them; None when done."""
-        with self.transaction() as s:
-            cfg, now = self._lock_project(s, labeler, now)
-            return self._assign_next(s, labeler, cfg, now)
+        with self._writing() as c:
+            cfg, now = self._lock_project(c, labeler, now)
+            return self._assign_next(c, labeler, cfg, now)
 
     @staticmethod
-    def _lock_project(s: Session, labeler: LabelerInfo, now: float | None) -> tuple[ProjectConfig, float]:
+    def _lock_project(s: Connection, labeler: LabelerInfo, now: float | None) -> tuple[ProjectConfig, float]:
         """Inside a write transaction, first: lock the labeler's project row
         and read its settings.
 
@@ -508,10 +588,15 @@ class Store:
         judged at is read once the lock is granted, so a request that queued
         behind others sees the leases as they are when it runs.
         """
-        project = s.scalar(_Q.project, {"project": labeler.project_id})
-        return ProjectConfig.from_json(project.config), time.time() if now is None else now
+        config, pairs, _complete = s.execute(_Q.project, {"project": labeler.project_id}).one()
+        cfg = project_config(config)
+        if pairs is None:  # counters unknown (see schema.Project): count once, under the lock
+            pairs, complete = s.execute(_Q.pair_counts, {"project": labeler.project_id,
+                                                         "overlap": cfg.overlap}).one()
+            s.execute(_Q.counters_set, {"project": labeler.project_id, "pairs": pairs, "complete": complete or 0})
+        return cfg, time.time() if now is None else now
 
-    def _assign_next(self, s: Session, labeler: LabelerInfo, cfg: ProjectConfig, now: float) -> PairView | None:
+    def _assign_next(self, s: Connection, labeler: LabelerInfo, cfg: ProjectConfig, now: float) -> PairView | None:
         """Under :meth:`_lock_project`: this labeler's unfinished pair (a page
         reload shows the same pair), else a new one.
 
@@ -522,18 +607,19 @@ class Store:
         params = {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap}
         own = s.execute(_Q.own_open, params).first()
         if own is not None:
-            asg, pair = own
-            if asg.expires_at - now > cfg.lease_seconds / 2:
-                return self._view(pair)  # fresh lease: no write, so no commit to wait for
-            if asg.expires_at > now or s.scalar(_Q.taken, {**params, "pair": pair.id}) < cfg.overlap:
-                asg.expires_at = now + cfg.lease_seconds
-                return self._view(pair)
-            asg.status = "released"  # its slot went to someone else while the lease was lapsed
-        pair = s.scalar(_Q.next_pair, params)
+            if own.expires_at - now > cfg.lease_seconds / 2:
+                return self._view(own)  # fresh lease: no write, so no commit to wait for
+            mine = {"pair": own.id, "me": labeler.id}
+            if own.expires_at > now or s.scalar(_Q.taken, {**params, "pair": own.id}) < cfg.overlap:
+                s.execute(_Q.renew_lease, {**mine, "expires": now + cfg.lease_seconds})
+                return self._view(own)
+            # Its slot went to someone else while the lease was lapsed.
+            s.execute(_Q.set_status, {**mine, "new_status": "released"})
+        pair = s.execute(_Q.next_pair, params).first()
         if pair is None:
             return None
-        s.add(Assignment(pair_id=pair.id, labeler_id=labeler.id, status="open", assigned_at=now,
-                         expires_at=now + cfg.lease_seconds))
+        s.execute(_Q.add_assignment, {"pair_id": pair.id, "labeler_id": labeler.id, "status": "open",
+                                      "assigned_at": now, "expires_at": now + cfg.lease_seconds})
         return self._view(pair)
 
     def pair_for(self, labeler: LabelerInfo, pair_id: int) -> tuple[PairView, LabelRow | None]:
@@ -563,7 +649,7 @@ class Store:
         """
         for _attempt in range(3):
             try:
-                with self.transaction() as s:
+                with self._writing() as s:
                     cfg, at = self._lock_project(s, labeler, now)
                     result = self._store_label(s, labeler, sub, cfg, at)
                     return result, self._assign_next(s, labeler, cfg, at) if assign_next else None
@@ -573,22 +659,23 @@ class Store:
                 continue
         raise Conflict(f"pair {sub.pair_id}: concurrent labels for the same pair; reload and retry")
 
-    def _store_label(self, s: Session, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
+    def _store_label(self, s: Connection, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
                      now: float) -> SubmitResult:
-        seen = s.scalar(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id})
+        seen = s.execute(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id}).first()
         if seen is not None:
             # Checked first: a retry of a stored label is answered even if the pair has filled since.
             stored = (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id, seen.strength, bool(seen.both_bad))
             if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad):
                 raise Conflict(f"client_id {sub.client_id} was already used for a different label")
             return SubmitResult(seen.id, seen.revision, True)
-        pair = s.get(Pair, sub.pair_id)
+        mine = {"pair": sub.pair_id, "me": labeler.id}
+        pair = s.execute(_Q.pair_slots, mine).first()
         if pair is None or pair.project_id != labeler.project_id:
             raise NotFound(f"pair {sub.pair_id} not found")
-        asg = s.get(Assignment, (sub.pair_id, labeler.id))
+        asg = s.execute(_Q.assignment, mine).first()
         if asg is None:
             raise Conflict(f"pair {sub.pair_id} was not assigned to you (GET /api/next first)")
-        current = s.scalar(_Q.current_label, {"pair": sub.pair_id, "me": labeler.id})
+        current = s.execute(_Q.current, mine).first()
         if current is None and sub.supersedes is not None:
             raise Conflict(f"supersedes {sub.supersedes}: you have no label on pair {sub.pair_id} to revise")
         if current is not None and sub.supersedes != current.id:
@@ -598,21 +685,24 @@ class Store:
         leased = asg.status == "open" and asg.expires_at > now  # a live lease holds one of the pair's slots
         if delta > 0 and not leased:
             self._check_room(s, labeler, sub.pair_id, cfg, now)
-        label = Label(project_id=labeler.project_id, pair_id=sub.pair_id, labeler_id=labeler.id,
-                      client_id=sub.client_id, choice=sub.choice, reason=sub.reason, strength=sub.strength,
-                      both_bad=sub.both_bad, duration_ms=sub.duration_ms,
-                      revision=0 if current is None else current.revision + 1, supersedes_id=sub.supersedes,
-                      created_at=now)
-        s.add(label)
+        revision = 0 if current is None else current.revision + 1
+        label_id = s.execute(_Q.add_label, {
+            "project_id": labeler.project_id, "pair_id": sub.pair_id, "labeler_id": labeler.id,
+            "client_id": sub.client_id, "choice": sub.choice, "reason": sub.reason, "strength": sub.strength,
+            "both_bad": sub.both_bad, "duration_ms": sub.duration_ms, "revision": revision,
+            "supersedes_id": sub.supersedes, "created_at": now}).scalar_one()
         if delta:
             # A SQL-side increment: never a write-back of a count read earlier.
-            s.execute(_Q.count_up, {"pair": pair.id, "delta": delta})
-        asg.status = "skipped" if sub.choice == "skip" else "labeled"
-        s.flush()
-        return SubmitResult(label.id, label.revision, False)
+            s.execute(_Q.count_up, {"pair": sub.pair_id, "delta": delta})
+            # pair.labeled_count was read under the project lock: nothing changed it since.
+            complete = int(pair.labeled_count + delta >= cfg.overlap) - int(pair.labeled_count >= cfg.overlap)
+            if complete:
+                s.execute(_Q.counters_up, {"project": labeler.project_id, "pairs": 0, "complete": complete})
+        s.execute(_Q.set_status, {**mine, "new_status": "skipped" if sub.choice == "skip" else "labeled"})
+        return SubmitResult(label_id, revision, False)
 
     @staticmethod
-    def _check_room(s: Session, labeler: LabelerInfo, pair_id: int, cfg: ProjectConfig, now: float) -> None:
+    def _check_room(s: Connection, labeler: LabelerInfo, pair_id: int, cfg: ProjectConfig, now: float) -> None:
         """A label that would take a slot without a live lease on it (the lease
         expired or was released; or a skip revised into a vote) needs a free
         slot: the pair's non-skip labels plus other labelers' live leases must
@@ -663,14 +753,16 @@ class Store:
         ones first.
         """
         now = time.time() if now is None else now
-        with self.reading() as s:
-            overlap = ProjectConfig.from_json(s.get(Project, labeler.project_id).config).overlap
+        with self._read_conn() as s:
+            config, total, complete = s.execute(_Q.project_row, {"project": labeler.project_id}).one()
+            overlap = project_config(config).overlap
             params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap, "now": now}
-            done = s.scalar(_Q.done, params)
-            remaining = s.scalar(_Q.new_to_me, params)
+            if total is None:  # counters not known yet (see schema.Project): count
+                total, complete = s.execute(_Q.pair_counts, params).one()
+            complete = complete or 0
+            done, mine_open = s.execute(_Q.mine, params).one()
+            remaining = max(0, total - complete - mine_open - s.scalar(_Q.blocked, params))
             own = s.execute(_Q.own_open, params).first()
-            if own is not None and (own[0].expires_at > now or
-                                    s.scalar(_Q.taken, {**params, "pair": own[1].id}) < overlap):
+            if own is not None and (own.expires_at > now or s.scalar(_Q.taken, {**params, "pair": own.id}) < overlap):
                 remaining += 1
-            total, complete = s.execute(_Q.pair_counts, params).one()
-        return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete or 0}
+        return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete}
