@@ -166,6 +166,10 @@ def test_page_has_no_inline_script_and_sends_security_headers(env):
     js = (STATIC_DIR / "app.js").read_text()
     # Text reaches the page only through textContent / createTextNode.
     assert not re.search(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML\(|document\.write|eval\(", js)
+    # Markdown is built element by element: no HTML parser, no link or source attribute from text.
+    assert not re.search(r"DOMParser|createContextualFragment|srcdoc|\.(href|src)\s*=", js)
+    assert not re.search(r"""setAttribute\(\s*["'](on|href|src)""", js)
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from a CDN
     assert client.get("/static/app.js").status_code == 200
     assert client.get("/static/../store.py").status_code == 404
 

@@ -285,3 +285,216 @@ def test_the_page_moves_on_after_a_refused_late_label_and_never_retries_a_4xx(br
     with Store.open(db) as store:
         votes = Counter(r.pair_id for r in store.current_labels(store.project("e2e").id) if r.choice != "skip")
     assert set(votes.values()) == {1}  # no pair labeled twice
+
+
+# ---------------------------------------------------------------- Markdown, XSS, long responses
+
+def seed(db: str, pairs: list[NewPair]) -> str:
+    """A project holding exactly these pairs (shown in this order) and one labeler; returns the token."""
+    store = Store.open(db, create=True)
+    project = store.create_project("md", ProjectConfig(guidelines="Compare."))
+    assert store.add_pairs(project, pairs)[0] == len(pairs)
+    token = "rlhf_md_ann_" + "d" * 32
+    store.add_labeler(project, "ann", token)
+    store.close()
+    return token
+
+
+# What may appear inside a text pane: the Markdown renderer's elements, and only
+# these attributes (class and the code block's data-lang, start on a numbered list).
+PANE_TAGS = {"P", "PRE", "CODE", "STRONG", "EM", "UL", "OL", "LI", "H4", "H5", "H6", "SPAN", "DIV"}
+PANE_ATTRS = {"class", "data-lang", "start"}
+PANES = "#prompt, #response-a, #response-b"
+PANE_CONTENT = ("els => els.flatMap(el => [...el.querySelectorAll('*')])"
+                ".map(e => [e.tagName, ...[...e.attributes].map(a => a.name)])")
+
+MD_A = """\
+# Sorting in Python
+
+Use **`sorted`** for a *new* list
+or `list.sort()` in place.
+
+```python
+def top(xs, n=3):
+    return sorted(xs, reverse=True)[:n]  # <b>not bold</b>
+```
+
+- one
+- two with **bold**
+  - nested item
+- three
+"""
+MD_B = """\
+## Steps
+
+3. first
+4. second
+
+See [the docs](https://docs.python.org/3/howto/sorting.html).
+"""
+
+
+def test_markdown_in_prompt_and_responses_is_rendered_as_elements(browser, tmp_path):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    token = seed(db, [NewPair("Explain `sorted` vs **sort**:\n\n1. briefly\n2. with code", MD_A, MD_B)])
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/#token={token}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        a, b, prompt = page.locator("#response-a"), page.locator("#response-b"), page.locator("#prompt")
+        # Prompt: inline code, bold, a numbered list.
+        assert prompt.locator("p code").text_content() == "sorted"
+        assert prompt.locator("p strong").text_content() == "sort"
+        assert prompt.locator("ol > li").all_text_contents() == ["briefly", "with code"]
+        # A fenced block becomes <pre><code>, its text verbatim (HTML inside stays text).
+        assert a.locator("pre > code").text_content() == (
+            "def top(xs, n=3):\n    return sorted(xs, reverse=True)[:n]  # <b>not bold</b>")
+        assert a.locator("pre").get_attribute("data-lang") == "python"
+        assert a.locator("pre b").count() == 0
+        assert a.locator("h4").text_content() == "Sorting in Python"
+        assert a.locator("p strong > code").text_content() == "sorted"
+        assert a.locator("p em").text_content() == "new"
+        assert a.locator("p").first.text_content() == "Use sorted for a new list\nor list.sort() in place."
+        assert a.locator(":scope > ul > li").count() == 3
+        assert a.locator(":scope > ul > li").nth(1).locator("strong").text_content() == "bold"
+        assert a.locator("ul ul > li").all_text_contents() == ["nested item"]
+        # B: a heading, a list numbered from 3, a link shown as text with its URL, not an <a>.
+        assert b.locator("h5").text_content() == "Steps"
+        assert b.locator("ol").get_attribute("start") == "3"
+        assert b.locator("ol > li").all_text_contents() == ["first", "second"]
+        assert b.locator("a").count() == 0
+        assert "the docs (https://docs.python.org/3/howto/sorting.html)" in b.locator("p").text_content()
+        for tag, *attrs in page.eval_on_selector_all(PANES, PANE_CONTENT):
+            assert tag in PANE_TAGS and set(attrs) <= PANE_ATTRS, (tag, attrs)
+        page.keyboard.press("1")  # the keys still answer
+        page.wait_for_selector("#done-view:not([hidden])")
+        page.close()
+
+
+# Classic payloads, each with the characters that must show as text.
+XSS_CORPUS = [
+    ("<script>alert(1)</script>", "<script>alert(1)</script>"),
+    ("<img src=x onerror=alert(1)>", "<img src=x onerror=alert(1)>"),
+    ("<svg onload=alert(1)><circle r=9></svg>", "<svg onload=alert(1)>"),
+    ("[click me](javascript:alert(1))", "javascript:alert(1)"),
+    ("![pic](javascript:alert(1)) and ![x](x onerror=alert(1))", "javascript:alert(1)"),
+    ('<iframe src="javascript:alert(1)"></iframe>', '<iframe src="javascript:alert(1)">'),
+    ('<a href="javascript:alert(1)">link</a>', '<a href="javascript:alert(1)">link</a>'),
+    ('<div onmouseover="alert(1)" style="position:fixed;inset:0">hover</div>', 'onmouseover="alert(1)"'),
+    ("&lt;script&gt;alert(1)&lt;/script&gt; &#60;img src=x onerror=alert(1)&#62;", "&lt;script&gt;"),
+    ("<img src=x onerror=alert(1)//", "<img src=x onerror=alert(1)//"),
+    ("`<script>alert(1)</script>` and **<img src=x onerror=alert(1)>**", "<img src=x onerror=alert(1)>"),
+    ("```html\n<script>alert(1)</script>\n<svg/onload=alert(1)>\n```", "<svg/onload=alert(1)>"),
+    ('"><script>alert(1)</script><p title="', '"><script>alert(1)</script>'),
+    ("<details open ontoggle=alert(1)>x</details>", "ontoggle=alert(1)"),
+    ("<math><mtext><table><mglyph><style><img src=x onerror=alert(1)>", "<mglyph><style>"),
+    ("<scr<script>ipt>alert(1)</scr</script>ipt>", "<scr<script>ipt>"),
+    ("[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)", "data:text/html;base64,"),
+    ('<object data="javascript:alert(1)"></object><embed src="javascript:alert(1)">', "<embed src="),
+    ("- <style>*{display:none}</style>\n- *<b onclick=alert(1)>x</b>*", "<style>*{display:none}</style>"),
+    ("# <img src=x onerror=alert(1)>\n[a](<javascript:alert(1)>) \\u003cscript\\u003e", "\\u003cscript\\u003e"),
+]
+
+
+def test_xss_corpus_in_prompt_and_responses_stays_text(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    pairs = [NewPair(f"Q{i}: {payload}", payload, f"**Answer {i}:**\n\n1. {payload}\n\n{payload}")
+             for i, (payload, _) in enumerate(XSS_CORPUS)]
+    token = seed(db, pairs)
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{server.url}/#token={token}")
+        for i, (payload, visible) in enumerate(XSS_CORPUS):
+            expect(page.locator("#prompt")).to_have_text(re.compile(rf"^Q{i}: "))
+            page.wait_for_timeout(50)  # let anything that would fire (onerror, onload) fire
+            for pane in ("#prompt", "#response-a", "#response-b"):
+                assert visible in page.locator(pane).inner_text(), (payload, pane)
+            assert page.locator(", ".join(f"{p} {tag}" for p in ("#prompt", "#response-a", "#response-b")
+                                          for tag in ("script", "img", "svg", "iframe", "a", "object",
+                                                      "embed", "style", "math", "details", "b"))).count() == 0
+            for tag, *attrs in page.eval_on_selector_all(PANES, PANE_CONTENT):
+                assert tag in PANE_TAGS and set(attrs) <= PANE_ATTRS, (payload, tag, attrs)
+            assert page.locator("#response-a").is_visible()  # no payload hid the page
+            page.keyboard.press("s")
+        page.wait_for_selector("#done-view:not([hidden])")
+        page.wait_for_timeout(200)
+        assert dialogs == []
+        page.close()
+
+
+LONG = "\n\n".join([f"Paragraph {i}: " + "a long line of model output " * 6 for i in range(120)]
+                   + ["```text\n" + "\n".join(f"code line {i}" for i in range(150)) + "\n```", "THE END"])
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}],
+                         ids=["desktop", "phone"])
+def test_long_responses_scroll_in_their_panes_and_the_action_bar_stays_in_view(browser, tmp_path, viewport):
+    from playwright.sync_api import expect
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    token = seed(db, [NewPair(f"Long one {i}\n\n" + LONG[:3000], "A says:\n\n" + LONG, "B says:\n\n" + LONG)
+                      for i in range(2)])
+    phone = viewport["width"] < 700
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport=viewport, is_mobile=phone, has_touch=phone)
+        page.goto(f"{server.url}/#token={token}")
+        page.wait_for_selector("#label-view:not([hidden])")
+        height = viewport["height"]
+
+        def bar_in_view() -> None:
+            box = page.locator("#action-bar").bounding_box()
+            assert box["y"] >= 0 and box["y"] + box["height"] <= height + 0.5, box
+            assert box["height"] < height * 0.4, box  # leaves room for the text
+            for sel in ("#choose-a", "#choose-b", "#choose-tie", "#both-bad", "#choose-skip"):
+                expect(page.locator(sel)).to_be_in_viewport(ratio=1)
+
+        a_box, b_box = page.locator("#side-a").bounding_box(), page.locator("#side-b").bounding_box()
+        if phone:  # stacked
+            assert b_box["y"] >= a_box["y"] + a_box["height"] and a_box["width"] <= 390
+        else:  # side by side
+            assert abs(a_box["y"] - b_box["y"]) < 1 and b_box["x"] > a_box["x"] + a_box["width"] - 1
+        for pane in ("#prompt", "#response-a", "#response-b"):  # each scrolls by itself
+            assert page.eval_on_selector(pane, "el => el.scrollHeight > el.clientHeight + 100"), pane
+            assert page.eval_on_selector(pane, "el => getComputedStyle(el).overflowY") == "auto"
+            assert page.eval_on_selector(pane, "el => el.getBoundingClientRect().height") < height * 0.55
+        bar_in_view()
+        page.mouse.wheel(0, 100000)  # the page itself scrolled to its end
+        page.evaluate("window.scrollTo(0, document.body.scrollHeight)")
+        bar_in_view()
+        page.evaluate("window.scrollTo(0, 0)")
+        bar_in_view()
+
+        # Keyboard only: Tab into response B's pane, scroll it with the keys, then answer.
+        for _ in range(12):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "response-b":
+                break
+        assert page.evaluate("document.activeElement.id") == "response-b"
+        page.keyboard.press("End")
+        # (page.wait_for_function would evaluate a string: the page's CSP refuses that.)
+        at_end = "el => el.scrollTop > 0 && el.scrollTop + el.clientHeight >= el.scrollHeight - 2"
+        for _ in range(50):
+            if page.eval_on_selector("#response-b", at_end):
+                break
+            page.wait_for_timeout(100)
+        assert page.eval_on_selector("#response-b", at_end)
+        expect(page.locator("#response-b p").last).to_be_in_viewport()  # "THE END", scrolled to in the pane
+        bar_in_view()
+        page.keyboard.press("w")
+        page.keyboard.press("2")
+        expect(page.locator("#progress-text")).to_have_text(re.compile(r"^1 done"))
+        expect(page.locator("#status")).to_have_text("Saved: B is better.")
+        # The next pair starts at the top of each pane, the bar still in view.
+        expect(page.locator("#prompt")).to_contain_text("Long one 1")
+        assert page.eval_on_selector("#response-b", "el => el.scrollTop") == 0
+        bar_in_view()
+        page.keyboard.press("3")
+        page.wait_for_selector("#done-view:not([hidden])")
+        page.close()
+    with Store.open(db) as store:
+        assert [(r.choice, r.strength) for r in store.all_labels(store.project("md").id)] == [
+            ("B", "better"), ("tie", None)]

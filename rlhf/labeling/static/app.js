@@ -1,9 +1,10 @@
 // rlhf labeling page. No framework, no build step.
 //
 // Security: every piece of text from the server (prompts, model responses,
-// names, reasons) is put on the page with textContent, never innerHTML, so
-// it can never become markup. The server's Content-Security-Policy forbids
-// inline scripts as a second line of defence.
+// names, reasons) is put on the page with textContent or text nodes, never
+// innerHTML, so it can never become markup; prompts and responses are shown
+// as Markdown built element by element (renderMarkdown). The server's
+// Content-Security-Policy forbids inline scripts as a second line of defence.
 //
 // Durability: each label gets a client id when the pair is shown; a failed
 // request (network error or 5xx) is retried with the same id, which the
@@ -83,16 +84,129 @@ async function apiWithRetry(method, path, body) {
 
 // ------------------------------------------------------------------ rendering
 
+// Markdown, hand-written on purpose. A vendored Markdown library turns text
+// into an HTML string, which would then need an HTML sanitiser on top (and
+// both kept up to date); this builds the DOM directly with createElement and
+// text nodes, so model text can never become markup, a script or a link:
+// raw HTML shows as the characters it is, and [text](url) shows as
+// "text (url)", never a clickable <a>. It covers what models write: fenced
+// code blocks, `inline code`, paragraphs and line breaks (newlines kept, as
+// generated), **bold**, *italic*, - / * / + and 1. lists (nested by
+// indentation) and # headings (h4 to h6, under the page's own h2/h3).
+// Anything else is shown as plain text.
+
+function node(tag, text, className) {
+  const el = document.createElement(tag);
+  if (text !== undefined) el.textContent = text;
+  if (className) el.className = className;
+  return el;
+}
+
+// Leftmost first: `code` (a run of backticks, closed by the same run), **bold**,
+// *italic*, [text](url) with at most one level of parentheses in the url.
+const INLINE = new RegExp([
+  /(`+)([\s\S]*?[^`])\1(?!`)/.source,
+  /\*\*(?!\s)([\s\S]*?[^\s])\*\*/.source,
+  /\*(?![\s*])([\s\S]*?[^\s*])\*/.source,
+  /\[([^[\]\n]+)\]\(([^()\s]*(?:\([^()\s]*\)[^()\s]*)*)\)/.source,
+].join("|"), "g");
+
+function appendInline(parent, text) {
+  let at = 0;
+  for (const m of text.matchAll(INLINE)) {
+    if (m.index > at) parent.append(text.slice(at, m.index));  // append(string) makes a text node
+    if (m[1] !== undefined) parent.append(node("code", m[2]));
+    else if (m[5] !== undefined) {
+      const link = node("span", undefined, "md-link");
+      appendInline(link, m[5]);
+      link.append(node("span", ` (${m[6]})`, "md-url"));
+      parent.append(link);
+    } else {
+      const em = node(m[3] !== undefined ? "strong" : "em");
+      appendInline(em, m[3] !== undefined ? m[3] : m[4]);
+      parent.append(em);
+    }
+    at = m.index + m[0].length;
+  }
+  if (at < text.length) parent.append(text.slice(at));
+}
+
+function renderMarkdown(el, source) {
+  el.replaceChildren();
+  const lines = String(source).replace(/\r\n?/g, "\n").split("\n");
+  let para = null;     // the <p> being filled
+  let lists = [];      // open lists, outermost first: {indent, tag, el, li}
+  let blank = false;   // a blank line since the last list item
+  const container = (indent) =>  // where a block indented this much goes
+    lists.length && indent >= lists[lists.length - 1].indent + 2 ? lists[lists.length - 1].li : el;
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    const fence = line.match(/^(\s*)(`{3,}|~{3,})\s*([^`\s]*)[^`]*$/);
+    const heading = line.match(/^ {0,3}(#{1,6})\s+(.*?)(?:\s+#+)?\s*$/);
+    const item = line.match(/^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/);
+    if (fence) {  // ``` or ~~~, optional language; runs to the same fence or the end
+      const indent = fence[1].length;
+      const body = [];
+      const close = new RegExp(`^\\s*${fence[2][0]}{${fence[2].length},}\\s*$`);
+      while (++i < lines.length && !close.test(lines[i])) {
+        body.push(lines[i].replace(new RegExp(`^ {0,${indent}}`), ""));
+      }
+      const pre = node("pre");
+      const code = node("code", body.join("\n"));
+      if (fence[3]) pre.dataset.lang = fence[3];  // shown by CSS (attr()), never interpreted
+      pre.append(code);
+      const parent = container(indent);
+      if (parent === el) lists = [];
+      parent.append(pre);
+      para = null;
+    } else if (!line.trim()) {
+      para = null;
+      blank = true;
+    } else if (heading) {
+      const h = node(`h${Math.min(heading[1].length + 3, 6)}`);
+      appendInline(h, heading[2]);
+      el.append(h);
+      para = null;
+      lists = [];
+    } else if (item) {
+      const indent = item[1].replace(/\t/g, "    ").length;
+      const tag = /\d/.test(item[2]) ? "ol" : "ul";
+      while (lists.length && lists[lists.length - 1].indent > indent) lists.pop();
+      let list = lists[lists.length - 1];
+      if (!list || indent >= list.indent + 2 || list.tag !== tag) {
+        if (list && indent < list.indent + 2) lists.pop();  // same level, other kind: a new list
+        const parent = container(indent);
+        list = { indent, tag, el: node(tag), li: null };
+        const start = parseInt(item[2], 10);
+        if (tag === "ol" && start !== 1) list.el.start = start;
+        parent.append(list.el);
+        lists.push(list);
+      }
+      list.li = node("li");
+      appendInline(list.li, item[3]);
+      list.el.append(list.li);
+      para = null;
+      blank = false;
+    } else if (lists.length && !blank) {  // a wrapped list item
+      const li = lists[lists.length - 1].li;
+      li.append("\n");
+      appendInline(li, line.trimStart());
+    } else {
+      if (para) para.append("\n");
+      else { para = node("p"); el.append(para); lists = []; }
+      appendInline(para, line);
+    }
+  }
+}
+
 function renderPrompt(el, prompt) {
   el.replaceChildren();
-  if (typeof prompt === "string") { el.textContent = prompt; return; }
+  if (typeof prompt === "string") { renderMarkdown(el, prompt); return; }
   for (const msg of prompt) {  // chat messages
-    const turn = document.createElement("div");
-    turn.className = "turn";
-    const role = document.createElement("span");
-    role.className = "role";
-    role.textContent = `${msg.role}:`;
-    turn.append(role, document.createTextNode(String(msg.content)));
+    const turn = node("div", undefined, "turn");
+    const content = node("div", undefined, "content");
+    renderMarkdown(content, msg.content);
+    turn.append(node("span", `${msg.role}:`, "role"), content);
     el.append(turn);
   }
 }
@@ -135,8 +249,9 @@ function renderPair(pair, revising) {
   state.clientId = newClientId();
   state.shownAt = performance.now();
   renderPrompt($("prompt"), pair.prompt);
-  $("response-a").textContent = pair.response_a;
-  $("response-b").textContent = pair.response_b;
+  renderMarkdown($("response-a"), pair.response_a);
+  renderMarkdown($("response-b"), pair.response_b);
+  for (const id of ["prompt", "response-a", "response-b"]) $(id).scrollTop = 0;  // each pane scrolls by itself
   $("reason").value = revising ? revising.reason || "" : "";
   $("revising").hidden = !revising;
   if (revising) {
