@@ -343,3 +343,42 @@ def test_tokens_in_logged_urls_are_redacted(env):
         server.stop()
     assert any("token=[redacted]&lang=en" in line for line in lines), lines
     assert not any(tokens["alice"] in line for line in lines)
+
+
+def test_ranking_item_submit_and_invalid_permutations_are_422_naming_the_field(tmp_path):
+    from rlhf.labeling.store import new_ranking
+
+    store = Store.open(str(tmp_path / "rank.db"), create=True)
+    project = store.create_project("rank", ProjectConfig(overlap=1))
+    store.add_pairs(project, [new_ranking(f"q{i}", [f"r{i}-{j}" for j in range(4)]) for i in range(2)])
+    store.add_labeler(project, "alice", "tok-alice-" + "x" * 30)
+    store.add_labeler(project, "bob", "tok-bob-" + "y" * 30)
+    client = TestClient(create_app(store, project, allowed_hosts=["testserver"]))
+    alice, bob = auth("tok-alice-" + "x" * 30), auth("tok-bob-" + "y" * 30)
+    try:
+        item = client.get("/api/next", headers=alice).json()["pair"]
+        assert item["responses"] == [f"r0-{j}" for j in range(4)]
+        for bad, field in [({"ranking": [0, 1, 2]}, "ranking"), ({"ranking": [0, 1, 2, 2]}, "ranking"),
+                           ({"ranking": [1, 2, 3, 4]}, "ranking"), ({}, "ranking"),
+                           ({"ranking": [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]}, "ranking"),
+                           ({"ranking": [0, 1, 2, -1]}, "ranking"), ({"ranking": ["0", 1, 2, 3]}, "ranking")]:
+            r = client.post("/api/labels", headers=alice, json=label(item["id"], "rank", **bad))
+            assert r.status_code == 422, (bad, r.text)
+            assert r.json()["error"].startswith(f"body.{field}"), (bad, r.json())
+        r = client.post("/api/labels", headers=alice, json=label(item["id"], "A"))
+        assert r.status_code == 422 and r.json()["error"].startswith("body.choice")
+        r = client.post("/api/labels", headers=alice, json=label(item["id"], "skip", ranking=[0, 1, 2, 3]))
+        assert r.status_code == 422 and r.json()["error"].startswith("body.ranking")
+        body = label(item["id"], "rank", ranking=[3, 1, 0, 2], both_bad=True)
+        r = client.post("/api/labels?next=true", headers=alice, json=body)
+        assert r.status_code == 201 and r.json()["next"]["pair"]["id"] != item["id"]
+        assert client.post("/api/labels", headers=alice, json=body).status_code == 200  # replay
+        got = client.get(f"/api/pairs/{item['id']}", headers=alice).json()
+        assert got["label"]["ranking"] == [3, 1, 0, 2] and got["label"]["choice"] == "rank"
+        # Overlap 1: bob gets only the item alice has not taken.
+        nxt = client.get("/api/next", headers=bob).json()["pair"]
+        assert nxt is None  # alice holds the other item's lease (handed out with ?next=true)
+        stats = client.get("/api/me", headers=alice).json()["progress"]
+        assert stats["done"] == 1
+    finally:
+        store.close()

@@ -498,3 +498,51 @@ def test_long_responses_scroll_in_their_panes_and_the_action_bar_stays_in_view(b
     with Store.open(db) as store:
         assert [(r.choice, r.strength) for r in store.all_labels(store.project("md").id)] == [
             ("B", "better"), ("tie", None)]
+
+
+# ---------------------------------------------------------------- ranking K responses, keyboard only
+
+
+def test_ranking_item_ordered_and_submitted_with_the_keyboard_only(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from rlhf.labeling.store import new_ranking
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    shown = ["first **one**", "second", "third", f"fourth {XSS}"]
+    token = seed(db, [new_ranking("Rank these", shown), new_ranking("Rank again", ["w", "x", "y", "z"])])
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/#token={token}")
+        page.wait_for_selector("#rank-view:not([hidden])")
+        assert page.locator("#pair-responses").is_hidden() and page.locator("#action-bar").is_hidden()
+        items = page.locator("#ranking > li")
+        assert items.count() == 4
+        assert items.nth(0).locator("strong").text_content() == "one"  # Markdown, as in A/B panes
+        # Numbers in order, best to worst: 3 1 4 2.
+        for key in "314":
+            page.keyboard.press(key)
+        expect(items.locator(".rank-name")).to_have_text(["Response 3", "Response 1", "Response 4", "Response 2"])
+        page.keyboard.press("Backspace")  # start over
+        expect(items.locator(".rank-name")).to_have_text(["Response 1", "Response 2", "Response 3", "Response 4"])
+        for key in "3142":
+            page.keyboard.press(key)
+        # Then fix it by moving: focus response 2 (last) with Tab and move it up one place.
+        page.locator("#rank-item-2").focus()
+        page.keyboard.press("ArrowUp")
+        expect(items.locator(".rank-name")).to_have_text(["Response 3", "Response 1", "Response 2", "Response 4"])
+        assert page.evaluate("document.activeElement.id") == "rank-item-2"  # focus stays on the moved one
+        page.keyboard.press("k")
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowDown")
+        expect(items.locator(".rank-name")).to_have_text(["Response 3", "Response 1", "Response 4", "Response 2"])
+        page.keyboard.press("x")  # all bad
+        page.keyboard.press("Enter")
+        expect(page.locator("#status")).to_have_text("Saved: ranking 3 > 1 > 4 > 2, all bad.")
+        expect(page.locator("#ranking > li .rank-name").first).to_have_text("Response 1")
+        assert page.locator("#ranking > li").first.locator(".pane").text_content() == "w"
+        assert page.evaluate("window.__pwned") is None
+        page.close()
+    with Store.open(db) as store:
+        (label,) = store.current_labels(store.project("md").id)
+        assert (label.choice, label.ranking, label.both_bad) == ("rank", (2, 0, 3, 1), True)

@@ -234,3 +234,39 @@ def test_revoke_and_export_without_a_labeler(tmp_path, capsys):
                           "exclude_labelers: 'zed' is not a labeler")):
         code, _, err = rlhf(capsys, "label", argv[0], "--db", db, *argv[1:])
         assert code == 2 and needle in err, err
+
+
+def test_pairs_with_responses_k_makes_ranking_items_and_exports_implied_pairs(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    src = tmp_path / "ranked.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"q{i}", "responses": [f"r{i}-{j}" for j in range(4)]}) + "\n"
+                           for i in range(5)))
+    code, out, _ = rlhf(capsys, "label", "pairs", "--db", db, "--project", "rk", "--from-file", src,
+                        "--responses", 4)
+    assert code == 0 and "5 added to project rk" in out and "ranking items of 4 responses" in out
+    for k in (1, 10):
+        code, _, err = rlhf(capsys, "label", "pairs", "--db", db, "--project", "rk", "--from-file", src,
+                            "--responses", k)
+        assert code == 2 and f"--responses {k}" in err
+    code, _, err = rlhf(capsys, "label", "pairs", "--db", db, "--project", "rk", "--from-file", src,
+                        "--responses", 3)
+    assert code == 2 and "a list of 3 strings" in err
+    code, _, _ = rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")
+    store = Store.open(db)
+    (ann,) = store.labelers(store.project(None))
+    while (view := store.next_pair(ann)) is not None:
+        assert len(view.responses) == 4
+        # Best first: the responses ordered by their number in the file (r-0 best).
+        order = sorted(range(4), key=lambda i: view.responses[i])
+        store.submit(ann, Submission(uuid.uuid4().hex, view.id, "rank", ranking=tuple(order)))
+    store.close()
+    dest = tmp_path / "prefs.jsonl"
+    code, out, _ = rlhf(capsys, "label", "export", "--db", db, "--out", dest)
+    rows = [json.loads(line) for line in dest.read_text().splitlines()]
+    assert code == 0 and len(rows) == 5 * 6
+    assert all(r["chosen"] < r["rejected"] and r["rank_chosen"] < r["rank_rejected"] for r in rows)
+    assert len({r["ranking_id"] for r in rows}) == 5
+    code, out, _ = rlhf(capsys, "label", "stats", "--db", db, "--json")
+    assert code == 0 and json.loads(out)["labels"]["rank"] == 5
+    code, _, _ = rlhf(capsys, "label", "export", "--db", db, "--out", tmp_path / "prefs.parquet")
+    assert code == 0

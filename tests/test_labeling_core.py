@@ -387,10 +387,12 @@ def check_schema_upgrade(url: str, name: str = "p"):
     first = store.next_pair(a).id
     old, _ = store.submit(a, sub(first, "A", reason="from version 1"))
     store.close()
-    # Back to version 1: the labels table as it was then, no project counters (version 3).
+    # Back to version 1: the labels table as it was then, no project counters (version 3), no rankings (4).
     _sql(url, "ALTER TABLE labeling_labels DROP COLUMN strength", "ALTER TABLE labeling_labels DROP COLUMN both_bad",
          "ALTER TABLE labeling_projects DROP COLUMN pair_count",
          "ALTER TABLE labeling_projects DROP COLUMN complete_count", "DROP INDEX ix_labeling_assignments_live",
+         "ALTER TABLE labeling_pairs DROP COLUMN responses", "ALTER TABLE labeling_pairs DROP COLUMN sources",
+         "ALTER TABLE labeling_labels DROP COLUMN ranking",
          """UPDATE labeling_meta SET value = '1' WHERE "key" = 'schema_version'""")
     with Store.open(url) as store:
         (kept,) = [r for r in store.all_labels(project.id) if r.id == old.label_id]
@@ -404,10 +406,10 @@ def check_schema_upgrade(url: str, name: str = "p"):
         assert store.progress(a) == {"done": 2, "remaining": 0, "project_pairs": 2, "project_complete": 0}
     _sql(url, """UPDATE labeling_meta SET value = '99' WHERE "key" = 'schema_version'""")
     try:
-        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 3"):
+        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 4"):
             Store.open(url)
     finally:
-        _sql(url, """UPDATE labeling_meta SET value = '3' WHERE "key" = 'schema_version'""")
+        _sql(url, """UPDATE labeling_meta SET value = '4' WHERE "key" = 'schema_version'""")
 
 
 def test_a_version_1_database_is_upgraded_in_place(sqlite_url):
@@ -634,3 +636,101 @@ def test_postgres_store_same_rules_and_concurrent_submits(postgres_url):
         assert (progress["remaining"], progress["project_pairs"], progress["project_complete"]) == (0, 40, 40)
     store.close()
     assert len(read_records(f"{postgres_url}?project=pg-load")) == 40
+
+
+# ---------------------------------------------------------------- ranking items (K responses)
+
+
+def test_ranking_items_store_overlap_revision_and_export_pairs(sqlite_url):
+    from rlhf.labeling.export import preference_rows
+    from rlhf.labeling.pairs import RankCandidate, make_rankings
+    from rlhf.labeling.store import InvalidLabel
+
+    cands = [RankCandidate(f"q{i}", [f"r{i}-{j}" for j in range(4)], [f"m{j}" for j in range(4)], f"f:{i}")
+             for i in range(3)]
+    cands += [RankCandidate("q0", ["r0-3", "r0-2", "r0-1", "r0-0"], ["", "", "", ""], "f:dup"),
+              RankCandidate("q9", ["a", "b", "a", "c"], ["", "", "", ""], "f:same"),
+              RankCandidate("q8", ["a", " ", "b", "c"], ["", "", "", ""], "f:empty")]
+    items, st = make_rankings(cands, seed=1)
+    assert (st.kept, st.duplicates, st.identical, st.empty) == (3, 1, 1, 1)
+    assert all(sorted(it.responses) == [f"r{i}-{j}" for j in range(4)] for i, it in enumerate(items))
+    store = Store.open(sqlite_url, create=True)
+    project = store.create_project("rank", ProjectConfig(overlap=2, lease_seconds=60))
+    assert store.add_pairs(project, items) == (3, 0)
+    assert store.add_pairs(project, [NewPair("q1", "x", "y")]) == (1, 0)  # a pair next to the rankings
+    a, b, c = (store.add_labeler(project, f"l{j}", f"tok-rank-{j}") for j in range(3))
+    view = store.next_pair(a)
+    assert view.responses == items[0].responses
+    with pytest.raises(InvalidLabel) as bad:
+        store.submit(a, sub(view.id, "rank", ranking=(0, 1, 1, 2)))
+    assert bad.value.field == "ranking"
+    for wrong in [(0, 1, 2), (0, 1, 2, 3, 4), (1, 2, 3, 4)]:
+        with pytest.raises(InvalidLabel, match="permutation"):
+            store.submit(a, sub(view.id, "rank", ranking=wrong))
+    with pytest.raises(InvalidLabel) as bad:
+        store.submit(a, sub(view.id, "A"))
+    assert bad.value.field == "choice"
+    first = sub(view.id, "rank", ranking=(2, 0, 3, 1))
+    done, _ = store.submit(a, first)
+    assert store.submit(a, first)[0].replayed  # a retry
+    with pytest.raises(Conflict):  # the same client id, another order
+        store.submit(a, Submission(first.client_id, view.id, "rank", ranking=(0, 1, 2, 3)))
+    # Revised, append-only: the new order counts.
+    store.submit(a, sub(view.id, "rank", ranking=(3, 2, 1, 0), supersedes=done.label_id))
+    store.submit(a, sub(view.id, "rank", ranking=(0, 1, 2, 3), supersedes=done.label_id + 1))
+    # Overlap 2: a ranking item takes two labelers, never a third at the same time.
+    got = {who.name: [] for who in (a, b, c)}
+    for _round in range(6):
+        for who in (a, b, c):
+            v = store.next_pair(who)
+            if v is None:
+                continue
+            got[who.name].append(v.id)
+            if v.responses is None:
+                store.submit(who, sub(v.id, "A"))
+            else:
+                store.submit(who, sub(v.id, "rank", ranking=tuple(range(len(v.responses)))))
+    for pid, p in store.pairs(project).items():
+        assert p.labeled_count == 2, pid
+    current = store.current_labels(project.id)
+    assert [r.ranking for r in current if r.labeler == "l0" and r.pair_id == view.id] == [(0, 1, 2, 3)]
+    rows, summary = preference_rows(store.pairs(project), current, ExportConfig(margin="votes"))
+    ranked = [r for r in rows if r["ranking_id"] == view.id]
+    assert len(ranked) == 6 and summary.exported == 3 * 6 + 1
+    shown = view.responses
+    for r in ranked:  # both labelers ranked in shown order: index i beats every j > i
+        assert shown.index(r["chosen"]) < shown.index(r["rejected"])
+        assert (r["rank_chosen"], r["rank_rejected"]) == (shown.index(r["chosen"]) + 1,
+                                                          shown.index(r["rejected"]) + 1)
+        assert r["margin"] == 1.0 and r["chosen_votes"] == 2 and r["pair_id"] == view.id
+    (pair_row,) = [r for r in rows if r["ranking_id"] is None]
+    assert pair_row["chosen"] == "x" and pair_row["rank_chosen"] is None
+    store.close()
+
+
+def test_ranking_export_orientation_and_split_votes():
+    from types import SimpleNamespace
+
+    from rlhf.labeling.export import preference_rows
+    from rlhf.labeling.store import LabelRow
+
+    item = SimpleNamespace(id=7, prompt=json.dumps("q"), responses=json.dumps(["w", "x", "y", "z"]),
+                           sources=json.dumps(["m0", "m1", "m2", "m3"]), response_a="w", response_b="x")
+
+    def rank(labeler, order):
+        return LabelRow(1, 7, labeler, "rank", "", 0, 0.0, None, None, False, tuple(order))
+
+    rows, _ = preference_rows({7: item}, [rank("ann", (2, 0, 3, 1))], ExportConfig())  # y > w > z > x
+    assert len(rows) == 6
+    place = {"y": 1, "w": 2, "z": 3, "x": 4}
+    assert {(r["chosen"], r["rejected"]) for r in rows} == {
+        (a, b) for a in place for b in place if place[a] < place[b]}
+    assert all((r["rank_chosen"], r["rank_rejected"]) == (place[r["chosen"]], place[r["rejected"]]) for r in rows)
+    assert all(r["chosen_source"] == "m" + str("wxyz".index(r["chosen"])) for r in rows)
+    # Two labelers who disagree on one pair: that pair is a split, dropped by default.
+    rows, summary = preference_rows({7: item}, [rank("ann", (2, 0, 3, 1)), rank("ben", (0, 2, 3, 1))],
+                                    ExportConfig())
+    assert len(rows) == 5 and summary.ties_dropped == 1
+    rows, summary = preference_rows({7: item}, [rank("ann", (2, 0, 3, 1)), rank("ben", (0, 2, 3, 1))],
+                                    ExportConfig(ties="random"))
+    assert len(rows) == 6 and summary.ties_randomised == 1

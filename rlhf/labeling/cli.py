@@ -65,6 +65,10 @@ def add_parser(sub) -> None:
                           "{prompt, chosen, rejected}")
     p.add_argument("--model", action="append", metavar="CKPT", default=[],
                    help="checkpoint to sample from (give twice for model A vs model B; once: two samples)")
+    p.add_argument("--responses", type=int, default=2, metavar="K",
+                   help="responses per prompt: 2 (default) makes A/B pairs; 3 to 9 makes one ranking item per "
+                        "prompt, whose K responses labelers order best to worst (with --from-file: records "
+                        "{prompt, responses: [K strings]}; with --prompts: K samples, split between two models)")
     p.add_argument("--limit", type=int, metavar="N", help="use only the first N prompts / pairs")
     p.add_argument("--max-new-tokens", type=int, default=48, help="response length cap (default 48)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
@@ -215,6 +219,9 @@ def _check_pairs_args(args) -> None:
     parse_db_url(args.db)
     _check_name(args.project, "--project")
     _settings(args)  # --config, --guidelines-file, --overlap
+    from rlhf.labeling.pairs import check_responses
+
+    check_responses(args.responses)
     if args.limit is not None and args.limit < 1:
         raise BadInput(f"--limit {args.limit}: expected a positive integer")
     if args.from_file:
@@ -249,6 +256,8 @@ def cmd_pairs(args) -> int:
     from rlhf.labeling.store import Store
 
     _check_pairs_args(args)
+    if args.responses != 2:
+        return _cmd_rankings(args)
     if args.from_file:
         candidates = read_pair_file(args.from_file)[: args.limit]
     else:
@@ -267,6 +276,31 @@ def cmd_pairs(args) -> int:
     print(f"{st.candidates} candidate pairs: dropped {st.identical} with identical responses, {st.empty} with an "
           f"empty response, {st.duplicates} duplicates; {added} added to project {project.name}"
           + (f" ({already} were already there)" if already else ""))
+    return 0
+
+
+def _cmd_rankings(args) -> int:
+    """``label pairs --responses K`` (K >= 3): one ranking item of K responses per prompt."""
+    from rlhf.labeling.pairs import generate_rank_candidates, make_rankings, read_ranking_file
+    from rlhf.labeling.store import Store
+
+    if args.from_file:
+        candidates = read_ranking_file(args.from_file, args.responses)[: args.limit]
+    else:
+        import logging
+
+        from rlhf.threads import apply_threads
+
+        logging.getLogger(__name__).info("threads: %d (%s)", *apply_threads(args.threads))
+        candidates = generate_rank_candidates(args.prompts, args.model, args.responses, args.max_new_tokens,
+                                              args.temperature, args.top_p, args.seed, limit=args.limit)
+    items, st = make_rankings(candidates, args.seed)
+    with Store.open(args.db, create=True) as store:
+        project = _open_project(store, args, create=True)
+        added, already = store.add_pairs(project, items)
+    print(f"{st.candidates} candidate ranking items of {args.responses} responses: dropped {st.identical} with "
+          f"repeated responses, {st.empty} with an empty response, {st.duplicates} duplicates; {added} added to "
+          f"project {project.name}" + (f" ({already} were already there)" if already else ""))
     return 0
 
 

@@ -12,6 +12,14 @@ losses: from the vote, or from the labelers' preference strength
 (``schema.STRENGTH_MARGIN``: significantly better 3, better 2, slightly
 better 1, negligibly better or unsure 0), which the reward stage reads.
 
+Ranking items (K responses ordered best to worst, ``label pairs --responses
+K``): each of the K·(K−1)/2 pairs of responses is a vote among the item's
+rankings (the one ranked higher wins it; no ties within a ranking), resolved
+like a pair's vote, and becomes a row with ``ranking_id`` (the item), and
+``rank_chosen``/``rank_rejected``: the two responses' places (1 = best) in the
+item's consensus order (mean place over its rankings). ``margin``: ``votes``
+as for pairs; ``strength`` 0.0 (a ranking gives no strength).
+
 Also the reader behind a reward stage's ``data.path: sqlite:///labels.db``
 (see :func:`read_db_records`).
 """
@@ -79,11 +87,69 @@ def preference_rows(pairs: dict[int, Pair], current: list[LabelRow], cfg: Export
     summary = ExportSummary(pairs=len(pairs))
     rows = []
     for pid in sorted(pairs):
+        if pairs[pid].responses is not None:
+            ranked = _ranking_rows(pairs[pid], ballots[pid], cfg, summary)
+            rows.extend(ranked)
+            summary.exported += len(ranked)
+            continue
         row = _pair_row(pairs[pid], ballots[pid], cfg, summary)
         if row is not None:
             rows.append(row)
             summary.exported += 1
+    if any("ranking_id" in r for r in rows):  # one set of columns for every row (Arrow formats)
+        for r in rows:
+            r.setdefault("ranking_id", None)
+            r.setdefault("rank_chosen", None)
+            r.setdefault("rank_rejected", None)
     return rows, summary
+
+
+def _ranking_rows(item: Pair, ballot: list[LabelRow], cfg: ExportConfig, summary: ExportSummary
+                  ) -> list[dict[str, Any]]:
+    """A ranking item's K·(K−1)/2 implied pairs, each resolved by the vote of the item's rankings."""
+    n = len(ballot)
+    if n < cfg.min_votes:
+        summary.too_few_votes += 1
+        return []
+    both_bad_votes = sum(r.both_bad for r in ballot)
+    both_bad = 2 * both_bad_votes > n
+    if both_bad and not cfg.include_both_bad:
+        summary.both_bad += 1
+        return []
+    summary.both_bad += both_bad
+    responses = json.loads(item.responses)
+    sources = json.loads(item.sources) if item.sources else [""] * len(responses)
+    k = len(responses)
+    places = [{idx: place for place, idx in enumerate(r.ranking)} for r in ballot]  # index -> 0-based place
+    consensus = sorted(range(k), key=lambda i: (sum(p[i] for p in places) / n, i))
+    rank = {idx: place + 1 for place, idx in enumerate(consensus)}
+    prompt = json.loads(item.prompt)
+    rows = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            i_wins = sum(p[i] < p[j] for p in places)
+            j_wins = n - i_wins
+            if i_wins == j_wins:  # a split among the rankings: no preferred side
+                if cfg.ties == "drop":
+                    summary.ties_dropped += 1
+                    continue
+                winner = random.Random(f"{cfg.seed}:{item.id}:{i}:{j}").choice((i, j))
+                summary.ties_randomised += 1
+            else:
+                winner = i if i_wins > j_wins else j
+            loser = j if winner == i else i
+            won = i_wins if winner == i else j_wins
+            row = {"prompt": prompt, "chosen": responses[winner], "rejected": responses[loser],
+                   "pair_id": item.id, "votes": n, "chosen_votes": won, "rejected_votes": n - won, "tie_votes": 0,
+                   "chosen_source": sources[winner], "rejected_source": sources[loser],
+                   "both_bad": both_bad, "both_bad_votes": both_bad_votes,
+                   "ranking_id": item.id, "rank_chosen": rank[winner], "rank_rejected": rank[loser]}
+            if cfg.margin is True or cfg.margin == "votes":
+                row["margin"] = (2 * won - n) / n
+            elif cfg.margin == "strength":
+                row["margin"] = 0.0
+            rows.append(row)
+    return rows
 
 
 def _pair_row(pair: Pair, ballot: list[LabelRow], cfg: ExportConfig, summary: ExportSummary

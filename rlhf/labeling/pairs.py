@@ -13,6 +13,12 @@ exact duplicates are dropped (same prompt, same two responses in either
 order), and each pair's sides are shuffled with a seeded RNG so neither
 model, nor the file's column order, is always on the left; position bias
 then averages out instead of pointing at one model.
+
+With ``--responses K`` (K >= 3) each prompt becomes one *ranking item* of K
+responses instead (InstructGPT ranked 4 to 9): K samples from the checkpoint
+(two checkpoints: about half each), or a file of ``{prompt, responses: [K
+strings]}``; items with an empty or repeated response, and duplicates, are
+dropped, and the order shown is shuffled.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from rlhf.errors import BadInput
-from rlhf.labeling.store import NewPair, pair_key
+from rlhf.labeling.schema import MAX_RANKED, MIN_RANKED
+from rlhf.labeling.store import NewPair, new_ranking, pair_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,21 @@ class Candidate(NamedTuple):
     source_1: str
     source_2: str
     where: str  # "file.jsonl:3" or "prompts.jsonl:3", for messages
+
+
+class RankCandidate(NamedTuple):
+    """K responses to one prompt, in source order (not yet shuffled)."""
+
+    prompt: Any
+    responses: list[str]
+    sources: list[str]
+    where: str
+
+
+def check_responses(k: int, flag: str = "--responses") -> None:
+    if k != 2 and not MIN_RANKED <= k <= MAX_RANKED:
+        raise BadInput(f"{flag} {k}: expected 2 (A/B pairs) or {MIN_RANKED} to {MAX_RANKED} (a ranking item "
+                       "per prompt)")
 
 
 @dataclass
@@ -79,6 +101,62 @@ def read_pair_file(path: str) -> list[Candidate]:
     return out
 
 
+def read_ranking_file(path: str, k: int) -> list[RankCandidate]:
+    """Ranking candidates from a file of ``{prompt, responses: [K strings]}`` (optional ``sources``)."""
+    from rlhf.data import read_records
+
+    out = []
+    for r in read_records(path):
+        d = r.data
+        if "prompt" not in d:
+            raise BadInput(f"{r.where}: expected a 'prompt' field; record has {sorted(d)}")
+        responses = d.get("responses")
+        if not isinstance(responses, list) or len(responses) != k:
+            got = f"a list of {len(responses)}" if isinstance(responses, list) else sorted(d)
+            raise BadInput(f"{r.where}: --responses {k}: expected 'responses', a list of {k} strings; got {got}")
+        for n, value in enumerate(responses, 1):
+            if not isinstance(value, str):
+                raise BadInput(f"{r.where}: response {n} must be a string, got {type(value).__name__}")
+        prompt = d["prompt"]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt))):
+            raise BadInput(f"{r.where}: 'prompt' must be a string or a list of {{role, content}} messages")
+        sources = d.get("sources")
+        sources = [str(x) for x in sources] if isinstance(sources, list) and len(sources) == k else [""] * k
+        out.append(RankCandidate(prompt, list(responses), sources, r.where))
+    return out
+
+
+def make_rankings(candidates: list[RankCandidate], seed: int) -> tuple[list[NewPair], PairStats]:
+    """Drop ranking candidates with an empty or repeated response and duplicates; shuffle each item's order."""
+    rng = random.Random(seed)
+    stats = PairStats(candidates=len(candidates))
+    seen: set[str] = set()
+    out = []
+    for c in candidates:
+        if any(not x.strip() for x in c.responses):
+            stats.empty += 1
+            stats.examples.append(f"{c.where}: empty response")
+            continue
+        if len(set(c.responses)) < len(c.responses):
+            stats.identical += 1
+            stats.examples.append(f"{c.where}: identical responses")
+            continue
+        key = pair_key(c.prompt, *c.responses)
+        if key in seen:
+            stats.duplicates += 1
+            stats.examples.append(f"{c.where}: duplicate item")
+            continue
+        seen.add(key)
+        order = list(zip(c.responses, c.sources, strict=True))
+        rng.shuffle(order)
+        out.append(new_ranking(c.prompt, [x for x, _ in order], [src for _, src in order], {"from": c.where}))
+    stats.kept = len(out)
+    if stats.examples:
+        log.info("dropped %d ranking candidates, e.g. %s", len(stats.examples), "; ".join(stats.examples[:3]))
+    return out, stats
+
+
 def make_pairs(candidates: list[Candidate], seed: int) -> tuple[list[NewPair], PairStats]:
     """Drop identical/empty/duplicate candidates and shuffle each pair's sides."""
     rng = random.Random(seed)
@@ -118,6 +196,25 @@ def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_token
     Sampling (not greedy) so that one checkpoint gives two different
     responses; the seed makes a re-run produce the same pairs.
     """
+    prompts, records, responses, sources = _sample(prompts_path, checkpoints, 2, max_new_tokens, temperature,
+                                                   top_p, seed, batch_size, limit)
+    return [Candidate(p, responses[0][i], responses[1][i], sources[0], sources[1], r.where)
+            for i, (p, r) in enumerate(zip(prompts, records, strict=True))]
+
+
+def generate_rank_candidates(prompts_path: str, checkpoints: list[str], k: int, max_new_tokens: int = 48,
+                             temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                             batch_size: int = 16, limit: int | None = None) -> list[RankCandidate]:
+    """K sampled responses per prompt: K from one checkpoint, or about half from each of two."""
+    prompts, records, responses, sources = _sample(prompts_path, checkpoints, k, max_new_tokens, temperature,
+                                                   top_p, seed, batch_size, limit)
+    return [RankCandidate(p, [col[i] for col in responses], list(sources), r.where)
+            for i, (p, r) in enumerate(zip(prompts, records, strict=True))]
+
+
+def _sample(prompts_path: str, checkpoints: list[str], k: int, max_new_tokens: int, temperature: float,
+            top_p: float, seed: int, batch_size: int, limit: int | None):
+    """(prompts, records, one list of responses per column, the column's source), K columns."""
     from rlhf.data import normalize_prompts, read_records, render_prompt
     from rlhf.models import ModelConfig, context_length, load_causal_lm, load_tokenizer
     from rlhf.sampling import SamplingConfig, sample
@@ -126,7 +223,7 @@ def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_token
         raise BadInput(f"--model: expected one or two checkpoints, got {len(checkpoints)}")
     records = read_records(prompts_path, limit=limit)
     prompts = normalize_prompts(records)
-    per_model = [1, 1] if len(checkpoints) == 2 else [2]
+    per_model = [(k + 1) // 2, k // 2] if len(checkpoints) == 2 else [k]
     responses: list[list[str]] = []  # one list per response column
     sources: list[str] = []
     for name, n_samples in zip(checkpoints, per_model, strict=True):
@@ -148,5 +245,4 @@ def generate_candidates(prompts_path: str, checkpoints: list[str], max_new_token
             responses.append(out.texts)
             sources.append(name if n_samples == 1 else f"{name}#sample{n + 1}")
         log.info("sampled %d responses x %d from %s", len(texts), n_samples, name)
-    return [Candidate(p, responses[0][i], responses[1][i], sources[0], sources[1], r.where)
-            for i, (p, r) in enumerate(zip(prompts, records, strict=True))]
+    return prompts, records, responses, sources

@@ -28,7 +28,7 @@ from typing import Literal
 from sqlalchemy import DDL, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 # version -> the statements that take a database of that version to the next.
 MIGRATIONS: dict[str, list[str]] = {
@@ -40,7 +40,14 @@ MIGRATIONS: dict[str, list[str]] = {
     "2": ["ALTER TABLE labeling_projects ADD COLUMN pair_count INTEGER",
           "ALTER TABLE labeling_projects ADD COLUMN complete_count INTEGER",
           "CREATE INDEX ix_labeling_assignments_live ON labeling_assignments (status, expires_at)"],
+    # 3 -> 4: ranking items (K responses to order, InstructGPT-style) and the order a label gives.
+    "3": ["ALTER TABLE labeling_pairs ADD COLUMN responses TEXT",
+          "ALTER TABLE labeling_pairs ADD COLUMN sources TEXT",
+          "ALTER TABLE labeling_labels ADD COLUMN ranking VARCHAR(256)"],
 }
+
+# Responses per ranking item: 3 to 9 (InstructGPT ranked 4 to 9); 2 is an A/B pair.
+MIN_RANKED, MAX_RANKED = 3, 9
 
 # How much better the chosen side is (Llama 2's four grades), for A/B labels;
 # optional. Exported as a numeric ``margin`` (see export.py): the margin a
@@ -101,6 +108,10 @@ class Pair(Base):
     source_a: Mapped[str] = mapped_column(String(512), default="")  # which model wrote side A
     source_b: Mapped[str] = mapped_column(String(512), default="")
     meta: Mapped[str] = mapped_column(Text, default="{}")  # JSON: anything carried over from the input
+    # A ranking item: JSON list of its K >= 3 responses (as shown, already shuffled) and of
+    # their sources; NULL for an A/B pair. ``response_a``/``response_b`` then hold the first two.
+    responses: Mapped[str | None] = mapped_column(Text, nullable=True)
+    sources: Mapped[str | None] = mapped_column(Text, nullable=True)
     # Distinct labelers whose current label is not a skip. Kept with the labels
     # in the same transaction so assignment need not count labels.
     labeled_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -140,7 +151,9 @@ class Label(Base):
     pair_id: Mapped[int] = mapped_column(ForeignKey("labeling_pairs.id"))
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labeling_labelers.id"))
     client_id: Mapped[str] = mapped_column(String(64))
-    choice: Mapped[str] = mapped_column(String(8))  # A, B (the sides as shown), tie or skip
+    choice: Mapped[str] = mapped_column(String(8))  # A, B (the sides as shown), tie, skip; rank (ranking items)
+    # With choice "rank": JSON list of the item's response indices (0-based, as shown), best first.
+    ranking: Mapped[str | None] = mapped_column(String(256), nullable=True)
     strength: Mapped[str | None] = mapped_column(String(24), nullable=True)  # a Strength; A and B only
     # Neither response is acceptable (with A, B or tie: which is less bad). Pairs
     # most voters flag are left out of exports unless asked for.

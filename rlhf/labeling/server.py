@@ -45,8 +45,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rlhf.errors import BadInput
 from rlhf.labeling import stats as stats_mod
-from rlhf.labeling.schema import Strength
-from rlhf.labeling.store import Conflict, LabelerInfo, NotFound, PairFull, ProjectInfo, Store, Submission
+from rlhf.labeling.schema import MAX_RANKED, Strength
+from rlhf.labeling.store import (Conflict, InvalidLabel, LabelerInfo, NotFound, PairFull, ProjectInfo, Store,
+                                 Submission)
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,10 @@ class LabelIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     client_id: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     pair_id: int = Field(ge=1, le=MAX_ID)
-    choice: Literal["A", "B", "tie", "skip"]
+    choice: Literal["A", "B", "tie", "skip", "rank"]
+    # With choice "rank" (ranking items): the item's response indices, best first; the
+    # store checks it is a permutation of the item's responses (422 naming this field).
+    ranking: list[Annotated[int, Field(ge=0, lt=MAX_RANKED)]] | None = Field(None, max_length=MAX_RANKED)
     # After choice: their validators read it.
     strength: Strength | None = Field(None, description="with A or B: how much better it is (optional)")
     both_bad: bool = Field(False, description="neither response is acceptable (with A, B or tie: which is "
@@ -211,6 +215,13 @@ class LabelIn(BaseModel):
         if bad:
             raise ValueError(f"character U+{ord(bad.group()):04X} at position {bad.start()} is not allowed "
                              "(no control characters other than newline and tab)")
+        return value
+
+    @field_validator("ranking")
+    @classmethod
+    def _ranking_needs_rank(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if value is not None and info.data.get("choice") != "rank":
+            raise ValueError(f"only with choice 'rank', not {info.data.get('choice')!r}")
         return value
 
     @field_validator("strength")
@@ -243,12 +254,24 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 def _pair_json(view) -> dict[str, Any]:
-    return {"id": view.id, "prompt": view.prompt, "response_a": view.response_a, "response_b": view.response_b}
+    out = {"id": view.id, "prompt": view.prompt, "response_a": view.response_a, "response_b": view.response_b}
+    if view.responses is not None:  # a ranking item: order these K responses
+        out["responses"] = view.responses
+    return out
 
 
 def _label_json(row) -> dict[str, Any]:
-    return {"label_id": row.id, "pair_id": row.pair_id, "choice": row.choice, "strength": row.strength,
-            "both_bad": row.both_bad, "reason": row.reason, "revision": row.revision, "created_at": row.created_at}
+    out = {"label_id": row.id, "pair_id": row.pair_id, "choice": row.choice, "strength": row.strength,
+           "both_bad": row.both_bad, "reason": row.reason, "revision": row.revision, "created_at": row.created_at}
+    if row.ranking is not None:
+        out["ranking"] = list(row.ranking)
+    return out
+
+
+def _invalid(e: InvalidLabel) -> JSONResponse:
+    """A label that does not fit its item, as a 422 shaped like a validation error."""
+    return JSONResponse({"detail": [{"loc": ["body", e.field], "msg": e.message, "type": "value_error"}],
+                         "error": f"body.{e.field}: {e.message}"}, status_code=422)
 
 
 def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -304,7 +327,12 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
                next: Annotated[bool, Query(description="also hand out the next pair, in the same commit")] = False
                ) -> Any:
         try:
-            result, view = store.submit(who, Submission(**body.model_dump()), assign_next=next)
+            sub = body.model_dump()
+            if sub["ranking"] is not None:
+                sub["ranking"] = tuple(sub["ranking"])
+            result, view = store.submit(who, Submission(**sub), assign_next=next)
+        except InvalidLabel as e:
+            return _invalid(e)
         except NotFound as e:
             raise HTTPException(404, str(e)) from None
         except PairFull as e:

@@ -43,7 +43,7 @@ def agreement(current: list[LabelRow]) -> dict[str, Any]:
     """Fleiss' kappa over pairs with >= 2 votes, and Cohen's kappa per labeler pair."""
     votes_by_pair: dict[int, dict[str, str]] = defaultdict(dict)
     for r in current:
-        if r.choice != "skip":
+        if r.choice not in ("skip", "rank"):  # rankings are not A/B/tie categories
             votes_by_pair[r.pair_id][r.labeler] = r.choice
     items = [Counter(v.values()) for v in votes_by_pair.values() if len(v) >= 2]
     labelers = sorted({name for v in votes_by_pair.values() for name in v})
@@ -90,7 +90,7 @@ def compute(store: Store, project: ProjectInfo) -> dict[str, Any]:
                   "with_labels": sum(1 for p in pairs.values() if p.labeled_count > 0),
                   "complete": sum(1 for p in pairs.values() if p.labeled_count >= overlap)},
         "labels": {"stored": len(every), "current": len(current), "superseded": len(every) - len(current),
-                   **{c: by_choice[c] for c in ("A", "B", "tie", "skip")},
+                   **{c: by_choice[c] for c in ("A", "B", "tie", "skip", "rank")},
                    "both_bad": sum(r.both_bad for r in current),
                    "with_strength": sum(r.strength is not None for r in current)},
         "labelers": labelers,

@@ -63,6 +63,15 @@ log = logging.getLogger(__name__)
 READ_OPTIONS = ("project", "min_votes", "ties", "margin", "seed", "exclude_labelers", "include_both_bad")
 
 
+class InvalidLabel(Exception):
+    """A label that does not fit its item (HTTP 422 naming ``field``): e.g. a
+    ranking that is not a permutation of the item's responses."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class NotFound(Exception):
     """The requested pair or label does not exist in this project (HTTP 404)."""
 
@@ -119,10 +128,10 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def pair_key(prompt: Any, response_1: str, response_2: str) -> str:
-    """Identity of a pair for de-duplication: the prompt and the *unordered*
-    responses, so the same two responses on swapped sides are one pair."""
-    blob = json.dumps([prompt, sorted([response_1, response_2])], ensure_ascii=False, sort_keys=True)
+def pair_key(prompt: Any, response_1: str, response_2: str, *more: str) -> str:
+    """Identity of a pair (or ranking item) for de-duplication: the prompt and
+    the *unordered* responses, so the same responses in another order are one item."""
+    blob = json.dumps([prompt, sorted([response_1, response_2, *more])], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -151,6 +160,16 @@ class NewPair(NamedTuple):
     source_a: str = ""
     source_b: str = ""
     meta: dict | None = None
+    # A ranking item: all K >= 3 responses in the order shown (response_a/b: the first two).
+    responses: list[str] | None = None
+    sources: list[str] | None = None
+
+
+def new_ranking(prompt: Any, responses: list[str], sources: list[str] | None = None,
+                meta: dict | None = None) -> NewPair:
+    """A ranking item of K >= 3 responses (order already randomised)."""
+    sources = list(sources) if sources is not None else [""] * len(responses)
+    return NewPair(prompt, responses[0], responses[1], sources[0], sources[1], meta, list(responses), sources)
 
 
 class PairView(NamedTuple):
@@ -158,6 +177,7 @@ class PairView(NamedTuple):
     prompt: Any
     response_a: str
     response_b: str
+    responses: list[str] | None = None  # a ranking item's K responses; None for an A/B pair
 
 
 class LabelRow(NamedTuple):
@@ -171,6 +191,7 @@ class LabelRow(NamedTuple):
     duration_ms: int | None
     strength: str | None = None  # a schema.Strength, on A/B labels that say how much better
     both_bad: bool = False
+    ranking: tuple[int, ...] | None = None  # with choice "rank": response indices, best first
 
 
 class SubmitResult(NamedTuple):
@@ -189,6 +210,7 @@ class Submission:
     duration_ms: int | None = None
     strength: str | None = None  # a schema.Strength; A and B only (the server checks)
     both_bad: bool = False  # not with skip (the server checks)
+    ranking: tuple[int, ...] | None = None  # with choice "rank": a permutation of the item's response indices
 
 
 # ---------------------------------------------------------------- the store
@@ -226,12 +248,34 @@ def project_config(text: str) -> ProjectConfig:
     return ProjectConfig.from_json(text)
 
 
-_VIEW = (Pair.id, Pair.prompt, Pair.response_a, Pair.response_b)  # what a PairView is built from
+_VIEW = (Pair.id, Pair.prompt, Pair.response_a, Pair.response_b, Pair.responses)  # what a PairView is built from
 
 
 def _label_row(lab: Label, labeler_name: str) -> LabelRow:
     return LabelRow(lab.id, lab.pair_id, labeler_name, lab.choice, lab.reason, lab.revision, lab.created_at,
-                    lab.duration_ms, lab.strength, bool(lab.both_bad))
+                    lab.duration_ms, lab.strength, bool(lab.both_bad),
+                    None if lab.ranking is None else tuple(json.loads(lab.ranking)))
+
+
+def _check_fits(sub: Submission, k: int | None) -> None:
+    """A label's kind must fit its item: a ranking (a permutation of the K
+    responses, best first) or skip for a ranking item; A, B, tie or skip for a
+    pair. Raises :class:`InvalidLabel` naming the field."""
+    if k is None:
+        if sub.choice == "rank" or sub.ranking is not None:
+            raise InvalidLabel("ranking", f"pair {sub.pair_id} is an A/B pair, not a ranking item; "
+                                          "send choice A, B, tie or skip without a ranking")
+        return
+    if sub.choice in ("A", "B", "tie"):
+        raise InvalidLabel("choice", f"item {sub.pair_id} is a ranking of {k} responses; send choice 'rank' "
+                                     "with a ranking (or 'skip')")
+    if sub.choice == "rank":
+        order = list(sub.ranking or ())
+        if sorted(order) != list(range(k)):
+            raise InvalidLabel("ranking", f"expected a permutation of the item's {k} responses "
+                                          f"(each of 0..{k - 1} once, best first), got {order}")
+    elif sub.ranking is not None:
+        raise InvalidLabel("ranking", "only with choice 'rank'")
 
 
 class _Q:
@@ -280,9 +324,9 @@ class _Q:
     by_token = (select(Labeler.id, Labeler.project_id, Labeler.name, Labeler.role)
                 .where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None)))
     by_client_id = (select(Label.id, Label.revision, Label.pair_id, Label.choice, Label.reason, Label.supersedes_id,
-                           Label.strength, Label.both_bad)
+                           Label.strength, Label.both_bad, Label.ranking)
                     .where(Label.labeler_id == bindparam("me"), Label.client_id == bindparam("client_id")))
-    pair_slots = select(Pair.project_id, Pair.labeled_count).where(Pair.id == bindparam("pair"))
+    pair_slots = select(Pair.project_id, Pair.labeled_count, Pair.responses).where(Pair.id == bindparam("pair"))
     assignment = select(Assignment.status, Assignment.expires_at).where(
         Assignment.pair_id == bindparam("pair"), Assignment.labeler_id == bindparam("me"))
     _this_assignment = update(Assignment.__table__).where(Assignment.pair_id == bindparam("pair"),
@@ -548,13 +592,16 @@ class Store:
         with self.transaction() as s:
             existing = set(s.scalars(select(Pair.key).where(Pair.project_id == project.id)))
             for p in pairs:
-                key = pair_key(p.prompt, p.response_a, p.response_b)
+                key = pair_key(p.prompt, *(p.responses or (p.response_a, p.response_b)))
                 if key in existing:
                     continue
                 existing.add(key)
                 s.add(Pair(project_id=project.id, key=key, prompt=json.dumps(p.prompt, ensure_ascii=False),
                            response_a=p.response_a, response_b=p.response_b, source_a=p.source_a,
                            source_b=p.source_b, meta=json.dumps(p.meta or {}, ensure_ascii=False),
+                           responses=None if p.responses is None else json.dumps(p.responses, ensure_ascii=False),
+                           sources=None if p.responses is None else json.dumps(p.sources or [""] * len(p.responses),
+                                                                               ensure_ascii=False),
                            labeled_count=0, created_at=now))
                 added += 1
             if added:
@@ -569,7 +616,8 @@ class Store:
     @staticmethod
     def _view(p) -> PairView:
         """A PairView from a Pair or a row with the ``_VIEW`` columns."""
-        return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b)
+        return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b,
+                        None if p.responses is None else json.loads(p.responses))
 
     def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
         """The pair this labeler should label next, leased to them; None when done."""
@@ -664,14 +712,17 @@ class Store:
         seen = s.execute(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id}).first()
         if seen is not None:
             # Checked first: a retry of a stored label is answered even if the pair has filled since.
-            stored = (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id, seen.strength, bool(seen.both_bad))
-            if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad):
+            stored = (seen.pair_id, seen.choice, seen.reason, seen.supersedes_id, seen.strength, bool(seen.both_bad),
+                      None if seen.ranking is None else tuple(json.loads(seen.ranking)))
+            ranking = None if sub.ranking is None else tuple(sub.ranking)
+            if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad, ranking):
                 raise Conflict(f"client_id {sub.client_id} was already used for a different label")
             return SubmitResult(seen.id, seen.revision, True)
         mine = {"pair": sub.pair_id, "me": labeler.id}
         pair = s.execute(_Q.pair_slots, mine).first()
         if pair is None or pair.project_id != labeler.project_id:
             raise NotFound(f"pair {sub.pair_id} not found")
+        _check_fits(sub, None if pair.responses is None else len(json.loads(pair.responses)))
         asg = s.execute(_Q.assignment, mine).first()
         if asg is None:
             raise Conflict(f"pair {sub.pair_id} was not assigned to you (GET /api/next first)")
@@ -689,7 +740,8 @@ class Store:
         label_id = s.execute(_Q.add_label, {
             "project_id": labeler.project_id, "pair_id": sub.pair_id, "labeler_id": labeler.id,
             "client_id": sub.client_id, "choice": sub.choice, "reason": sub.reason, "strength": sub.strength,
-            "both_bad": sub.both_bad, "duration_ms": sub.duration_ms, "revision": revision,
+            "both_bad": sub.both_bad, "ranking": None if sub.ranking is None else json.dumps(list(sub.ranking)),
+            "duration_ms": sub.duration_ms, "revision": revision,
             "supersedes_id": sub.supersedes, "created_at": now}).scalar_one()
         if delta:
             # A SQL-side increment: never a write-back of a count read earlier.

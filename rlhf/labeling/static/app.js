@@ -26,6 +26,8 @@ const state = {
   history: [],         // own labels, newest first (for U)
   historyIndex: -1,
   busy: false,
+  rankOrder: null,     // a ranking item: its response indices as now ordered, best first
+  rankTyped: [],       // the indices placed so far by pressing their numbers
 };
 
 // ------------------------------------------------------------------ helpers
@@ -238,6 +240,79 @@ function setStrength(strength) {
 function setBothBad(on) {
   state.bothBad = on;
   $("both-bad").setAttribute("aria-pressed", String(on));
+  $("rank-both-bad").setAttribute("aria-pressed", String(on));
+}
+
+// ------------------------------------------------------------------ ranking items
+
+// Draws the responses in state.rankOrder (best first). Each keeps the number it
+// was shown with ("Response 3"); `focusIndex` keeps keyboard focus on a moved one.
+function renderRanking(focusIndex) {
+  const list = $("ranking");
+  const responses = state.pair.responses;
+  list.replaceChildren(...state.rankOrder.map((idx, place) => {
+    const li = node("li");
+    li.tabIndex = 0;
+    li.draggable = true;
+    li.dataset.index = String(idx);
+    li.id = `rank-item-${idx + 1}`;
+    if (state.rankTyped.includes(idx)) li.classList.add("placed");
+    li.setAttribute("aria-label", `Place ${place + 1}: response ${idx + 1}`);
+    const head = node("div", undefined, "rank-head");
+    head.append(node("span", `#${place + 1}`, "rank-place"), node("span", `Response ${idx + 1}`, "rank-name"),
+      node("kbd", String(idx + 1)));
+    const body = node("div", undefined, "text pane");
+    renderMarkdown(body, responses[idx]);
+    li.append(head, body);
+    li.addEventListener("dragstart", (e) => {
+      e.dataTransfer.setData("text/plain", String(idx));
+      e.dataTransfer.effectAllowed = "move";
+      li.classList.add("dragging");
+    });
+    li.addEventListener("dragend", () => li.classList.remove("dragging"));
+    li.addEventListener("dragover", (e) => { e.preventDefault(); e.dataTransfer.dropEffect = "move"; });
+    li.addEventListener("drop", (e) => {
+      e.preventDefault();
+      const from = parseInt(e.dataTransfer.getData("text/plain"), 10);
+      if (Number.isNaN(from) || from === idx) return;
+      moveTo(from, state.rankOrder.indexOf(idx));
+    });
+    return li;
+  }));
+  if (focusIndex !== undefined) $(`rank-item-${focusIndex + 1}`).focus();
+}
+
+function moveTo(idx, place) {  // put response `idx` at `place` (0 = best)
+  const order = state.rankOrder.filter((i) => i !== idx);
+  order.splice(Math.max(0, Math.min(place, order.length)), 0, idx);
+  state.rankOrder = order;
+  renderRanking(idx);
+}
+
+// A number key: that response goes to the next place after those already typed.
+function typeRank(idx) {
+  if (idx >= state.rankOrder.length || state.rankTyped.includes(idx)) return;
+  state.rankTyped.push(idx);
+  state.rankOrder = [...state.rankTyped, ...state.rankOrder.filter((i) => !state.rankTyped.includes(i))];
+  renderRanking();
+  const order = state.rankOrder.map((i) => i + 1).join(" > ");
+  setStatus(state.rankTyped.length === state.rankOrder.length
+    ? `Order: ${order}. Enter submits.` : `Placed ${state.rankTyped.length} of ${state.rankOrder.length}.`);
+}
+
+function resetRanking() {
+  state.rankOrder = state.pair.responses.map((_, i) => i);
+  state.rankTyped = [];
+  renderRanking();
+  setStatus("");
+}
+
+function moveFocused(delta) {
+  const li = document.activeElement;
+  if (!li || !li.dataset || li.dataset.index === undefined || !$("ranking").contains(li)) return false;
+  const idx = parseInt(li.dataset.index, 10);
+  moveTo(idx, state.rankOrder.indexOf(idx) + delta);
+  return true;
 }
 
 // Q W E N pick a strength (the same key again clears it); X marks both bad.
@@ -249,8 +324,18 @@ function renderPair(pair, revising) {
   state.clientId = newClientId();
   state.shownAt = performance.now();
   renderPrompt($("prompt"), pair.prompt);
-  renderMarkdown($("response-a"), pair.response_a);
-  renderMarkdown($("response-b"), pair.response_b);
+  const ranked = Array.isArray(pair.responses);
+  $("rank-view").hidden = $("rank-bar").hidden = !ranked;
+  $("pair-responses").hidden = $("action-bar").hidden = ranked;
+  if (ranked) {
+    state.rankOrder = revising && revising.ranking ? revising.ranking.slice() : pair.responses.map((_, i) => i);
+    state.rankTyped = [];
+    renderRanking();
+  } else {
+    state.rankOrder = null;
+    renderMarkdown($("response-a"), pair.response_a);
+    renderMarkdown($("response-b"), pair.response_b);
+  }
   for (const id of ["prompt", "response-a", "response-b"]) $(id).scrollTop = 0;  // each pane scrolls by itself
   $("reason").value = revising ? revising.reason || "" : "";
   $("revising").hidden = !revising;
@@ -281,6 +366,7 @@ function showNext(data) {  // {pair, progress}, from GET /api/next or a submissi
     renderPair(data.pair, null);
   } else {
     state.pair = null;
+    state.rankOrder = null;
     show("done-view");
   }
 }
@@ -297,10 +383,14 @@ function labelBody(choice) {
   if (state.strength && (choice === "A" || choice === "B")) body.strength = state.strength;
   if (state.bothBad && choice !== "skip") body.both_bad = true;
   if (state.revising) body.supersedes = state.revising.label_id;
+  if (choice === "rank") body.ranking = state.rankOrder.slice();
   return body;
 }
 
 function savedText(body) {
+  if (body.choice === "rank") {
+    return `Saved: ranking ${body.ranking.map((i) => i + 1).join(" > ")}${body.both_bad ? ", all bad" : ""}.`;
+  }
   const side = body.choice === "A" || body.choice === "B";
   let text = side ? `${body.choice} is ${STRENGTH_WORDS[body.strength] || "better"}` : body.choice;
   if (body.both_bad) text += ", both bad";
@@ -438,6 +528,24 @@ document.addEventListener("keydown", (e) => {
   }
   const key = e.key.toLowerCase();
   const onPair = !$("label-view").hidden;
+  if (onPair && state.rankOrder) {  // a ranking item
+    const n = parseInt(key, 10);
+    let handled = true;
+    if (n >= 1 && n <= 9) typeRank(n - 1);
+    else if (key === "arrowup" || key === "k") handled = moveFocused(-1);
+    else if (key === "arrowdown" || key === "j") handled = moveFocused(1);
+    else if (key === "enter") submit("rank");
+    else if (key === "backspace") resetRanking();
+    else if (key === "s") submit("skip");
+    else if (key === "x") setBothBad(!state.bothBad);
+    else if (key === "r") $("reason").focus();
+    else if (key === "g") $("guidelines-box").open = !$("guidelines-box").open;
+    else if (key === "u") reviseEarlier();
+    else if (key === "escape" && state.revising) loadNext();
+    else handled = false;
+    if (handled) e.preventDefault();
+    return;
+  }
   if (onPair && KEYS[key]) { e.preventDefault(); submit(KEYS[key]); }
   else if (onPair && STRENGTH_KEYS[key]) { e.preventDefault(); toggleStrength(STRENGTH_KEYS[key]); }
   else if (onPair && key === "x") { e.preventDefault(); setBothBad(!state.bothBad); }
@@ -455,6 +563,10 @@ document.addEventListener("DOMContentLoaded", () => {
     b.addEventListener("click", () => toggleStrength(b.dataset.strength));
   }
   $("both-bad").addEventListener("click", () => setBothBad(!state.bothBad));
+  $("rank-both-bad").addEventListener("click", () => setBothBad(!state.bothBad));
+  $("submit-ranking").addEventListener("click", () => submit("rank"));
+  $("reset-ranking").addEventListener("click", () => resetRanking());
+  $("rank-skip").addEventListener("click", () => submit("skip"));
   $("cancel-revise").addEventListener("click", () => loadNext());
   $("check-again").addEventListener("click", () => loadNext());
   $("revise-last").addEventListener("click", () => reviseEarlier());
