@@ -192,6 +192,22 @@ def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, caps
     assert code == 2 and "no such project" in err
 
 
+def test_dpo_trains_straight_from_a_labeling_database(tmp_path, capsys):
+    """The DPO stage reads the same sources as the reward stage, the labeling store included."""
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 12)
+    rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")
+    label_everything(db, "B")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  dpo:\n    type: dpo\n    model: tiny\n"
+                      f"    data:\n      path: '{db}?project=qs'\n      eval_fraction: 0.25\n"
+                      "    max_length: 96\n    train: {max_steps: 2, batch_size: 4}\n")
+    code, _, err = rlhf(capsys, "run", recipe)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "dpo" / "metrics.json").read_text())
+    assert summary["train/pairs"] + summary["eval/pairs"] == 12 and summary["train/steps"] == 2
+
+
 def test_revoke_and_export_without_a_labeler(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'labels.db'}"
     assert rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 6,
