@@ -14,6 +14,12 @@ RLOO: the KL in the reward (both); GRPO: the k3 KL in the loss, token-mean
 aggregation (ours ``loss_aggregation: token_mean``, TRL ``loss_type: bnpo``;
 TRL's default ``dapo`` normalises by the same token count).
 
+``--defaults`` adds TRL at its own defaults (bf16 autocast, gradient
+checkpointing, one optimiser step per rollout: ``num_iterations=1``,
+``steps_per_generation=1``) on the same 64 sequences, beside ours doing the
+same single step per rollout with ``precision: bf16`` (``ppo_epochs: 1``,
+``num_minibatches: 1``): the same work as each other, not as the rows above.
+
 Every configuration is its own process; rounds are interleaved (ours, TRL,
 ours, TRL, ...) so a change in machine load hits both. Per configuration: the
 median step time over the measured steps (the first step is warm-up), split
@@ -50,9 +56,11 @@ def worker_ours(spec: dict) -> dict:
     torch.set_num_threads(1)
     work = Path(spec["work_dir"])
     grpo = spec["algo"] == "grpo"
+    epochs, minibatches = (1, 1) if spec.get("defaults") else (EPOCHS, MINIBATCHES)
     stage = {"type": "ppo", "model": spec["policy"], "reward": spec["reward"], "advantage": spec["algo"],
-             "samples_per_prompt": K, "rollout_batch_size": PROMPTS_PER_STEP, "num_minibatches": MINIBATCHES,
-             "micro_batch_size": SEQS // MINIBATCHES, "forward_batch_size": SEQS, "ppo_epochs": EPOCHS,
+             "samples_per_prompt": K, "rollout_batch_size": PROMPTS_PER_STEP, "num_minibatches": minibatches,
+             "micro_batch_size": SEQS // minibatches, "forward_batch_size": SEQS, "ppo_epochs": epochs,
+             "precision": "bf16" if spec.get("defaults") else "fp32",
              "learning_rate": 1e-5, "sample_every": 10_000, "data": {"path": str(PROMPTS)},
              "steps": 1 + spec["steps"], "kl": {"coef": BETA, "placement": "loss" if grpo else "reward"},
              "missing_eos_penalty": None, "generation": {"max_new_tokens": NEW_TOKENS, "temperature": 1.0}}
@@ -84,11 +92,14 @@ def worker_trl(spec: dict) -> dict:
     tok = load_tokenizer(ModelConfig(name=spec["policy"]))
     tok.padding_side = "left"
     prompts = [render_prompt(tok, p) for p in normalize_prompts(read_records(str(PROMPTS), "train", {}))]
-    per_rollout = EPOCHS * MINIBATCHES
+    defaults = bool(spec.get("defaults"))
+    epochs, minibatches = (1, 1) if defaults else (EPOCHS, MINIBATCHES)
+    per_rollout = epochs * minibatches
     grpo = spec["algo"] == "grpo"
-    common = dict(output_dir=str(Path(spec["work_dir"]) / "trl"), use_cpu=True, bf16=False, fp16=False,
-                  gradient_checkpointing=False, per_device_train_batch_size=SEQS // MINIBATCHES,
-                  steps_per_generation=MINIBATCHES, num_iterations=EPOCHS, num_generations=K,
+    # defaults: TRL's own bf16 (autocast) and gradient checkpointing, one optimiser step per rollout.
+    common = dict(output_dir=str(Path(spec["work_dir"]) / "trl"), use_cpu=True, bf16=defaults, fp16=False,
+                  gradient_checkpointing=defaults, per_device_train_batch_size=SEQS // minibatches,
+                  steps_per_generation=minibatches, num_iterations=epochs, num_generations=K,
                   max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=BETA,
                   learning_rate=1e-5, max_steps=(1 + spec["steps"]) * per_rollout, logging_steps=per_rollout,
                   save_strategy="no", report_to="none", disable_tqdm=True, disable_dropout=True, seed=0,
@@ -143,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=["tiny"])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="measured steps per process (after one warm-up step)")
+    ap.add_argument("--defaults", action="store_true", help="also TRL at its defaults vs ours at one step, bf16")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "critic_free_throughput.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -156,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     for rnd in range(args.rounds):
         for model in args.models:
             for algo in ("rloo", "grpo"):
-                for side in ("ours", "trl"):
-                    name = f"{side}-{algo}/{model}"
+                for side, defaults in [("ours", False), ("trl", False)] + \
+                        ([("ours", True), ("trl", True)] if args.defaults else []):
+                    name = f"{side}-{algo}{'-defaults' if defaults else ''}/{model}"
                     work = tmp / f"{name.replace('/', '_')}-{rnd}"
                     work.mkdir(parents=True)
                     print(f"[{time.time() - t0:5.0f}s] round {rnd + 1}: {name}", file=sys.stderr, flush=True)
-                    spec = {"algo": algo, "steps": args.steps, "work_dir": str(work), **ckpts[model]}
+                    spec = {"algo": algo, "steps": args.steps, "work_dir": str(work), "defaults": defaults,
+                            **ckpts[model]}
                     results.setdefault(name, []).append(_run(side, spec))
-    lines = [f"{SEQS} sequences per rollout ({PROMPTS_PER_STEP} prompts x {K}), <= {NEW_TOKENS} new tokens, "
+    lines = ["-defaults rows: ours one optimiser step per rollout in bf16, TRL at its defaults (bf16, gradient "
+             "checkpointing, one step)"] if args.defaults else []
+    lines += [f"{SEQS} sequences per rollout ({PROMPTS_PER_STEP} prompts x {K}), <= {NEW_TOKENS} new tokens, "
              f"{EPOCHS} x {MINIBATCHES} optimiser steps; torch {_version('torch').split('+')[0]}, trl {_version('trl')}; "
              f"load {load_start} -> {_loadavg()}",
              f"{'configuration':22}{'samples/s':>10}{'step s':>8}{'rollout s':>10}{'update s':>9}{'resp len':>9}"
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name:22}{med['samples_per_s']:>10.2f}{med['step_s']:>8.3f}{med['rollout_s']:>10.3f}"
                      f"{med['update_s']:>9.3f}{med['response_length']:>9.1f}{med['peak_rss_mb']:>9.0f}")
     for model in args.models:
-        for algo in ("rloo", "grpo"):
+        for algo in (*("rloo", "grpo"), *(("rloo-defaults", "grpo-defaults") if args.defaults else ())):
             ours, trl = results.get(f"ours-{algo}/{model}", []), results.get(f"trl-{algo}/{model}", [])
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, trl)
                       if "error" not in a and "error" not in b]
