@@ -255,7 +255,9 @@ def train(cfg: Config, ctx) -> Path:
     # The reference's held-out log-probs never change: taken once, before training.
     ref_held = _logps(ref_model if ref_model is not None else model, held_pairs, tok.pad_token_id) \
         if held_pairs else None
-    before = implicit_reward_accuracy(_logps(model, held_pairs, tok.pad_token_id), ref_held, cfg.beta) \
+    # Without another reference the untrained policy is the reference: no second pass.
+    before = implicit_reward_accuracy(ref_held if cfg.reference is None else
+                                      _logps(model, held_pairs, tok.pad_token_id), ref_held, cfg.beta) \
         if held_pairs else None
     logger = MetricsLogger(ctx.stage_dir, ctx.name, [], enabled=ctx.is_main)
     trainer = _trainer_class()(
