@@ -178,11 +178,17 @@ def test_real_process_exit_code_and_single_error_line(tmp_path):
         "(create one with `rlhf label pairs`)"]
 
 
-def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, capsys):
+def _labeled_db(tmp_path, capsys, n_pairs: int) -> str:
+    """A labeling database whose project ``qs`` holds ``n_pairs`` quickstart pairs, each labeled B by ann."""
     db = f"sqlite:///{tmp_path / 'labels.db'}"
-    rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 8)
+    rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", n_pairs)
     rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")
     label_everything(db, "B")
+    return db
+
+
+def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, capsys):
+    db = _labeled_db(tmp_path, capsys, 8)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  reward:\n    type: reward\n    model: tiny\n"
                       f"    data:\n      path: '{db}?project=qs'\n")
@@ -194,10 +200,7 @@ def test_recipe_validates_with_a_labeling_database_as_reward_data(tmp_path, caps
 
 def test_dpo_trains_straight_from_a_labeling_database(tmp_path, capsys):
     """The DPO stage reads the same sources as the reward stage, the labeling store included."""
-    db = f"sqlite:///{tmp_path / 'labels.db'}"
-    rlhf(capsys, "label", "pairs", "--db", db, "--project", "qs", "--from-file", PREFS, "--limit", 12)
-    rlhf(capsys, "label", "add-labeler", "--db", db, "--name", "ann")
-    label_everything(db, "B")
+    db = _labeled_db(tmp_path, capsys, 12)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nstages:\n  dpo:\n    type: dpo\n    model: tiny\n"
                       f"    data:\n      path: '{db}?project=qs'\n      eval_fraction: 0.25\n"

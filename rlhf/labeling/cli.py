@@ -252,55 +252,35 @@ def _check_pairs_args(args) -> None:
 
 
 def cmd_pairs(args) -> int:
-    from rlhf.labeling.pairs import generate_candidates, make_pairs, read_pair_file
+    """``label pairs``: A/B pairs, or with ``--responses K`` (K >= 3) one ranking item of K responses per prompt."""
+    from rlhf.labeling import pairs as pairs_mod
     from rlhf.labeling.store import Store
 
     _check_pairs_args(args)
-    if args.responses != 2:
-        return _cmd_rankings(args)
+    ranking = args.responses != 2
     if args.from_file:
-        candidates = read_pair_file(args.from_file)[: args.limit]
+        candidates = (pairs_mod.read_ranking_file(args.from_file, args.responses) if ranking
+                      else pairs_mod.read_pair_file(args.from_file))[: args.limit]
     else:
         import logging
 
         from rlhf.threads import apply_threads
 
         logging.getLogger(__name__).info("threads: %d (%s)", *apply_threads(args.threads))
-        candidates = generate_candidates(args.prompts, args.model, args.max_new_tokens, args.temperature,
-                                         args.top_p, args.seed, limit=args.limit)
-    pairs, st = make_pairs(candidates, args.seed)
+        sampling = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        candidates = (pairs_mod.generate_rank_candidates(args.prompts, args.model, args.responses, *sampling,
+                                                         limit=args.limit) if ranking
+                      else pairs_mod.generate_candidates(args.prompts, args.model, *sampling, limit=args.limit))
+    items, st = (pairs_mod.make_rankings if ranking else pairs_mod.make_pairs)(candidates, args.seed)
     # Everything above can fail on bad input without the database being touched.
     with Store.open(args.db, create=True) as store:
         project = _open_project(store, args, create=True)
-        added, already = store.add_pairs(project, pairs)
-    print(f"{st.candidates} candidate pairs: dropped {st.identical} with identical responses, {st.empty} with an "
-          f"empty response, {st.duplicates} duplicates; {added} added to project {project.name}"
-          + (f" ({already} were already there)" if already else ""))
-    return 0
-
-
-def _cmd_rankings(args) -> int:
-    """``label pairs --responses K`` (K >= 3): one ranking item of K responses per prompt."""
-    from rlhf.labeling.pairs import generate_rank_candidates, make_rankings, read_ranking_file
-    from rlhf.labeling.store import Store
-
-    if args.from_file:
-        candidates = read_ranking_file(args.from_file, args.responses)[: args.limit]
-    else:
-        import logging
-
-        from rlhf.threads import apply_threads
-
-        logging.getLogger(__name__).info("threads: %d (%s)", *apply_threads(args.threads))
-        candidates = generate_rank_candidates(args.prompts, args.model, args.responses, args.max_new_tokens,
-                                              args.temperature, args.top_p, args.seed, limit=args.limit)
-    items, st = make_rankings(candidates, args.seed)
-    with Store.open(args.db, create=True) as store:
-        project = _open_project(store, args, create=True)
         added, already = store.add_pairs(project, items)
-    print(f"{st.candidates} candidate ranking items of {args.responses} responses: dropped {st.identical} with "
-          f"repeated responses, {st.empty} with an empty response, {st.duplicates} duplicates; {added} added to "
-          f"project {project.name}" + (f" ({already} were already there)" if already else ""))
+    what, same = ((f"candidate ranking items of {args.responses} responses", "repeated") if ranking
+                  else ("candidate pairs", "identical"))
+    print(f"{st.candidates} {what}: dropped {st.identical} with {same} responses, {st.empty} with an empty "
+          f"response, {st.duplicates} duplicates; {added} added to project {project.name}"
+          + (f" ({already} were already there)" if already else ""))
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -127,27 +128,36 @@ def read_ranking_file(path: str, k: int) -> list[RankCandidate]:
     return out
 
 
+def _worth_labeling(candidates: list, responses: Callable[[Any], list[str]], stats: PairStats,
+                    item: str) -> Iterator:
+    """The candidates with no empty or repeated response and not seen before
+    (same prompt and responses); each one left out is counted in ``stats``."""
+    seen: set[str] = set()
+    for c in candidates:
+        texts = responses(c)
+        if any(not x.strip() for x in texts):
+            stats.empty += 1
+            stats.examples.append(f"{c.where}: empty response")
+            continue
+        if len(set(texts)) < len(texts):
+            stats.identical += 1
+            stats.examples.append(f"{c.where}: identical responses")
+            continue
+        key = pair_key(c.prompt, *texts)
+        if key in seen:
+            stats.duplicates += 1
+            stats.examples.append(f"{c.where}: duplicate {item}")
+            continue
+        seen.add(key)
+        yield c
+
+
 def make_rankings(candidates: list[RankCandidate], seed: int) -> tuple[list[NewPair], PairStats]:
     """Drop ranking candidates with an empty or repeated response and duplicates; shuffle each item's order."""
     rng = random.Random(seed)
     stats = PairStats(candidates=len(candidates))
-    seen: set[str] = set()
     out = []
-    for c in candidates:
-        if any(not x.strip() for x in c.responses):
-            stats.empty += 1
-            stats.examples.append(f"{c.where}: empty response")
-            continue
-        if len(set(c.responses)) < len(c.responses):
-            stats.identical += 1
-            stats.examples.append(f"{c.where}: identical responses")
-            continue
-        key = pair_key(c.prompt, *c.responses)
-        if key in seen:
-            stats.duplicates += 1
-            stats.examples.append(f"{c.where}: duplicate item")
-            continue
-        seen.add(key)
+    for c in _worth_labeling(candidates, lambda c: c.responses, stats, "item"):
         order = list(zip(c.responses, c.sources, strict=True))
         rng.shuffle(order)
         out.append(new_ranking(c.prompt, [x for x, _ in order], [src for _, src in order], {"from": c.where}))
@@ -161,23 +171,8 @@ def make_pairs(candidates: list[Candidate], seed: int) -> tuple[list[NewPair], P
     """Drop identical/empty/duplicate candidates and shuffle each pair's sides."""
     rng = random.Random(seed)
     stats = PairStats(candidates=len(candidates))
-    seen: set[str] = set()
     out = []
-    for c in candidates:
-        if not c.response_1.strip() or not c.response_2.strip():
-            stats.empty += 1
-            stats.examples.append(f"{c.where}: empty response")
-            continue
-        if c.response_1 == c.response_2:
-            stats.identical += 1
-            stats.examples.append(f"{c.where}: identical responses")
-            continue
-        key = pair_key(c.prompt, c.response_1, c.response_2)
-        if key in seen:
-            stats.duplicates += 1
-            stats.examples.append(f"{c.where}: duplicate pair")
-            continue
-        seen.add(key)
+    for c in _worth_labeling(candidates, lambda c: [c.response_1, c.response_2], stats, "pair"):
         sides = [(c.response_1, c.source_1), (c.response_2, c.source_2)]
         rng.shuffle(sides)
         (ra, sa), (rb, sb) = sides
