@@ -172,6 +172,34 @@ def _offline_if_no_network(command: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rc = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_distributed_worker(rc)
+    return rc
+
+
+def _exit_distributed_worker(rc: int) -> None:
+    """End a torchrun/accelerate worker without interpreter finalization.
+
+    Every output is written and the process group destroyed by now, yet on
+    CPU (gloo) a worker still aborts now and then while Python tears down
+    ("terminate called without an active exception", SIGABRT: gloo's C++
+    worker threads release tensors whose Python owners are already gone;
+    pytorch/pytorch#179291 tried an atexit fix and was withdrawn). The
+    launcher then reports a finished, successful run as failed and kills
+    the other ranks. Nothing is left to finalize (loggers, wandb and
+    tensorboard are closed by each stage), so flush and leave directly.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # Overrides may follow flags (`run R --force a.b=1`); argparse stops filling
     # a positional list at the first flag, so collect the rest here.
