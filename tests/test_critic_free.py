@@ -225,3 +225,38 @@ def test_grpo_two_processes(tmp_path):
     assert summary["train/episodes"] == 2 * 2 * 2 * 4  # steps x ranks x prompts x samples
     rows = _rows(tmp_path / "run")
     assert len(rows) == 2 and "rollout/zero_std_groups" in rows[0]
+
+
+def test_one_epoch_one_minibatch_reuses_the_update_forward(tmp_path, monkeypatch):
+    """GRPO with one epoch of one minibatch and the KL in the loss: the rollout
+    skips the policy forward (the update's forward gives the old log-probs,
+    ratio exactly 1), and every logged number matches a run that does the
+    forward, up to float summation order."""
+    from test_ppo_trainer import _recipe, _rows, _run
+
+    from rlhf.ppo import trainer
+
+    settings = dict(steps=3, advantage="grpo", samples_per_prompt=4, rollout_batch_size=4, num_minibatches=1,
+                    ppo_epochs=1, micro_batch_size=8, kl={"placement": "loss", "coef": 0.1})
+    assert trainer.Config(**{k: v for k, v in settings.items() if k != "kl"},
+                          kl=trainer.KLConfig(placement="loss")).old_logprobs_from_update
+    assert not trainer.Config(advantage="grpo", samples_per_prompt=4, ppo_epochs=1, num_minibatches=1,
+                              kl=trainer.KLConfig(coef=0.1)).old_logprobs_from_update  # KL in the reward
+    calls = []
+    real = trainer.PolicyAndValue.forward
+    monkeypatch.setattr(trainer.PolicyAndValue, "forward",
+                        lambda self, *a, **k: calls.append(torch.is_grad_enabled()) or real(self, *a, **k))
+    for d in ("reuse", "forward"):
+        (tmp_path / d).mkdir()
+    _run(_recipe(tmp_path / "reuse", **settings))
+    assert calls and all(calls)  # every policy forward is the update's (with grad)
+    reused = _rows(tmp_path / "reuse" / "run")
+    assert all(r["ppo/first_minibatch_ratio"] == 1.0 for r in reused)
+
+    monkeypatch.setattr(trainer.Config, "old_logprobs_from_update", property(lambda self: False))
+    calls.clear()
+    _run(_recipe(tmp_path / "forward", **settings))
+    assert not all(calls)  # the rollout's no-grad forwards are back
+    for a, b in zip(reused, _rows(tmp_path / "forward" / "run"), strict=True):
+        for key in ("objective/scores", "objective/kl", "ppo/policy_loss", "ppo/kl_loss", "ppo/entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)

@@ -214,6 +214,18 @@ class Config:
     def critic_free(self) -> bool:
         return self.advantage != "gae"
 
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """Whether the rollout can skip the policy's log-prob forward.
+
+        With one epoch of one minibatch, the update's forward runs on the same
+        sequences with the weights that sampled them, so its log-probs are the
+        old ones (ratio exactly 1; TRL's GRPO does the same). Only when nothing
+        needs them before the update: no value model, and no KL in the reward
+        (the advantages would need it)."""
+        kl_in_reward = self.kl.placement == "reward" and (self.kl.coef > 0 or self.kl.adaptive)
+        return self.ppo_epochs == 1 and self.num_minibatches == 1 and self.critic_free and not kl_in_reward
+
 
 # ---------------------------------------------------------------- inputs
 
@@ -538,12 +550,16 @@ def rollout(run: _Run, step: int) -> Rollout:
         input_ids, attention_mask, q = gen.input_ids, gen.attention_mask, gen.query_ids.size(1)
         logprobs, ref_logprobs, values = [], [], []
         for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
+            ref_logprobs.append(run.reference.logprobs(unwrapped.policy, input_ids[sl], attention_mask[sl], q,
+                                                       cfg.generation.temperature))
+            if cfg.old_logprobs_from_update:  # filled by the update's forward (_micro_loss)
+                logprobs.append(torch.zeros_like(ref_logprobs[-1]))
+                values.append(torch.zeros_like(ref_logprobs[-1]))
+                continue
             lp, v, _ = unwrapped(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature,
                                  with_values=not cfg.critic_free)
             logprobs.append(lp)
             values.append(v if v is not None else torch.zeros_like(lp))
-            ref_logprobs.append(run.reference.logprobs(unwrapped.policy, input_ids[sl], attention_mask[sl], q,
-                                                       cfg.generation.temperature))
         timings["forward_s"] = time.time() - t0
     t0 = time.time()
     raw, nonfinite = _score(run, step, prompts, gen.texts)
@@ -600,7 +616,10 @@ def advantages(run: _Run, ro: Rollout) -> None:
     compared with the other samples of its prompt. Fills ``ro.kl ... ro.returns``."""
     cfg = run.cfg
     mask = ro.response_mask
-    ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * mask
+    # old_logprobs_from_update: the log-probs come with the update; no KL in the
+    # reward then, and the logged KL is measured after it (kl_after_update).
+    ro.kl = (torch.zeros_like(ro.ref_logprobs) if cfg.old_logprobs_from_update
+             else core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * mask)
     beta = run.kl_ctl.kl_coef if cfg.kl.placement == "reward" else 0.0
     ro.rewards, ro.non_score = core.per_token_rewards(ro.scores, ro.kl, beta, mask)
     if cfg.whiten_rewards:
@@ -620,6 +639,22 @@ def advantages(run: _Run, ro: Rollout) -> None:
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     ro.advantages = adv.unsqueeze(1) * mask
     ro.returns = torch.zeros_like(ro.values)
+
+
+def kl_after_update(run: _Run, ro: Rollout, updated: bool) -> None:
+    """old_logprobs_from_update: the per-token KL of the sampling policy to the
+    reference, from the log-probs the update's forward recorded (or, when the
+    step was skipped, from a forward of its own)."""
+    cfg = run.cfg
+    if not cfg.old_logprobs_from_update:
+        return
+    if not updated:
+        unwrapped = run.accelerator.unwrap_model(run.model)
+        with full_weights(run.model, run.accelerator), run.accelerator.autocast(), torch.no_grad():
+            ro.logprobs = torch.cat([unwrapped(ro.input_ids[sl], ro.attention_mask[sl], ro.context_length,
+                                               cfg.generation.temperature, with_values=False)[0]
+                                     for sl in _chunks(ro.input_ids.size(0), cfg.forward_batch_size)])
+    ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * ro.response_mask
 
 
 # ---------------------------------------------------------------- 6. update
@@ -730,6 +765,8 @@ def _micro_loss(run: _Run, ro: Rollout, idx: torch.Tensor, counts: dict):
                                    entropy_grad=cfg.entropy_coef != 0)
     own = functools.partial(core.aggregate_loss, mask=mask, how=cfg.loss_aggregation,
                             max_len=cfg.generation.max_new_tokens)
+    if cfg.old_logprobs_from_update:  # each row is visited once, before any optimiser step
+        ro.logprobs[idx] = new_lp.detach()
     per_token, pg = core.clipped_surrogate(new_lp, ro.logprobs[idx], ro.advantages[idx], mask, cfg.clip_range)
     entropy = core.masked_mean(ent, mask)
     parts = {"policy_loss": own(per_token.detach()), "entropy": entropy, "clipfrac": pg.clipfrac,
@@ -838,6 +875,7 @@ def train(cfg: Config, ctx) -> Path:
             stats = None
             if ro.nonfinite is None:
                 stats = update(run, ro)  # 6
+            kl_after_update(run, ro, stats is not None)
             _count_skips(run, ro, stats)
             seq_kl = run.accelerator.gather((ro.kl * ro.response_mask).sum(1)).mean().item()
             kl_coef = run.kl_ctl.kl_coef
