@@ -305,9 +305,27 @@ def _reward_shapes(ctx, specs) -> list[Shape]:
     return shapes
 
 
+def _value_source(cfg, specs, ctx) -> str | None:
+    """The trainer's choice of value model (``rlhf.ppo.policy.value_source``),
+    reading checkpoints not written yet from what they start from. A model
+    whose tokenizer cannot be read offline (a hub id) is taken to qualify, so
+    the plan errs towards the larger model."""
+    from rlhf.models import ModelConfig, load_tokenizer
+    from rlhf.ppo.policy import value_init_problem, value_source
+
+    def problem(src: str) -> str | None:
+        try:
+            tok = load_tokenizer(ctx.loadable(cfg.model), require_eos=False)
+            return value_init_problem(ctx.loadable(ModelConfig(name=src)).name, tok)
+        except (OSError, ValueError, BadInput):
+            return None
+
+    return value_source(cfg.value_model, cfg.critic_free, specs, problem)
+
+
 def _plan_ppo(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
     from rlhf.models import ModelConfig
-    from rlhf.rewards import as_specs, is_function
+    from rlhf.rewards import as_specs
 
     cfg = stage.config
     policy_cfg = _with_training(ctx, cfg.model)
@@ -316,10 +334,9 @@ def _plan_ppo(stage, ctx, gpus: int, prompt_tokens: int) -> StagePlan:
     rewards = _reward_shapes(ctx, specs)
     seq = prompt_tokens + cfg.generation.max_new_tokens
     value = None
-    ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-    # As the trainer: no value for rloo/grpo; a head on the policy when no reward model exists.
-    if not cfg.critic_free and cfg.value_model != "policy_head" and (cfg.value_model != "reward" or ckpts):
-        source = ModelConfig(name=ckpts[0] if cfg.value_model == "reward" else cfg.value_model)
+    name = _value_source(cfg, specs, ctx)
+    if name is not None:
+        source = ModelConfig(name=name)
         value_cfg = dataclasses.replace(ctx.loadable(source), lora=None, dtype=policy_cfg.dtype,
                                         gradient_checkpointing=policy_cfg.gradient_checkpointing)
         value = model_shape(value_cfg, role="classifier")

@@ -276,6 +276,20 @@ def test_an_encoder_never_becomes_the_value_model(encoder_run, tmp_path, capsys)
     assert "stages.ppo.value_model" in err and "encoder" in err and "Traceback" not in err
 
 
+def test_plan_sizes_the_value_model_the_trainer_builds(berts, tmp_path, capsys):
+    """`rlhf plan` asks the trainer's rule (rlhf.ppo.policy.value_source), before any
+    stage has run: an encoder reward stage gives a value head on the policy; a
+    decoder reward stage on the policy's tokenizer starts the value model."""
+    stages = {"enc": _stage(berts["no_pooler"]), "dec": _stage("tiny")}
+    # Not trained yet: the decoder reward model is sized as what it starts from (tiny).
+    for rm, expected in (("enc", "value: head on the policy"), ("dec", "value tiny 0.7M trained")):
+        ppo = {"type": "ppo", "model": "tiny", "reward": f"${{output_dir}}/{rm}/final",
+               "data": {"path": str(QUICKSTART / "prompts_train.jsonl")}}
+        recipe = {"output_dir": str(tmp_path / "out"), "stages": {rm: stages[rm], "ppo": ppo}}
+        assert run_in_process("plan", write_recipe(tmp_path / f"{rm}.yaml", recipe)) == 0
+        assert expected in capsys.readouterr().out, rm
+
+
 # ------------------------------------------------------------------ config errors
 
 

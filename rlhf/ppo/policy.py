@@ -18,12 +18,16 @@ Value model choices (the PPO stage's ``value_model`` key, docs/ppo.md):
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from rlhf.ppo.core import logprobs_from_logits
 from rlhf.sampling import position_ids_from, response_logits, response_logprobs
+
+log = logging.getLogger(__name__)
 
 
 def value_init_problem(source: str, policy_tok) -> str | None:
@@ -43,6 +47,33 @@ def value_init_problem(source: str, policy_tok) -> str | None:
         return "it is a bidirectional encoder (it would see each position's future tokens)"
     if load_tokenizer(ModelConfig(name=source), require_eos=False).get_vocab() != policy_tok.get_vocab():
         return "its tokenizer differs from the policy's (it cannot read the policy's token ids)"
+    return None
+
+
+def value_source(value_model: str, critic_free: bool, specs: list,
+                 problem: Callable[[str], str | None]) -> str | None:
+    """The checkpoint the value model starts from, or None for a value head on
+    the policy (or for no value at all: rloo/grpo). The trainer and ``rlhf
+    plan`` both ask this, so the plan sizes the model the run builds.
+
+    ``value_model: reward`` takes the first reward model for which
+    ``problem(source)`` (``value_init_problem`` with the policy's tokenizer)
+    finds nothing wrong; a classifier picked by ``label`` (e.g. a sentiment
+    model) has its own tokenizer and heads and is never one. With none (only
+    function rewards, or encoders), a second copy of the policy's trunk would
+    cost ~1.6x the step time and its memory for nothing a head on the
+    policy's trunk cannot learn: a head it is."""
+    from rlhf.rewards import is_function
+
+    if critic_free or value_model == "policy_head":
+        return None
+    if value_model != "reward":
+        return value_model
+    for src in [s.source for s in specs if not is_function(s.source) and s.label is None]:
+        why = problem(src)
+        if why is None:
+            return src
+        log.info("value model: not initialised from reward model %s: %s", src, why)
     return None
 
 

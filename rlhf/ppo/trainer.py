@@ -54,9 +54,9 @@ from rlhf.gold import HeldOutCheck as EvalConfig
 from rlhf.models import (ModelConfig, as_model_config, context_length, load_causal_lm, load_sequence_classifier,
                          load_policy, load_tokenizer)
 from rlhf.ppo import core
-from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, value_init_problem
+from rlhf.ppo.policy import PolicyAndValue, Reference, ScalarHeadModel, value_init_problem, value_source
 from rlhf.ppo.watch import WatchConfig, first_alarm
-from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source, is_function
+from rlhf.rewards import CombinedReward, NonFiniteReward, RewardSpec, as_specs, check_source
 from rlhf.sampling import Generated, SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
 from rlhf.textstats import distinct_n, top_ending_share
@@ -355,25 +355,10 @@ def _disable_dropout(model: torch.nn.Module) -> None:
 
 def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, tok, seed: int):
     """The separate value model, or None for a value head on the policy (or none at all: rloo/grpo)."""
-    if cfg.critic_free or cfg.value_model == "policy_head":
+    name = value_source(cfg.value_model, cfg.critic_free, specs, lambda src: value_init_problem(src, tok))
+    if name is None:
         return None
-    if cfg.value_model == "reward":
-        # A classifier picked by `label` (e.g. a sentiment model) has its own
-        # tokenizer and heads: it cannot read the policy's tokens.
-        ckpts = [s.source for s in specs if not is_function(s.source) and s.label is None]
-        problems = {src: value_init_problem(src, tok) for src in ckpts}
-        for src, problem in problems.items():
-            if problem is not None:
-                log.info("value model: not initialised from reward model %s: %s", src, problem)
-        ckpts = [src for src in ckpts if problems[src] is None]
-        # With no reward model to start from (only function rewards, or
-        # encoders): a second copy of the policy's trunk would cost ~1.6x the
-        # step time and its memory for nothing a head on the policy's trunk cannot learn.
-        if not ckpts:
-            return None
-        source = ModelConfig(name=ckpts[0])
-    else:
-        source = ModelConfig(name=cfg.value_model)
+    source = ModelConfig(name=name)
     source.dtype = policy_cfg.dtype
     clf = load_sequence_classifier(source, tok, seed=seed)
     if source.name == policy_cfg.name:
