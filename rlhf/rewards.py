@@ -533,7 +533,14 @@ class RewardModel:
         if label is not None and label >= self.model.config.num_labels:
             raise BadInput(f"reward source '{path}': label {label} out of range (the classifier has "
                            f"{self.model.config.num_labels} outputs: {self.model.config.id2label})")
-        self.max_length = scoring_length(str(path), self.reading, max_length) or context_length(cfg) or 1024
+        limit = context_length(cfg)
+        self.max_length = scoring_length(str(path), self.reading, max_length) or limit or 1024
+        if limit is not None and self.max_length > limit:
+            # A consumer's length (eval's max_length, sized for the policy) can exceed
+            # what this model reads, e.g. an encoder's 512 positions.
+            log.warning("reward model %s reads at most %d tokens: scoring at %d, not %d", path, limit, limit,
+                        self.max_length)
+            self.max_length = limit
         self.batch_size = batch_size
         reading = self.reading or (encoder_reading(self.max_length, self.model) if pair
                                    else ReadSettings(max_length=self.max_length))

@@ -80,6 +80,32 @@ def test_real_recipe_runs_offline(name, tmp_path, monkeypatch, sentiment_classif
         assert evaluated["rm"]["kind"] == "reward_source" and evaluated["rm"]["pairs"] == 4
 
 
+@pytest.mark.parametrize("name", ["smollm2-hh.yaml", "tldr-1b.yaml"])
+def test_encoder_reward_variant_runs_offline(name, tmp_path, monkeypatch):
+    """The encoder-RM variant each recipe's header gives (stages.reward.model=<a
+    DeBERTa-v3 id>), with a tiny BERT standing in: the reward model reads
+    (prompt, response) pairs with its own tokenizer, PPO puts the value head on
+    the policy (an encoder cannot be the value model), and eval scores through it."""
+    from tiny_bert import make_tiny_bert
+
+    header = (REPO / "recipes" / name).read_text().split("\noutput_dir:")[0]
+    assert "stages.reward.model=microsoft/deberta-v3" in header
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "out"
+    bert = make_tiny_bert(tmp_path / "bert")
+    recipe = recipe_mod.load_recipe(REPO / "recipes" / name, [f"output_dir={out}", f"stages.reward.model={bert}",
+                                                              "stages.reward.max_length=128"])
+    for stage in recipe.stages:
+        swap_offline(stage.config, out)
+        shrink(stage)
+    recipe_mod.run(recipe)
+    reading = json.loads((out / "reward" / "final" / "reward_config.json").read_text())
+    assert reading["text_pair"] is True
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluated["rm"]["kind"] == "reward_source" and evaluated["rm"]["pairs"] == 4
+    assert "reward/rm" in evaluated["ppo"]
+
+
 # ------------------------------------------------------------ classifier rewards
 
 
