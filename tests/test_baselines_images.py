@@ -23,7 +23,7 @@ DATA = {"source": "digits", "max_images": 240, "eval_fraction": 0.25}  # 180 tra
 def image_run(tmp_path_factory) -> Path:
     """gan, vae, diffusion (restoring beside the vae) and the report, a few dozen steps each."""
     d = tmp_path_factory.mktemp("images")
-    metrics = {"classifier_epochs": 2, "classifier_cache": str(d / "cache")}
+    metrics = {"classifier_epochs": 2, "classifier_cache": str(d / "cache"), "sampling_seeds": 2}
     train = {"steps": 40, "batch_size": 32, "log_every": 1, "eval_every": 20, "threads": 1}
     stages = {
         "gan": {"type": "gan", "data": DATA, "gan": {"width": 16}, "metrics": metrics,
@@ -65,9 +65,18 @@ def test_stage_outputs_and_shared_metrics(image_run, stage):
     d = image_run / stage
     m = json.loads((d / "metrics.json").read_text())
     for prefix in ("image", "floor", "noise"):
-        for key in ("fd", "precision", "recall", "class_entropy", "nn_distance", "near_copy_rate"):
+        for key in ("fd", "kid", "fd_classifier", "precision", "recall", "class_entropy", "nn_distance",
+                    "near_copy_rate", "feature_copy_rate"):
             assert f"{prefix}/{key}" in m, f"{prefix}/{key}"
     assert 0 <= m["image/precision"] <= 1 and 0 <= m["image/recall"] <= 1
+    # Every model metric over 2 sampling seeds (fresh sample sets): the mean inside its 95% interval.
+    assert m["image/sampling_seeds"] == 2 and len(m["image/fd_seeds"]) == 2
+    assert m["image/fd_seeds"][0] != m["image/fd_seeds"][1]
+    for prefix in ("image", "noise"):
+        assert m[f"{prefix}/fd_low"] <= m[f"{prefix}/fd"] <= m[f"{prefix}/fd_high"]
+        assert m[f"{prefix}/fd"] == pytest.approx(sum(m[f"{prefix}/fd_seeds"]) / 2)
+    assert "floor/fd_low" not in m  # one fixed set of held-out images: no interval
+    assert m["classifier/nets"] == 3
     assert m["floor/near_copy_rate"] == pytest.approx(0.05, abs=0.02)  # calibrated on held-out images
     assert m["model/params"] > 0 and m["perf/train_s"] > 0 and m["data/held_out"] == 60
     for picture in ("samples.png", "nearest_train.png", f"curves_{stage}.png"):
@@ -100,6 +109,17 @@ def test_report_gathers_tables_floor_and_pictures(image_run):
     assert {r["method"] for r in data["restoration"]} == {"corrupted input", "diffusion", "VAE reconstruction"}
     md = (d / "report.md").read_text()
     assert "real held-out images (floor)" in md and "per-pixel Gaussian noise (trivial)" in md
+    # Intervals in the table, and the order of the models stated in words, ties named as ties.
+    gan = data["images"][0]
+    assert gan["fd_low"] <= gan["fd"] <= gan["fd_high"] and set(gan["indistinguishable"]) >= {"fd", "kid"}
+    assert " ± " in md and "FD (lower is better), models best first: " in md
+    for key, name in (("fd", "FD"), ("kid", "KID")):
+        line = next(x for x in md.splitlines() if x.startswith(f"- {name} (lower is better)"))
+        ties = [(a["model"], b) for a in data["images"][:3] for b in a["indistinguishable"][key]
+                if b in ("gan", "vae", "diffusion") and a["model"] < b]
+        for a, b in ties:
+            assert f"{a} and {b}" in line or f"{b} and {a}" in line, line
+        assert ("Not distinguishable: " in line) == bool(ties) != ("Every pair of models is distinguishable" in line)
     page = (d / "report.html").read_text()
     assert page.count("data:image/png;base64,") >= 8 and "Restoration" in page
     assert (d / "comparison.png").is_file() and (d / "final").is_dir()

@@ -190,3 +190,107 @@ def test_digits_default_is_embedded_and_split_deterministically():
 def test_grid_shape():
     grid = to_uint8_grid(torch.rand(10, 1, 8, 8), nrow=4, pad=1, scale=2)
     assert grid.shape == (3 * 17 + 1, 4 * 17 + 1, 3) and grid.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- KID, intervals, shift-aware memorisation
+
+
+def test_polynomial_mmd2_by_hand():
+    # d = 1, k(a, b) = (ab + 1)^3. Within x = {1, 2}: k(1, 2) = 27; within y = {0, 1}: k(0, 1) = 1;
+    # across: k(1, 0) = 1, k(1, 1) = 8, k(2, 0) = 1, k(2, 1) = 27 -> mean 9.25. MMD^2 = 27 + 1 - 2 * 9.25.
+    x, y = np.array([[1.0], [2.0]]), np.array([[0.0], [1.0]])
+    assert M.polynomial_mmd2(x, y) == pytest.approx(9.5)
+    assert M.polynomial_mmd2(x, y) == pytest.approx(M.polynomial_mmd2(y, x))
+
+
+def test_kernel_distance_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same = M.kernel_distance(a, b)
+    assert same == pytest.approx(M.polynomial_mmd2(a, b))  # subsets would be everything: one pass
+    shifted = M.kernel_distance(a, b + 0.5)
+    assert abs(same) < 0.05 * shifted
+    # Unequal sizes: averaged over random subsets of the smaller size, seeded.
+    sub = M.kernel_distance(a[:300], b + 0.5, subsets=20, subset_size=1000, seed=1)
+    assert sub == M.kernel_distance(a[:300], b + 0.5, subsets=20, subset_size=1000, seed=1)
+    assert sub == pytest.approx(shifted, rel=0.2)
+
+
+def test_translate_fills_with_zeros():
+    x = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)
+    assert M.translate(x, 0, 1)[0, 0].tolist() == [[0, 1, 2], [0, 4, 5], [0, 7, 8]]
+    assert M.translate(x, -1, 0)[0, 0].tolist() == [[4, 5, 6], [7, 8, 9], [0, 0, 0]]
+    assert torch.equal(M.translate(x, 0, 0), x)
+
+
+def test_shifted_nearest_distance_sees_through_small_translations():
+    refs = torch.zeros(2, 1, 6, 6)
+    refs[0, 0, 2, 2] = 1.0
+    refs[1, 0, 1:5, 3] = 1.0
+    moved = M.translate(refs[:1], 1, -2)  # the dot, two pixels left and one down
+    # Two dots apart differ in 2 of 36 pixels (the line is further); only a 2-pixel shift lines them up.
+    for max_shift in (0, 1):
+        assert M.shifted_nearest_distance(moved, refs, max_shift).item() == pytest.approx(math.sqrt(2 / 36))
+    assert M.shifted_nearest_distance(moved, refs, 2).item() == 0.0
+
+
+def test_feature_nearest_distance():
+    refs = np.array([[0.0, 0.0], [3.0, 4.0]])
+    assert M.feature_nearest_distance(np.array([[3.0, 0.0], [3.0, 5.0]]), refs).tolist() == [3.0, 1.0]
+
+
+def test_interval_is_the_t_based_95_percent_ci_of_the_mean():
+    iv = M.interval([1.0, 2.0, 3.0])
+    # sd 1, t(0.975, 2 df) = 4.302653: half-width 4.302653 / sqrt(3).
+    assert (iv.mean, iv.sd) == (2.0, 1.0)
+    assert iv.high - iv.mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert iv.mean - iv.low == pytest.approx(iv.high - iv.mean)
+    one = M.interval([5.0])
+    assert one.mean == 5.0 and math.isnan(one.low) and math.isnan(one.high)
+    assert M.overlap(M.interval([1.0, 2.0, 3.0]), one) is False
+    assert M.overlap(iv, M.interval([4.0])) is True  # 4 is inside [2 - 2.48, 2 + 2.48]
+    assert M.summarise([{"fd": 1.0}, {"fd": 3.0}])["fd"].mean == 2.0
+
+
+def test_gaussian_blur_keeps_an_interior_dot_s_mass_and_spreads_it_symmetrically():
+    x = torch.zeros(2, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0
+    out = M.gaussian_blur(x, torch.tensor([0.5, 1.2]))
+    assert out.sum((1, 2, 3)).tolist() == pytest.approx([1.0, 1.0])
+    assert torch.allclose(out, out.flip(-1)) and torch.allclose(out, out.transpose(-1, -2))
+    assert out[1, 0, 4, 4] < out[0, 0, 4, 4]  # the wider blur leaves less in the middle
+
+
+def test_feature_net_training_ignores_the_callers_thread_count():
+    from rlhf.baselines.images import ImageDataConfig, load_images
+
+    d = load_images(ImageDataConfig(max_images=160), seed=0)
+    before = torch.get_num_threads()
+    nets = []
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            nets.append(M._train_feature_net(d.train, d.train_labels.numpy(), 10, epochs=1, seed=0, threads=1))
+            assert torch.get_num_threads() == caller  # restored
+    finally:
+        torch.set_num_threads(before)
+    a, b = (n.state_dict() for n in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cache_key_covers_what_changes_the_network():
+    d = M.ImageData(torch.zeros(4, 1, 4, 4), None, torch.zeros(1, 1, 4, 4), None, 0, "test")
+    y = np.zeros(4, dtype=np.int64)
+    cfg = M.ImageMetricsConfig()
+    key = M._cache_key(d, y, cfg, 0)
+    assert key == M._cache_key(d, y, M.ImageMetricsConfig(sampling_seeds=9), 0)  # scoring-only settings
+    for other in (M.ImageMetricsConfig(classifier_threads=2), M.ImageMetricsConfig(classifier_epochs=5)):
+        assert M._cache_key(d, y, other, 0) != key
+    assert M._cache_key(d, y, cfg, 1) != key and M._cache_key(d, y + 1, cfg, 0) != key
+
+
+def test_metrics_config_bad_values_name_the_key():
+    from rlhf.config import build
+
+    with pytest.raises(BadInput, match="sampling_seeds"):
+        build(M.ImageMetricsConfig, {"sampling_seeds": 0}, "stages.gan.metrics")

@@ -115,6 +115,7 @@ def _recipe(tmp_path: Path) -> Path:
                  "rewards": {"e": "ppo_rewards:count_letter_e"}, "reference": "rnn",
                  "text": {"path": str(QUICKSTART / "sft_test.jsonl"), "max_samples": 16},
                  "generation": {"max_new_tokens": 8, "batch_size": 8}, "bootstrap_samples": 100, "run_dir": ""},
+        "report": {"type": "baseline_report", "text_eval": ["eval"]},
     }
     path = tmp_path / "rnn.yaml"
     recipe = {"output_dir": str(tmp_path / "out"), "seed": 3, "stages": stages}
@@ -157,3 +158,29 @@ def test_rnn_lm_stage_learns_then_ppo_trains_it_and_eval_scores_it(tmp_path, mon
     # estimate is noise around a tiny true value and can have either sign.
     assert metrics["rnn_ppo"]["kl"]["mean"] != 0.0 and abs(metrics["rnn_ppo"]["kl"]["mean"]) < 5
     assert (out / "eval" / "report.html").is_file()
+
+    # The budget is steps (reproducible), stated in metrics.json; the report gives each model's
+    # budget (steps, tokens, FLOPs estimate), its KL to its own start and the intervals.
+    assert summary["train/budget"] == "steps" and summary["train/steps"] == 12
+    text = {r["model"]: r for r in json.loads((out / "report" / "metrics.json").read_text())["text"]}
+    assert text["rnn"]["steps"] == 12 and text["rnn"]["samples"] == 96 and text["rnn"]["flops"] > 0
+    assert text["rnn"]["tokens"] > 96 and text["rnn_ppo"]["samples"] == 16  # 2 PPO steps x 8 responses
+    assert text["rnn_ppo"]["kl"] == pytest.approx(metrics["rnn_ppo"]["kl"]["mean"])
+    lo, hi = text["rnn_ppo"]["reward_ci"]
+    assert lo <= text["rnn_ppo"]["reward"] <= hi and lo < hi
+    md = (out / "report" / "report.md").read_text()
+    assert "KL to own start" in md and "On the gold score" not in md  # no gold scorer here: no gold verdicts
+
+
+def test_text_verdicts_rank_only_disjoint_intervals():
+    from rlhf.baselines.report import distinguishable, text_cell, text_verdicts
+
+    a = {"model": "a", "gold": 0.30, "gold_ci": [0.25, 0.35]}
+    b = {"model": "b", "gold": 0.10, "gold_ci": [0.05, 0.15]}
+    c = {"model": "c", "gold": 0.27, "gold_ci": [0.20, 0.33]}
+    assert distinguishable(a, b) and not distinguishable(a, c) and distinguishable(a, {"model": "d"}) is None
+    assert text_verdicts([a, b, c]) == [
+        "a > b on gold (95% intervals disjoint)",
+        "a and c: not distinguishable on gold (95% intervals overlap)",
+        "c > b on gold (95% intervals disjoint)"]
+    assert text_cell(a, "gold") == "0.300 [0.250, 0.350]"

@@ -365,9 +365,6 @@ def train(cfg: Config, ctx) -> Path:
     steps_done = step + 1 if cfg.train.steps > start else start
 
     model = sampler().eval()
-    t1 = time.time()
-    samples = sample(model, scheduler.config, ref.n, ctx.seed, cfg.sampling_steps, cfg.eta)
-    sample_s = time.time() - t1
     summary = {"model/params": S.param_count(unet), "perf/train_s": train_s,
                "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9),
                "diffusion/sampling_steps": cfg.sampling_steps}
@@ -376,7 +373,8 @@ def train(cfg: Config, ctx) -> Path:
         clean = data.held[:cfg.restoration.num_images]
         summary.update(restore(model, scheduler.config, cfg, clean, ctx.seed, ctx.stage_dir if ctx.is_main else None))
         summary["perf/restore_s"] = time.time() - t2
-    S.finish(ctx, logger, ref, samples, steps_done, summary, sample_s)
+    S.finish(ctx, logger, ref, lambda seed: sample(model, scheduler.config, ref.n, seed, cfg.sampling_steps, cfg.eta),
+             steps_done, summary)
     if ctx.is_main:
         S.save_final(ctx.stage_dir, DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained)
         state.clear()

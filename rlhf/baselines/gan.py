@@ -207,13 +207,10 @@ def train(cfg: Config, ctx) -> Path:
     train_s = time.time() - t0
     steps_done = step + 1 if cfg.train.steps > start else start
 
-    t1 = time.time()
     G_final = sampler()
-    samples = G_final.sample(ref.n, ctx.seed)
-    sample_s = time.time() - t1
     summary = {"model/params": S.param_count(G), "model/params_discriminator": S.param_count(D),
                "perf/train_s": train_s, "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9)}
-    S.finish(ctx, logger, ref, samples, steps_done, summary, sample_s)
+    S.finish(ctx, logger, ref, lambda seed: G_final.sample(ref.n, seed), steps_done, summary)
     if ctx.is_main:
         # A latent walk: rows interpolate between two random z (how smooth the generator's space is).
         gen_walk = torch.Generator().manual_seed(ctx.seed + 1)

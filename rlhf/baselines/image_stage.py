@@ -198,28 +198,64 @@ def save_nearest_train(samples: torch.Tensor, data: ImageData, path: Path, n: in
     return save_grid(torch.cat(rows), path, nrow=min(8, n))
 
 
-def finish(ctx, logger: MetricsLogger, ref: M.RealReference, samples: torch.Tensor, step: int,
-           summary: dict, sample_seconds: float) -> dict:
-    """Score ``samples`` (n = held-out count, in [0, 1]), draw the pictures, write ``metrics.json``
-    and ``samples.safetensors`` (the scored images, for the comparison report).
+def score_seeds(draw: Callable[[int], torch.Tensor], ref: M.RealReference, seed: int,
+                seeds: int) -> tuple[torch.Tensor, dict[str, M.Interval], float]:
+    """Draw ``seeds`` fresh sample sets (``draw(s)`` for s = seed, seed + 1, ...) and score each.
 
-    Returns the summary as written: ``image/*`` (the model), ``floor/*`` (held-out
-    real images), ``noise/*`` (the trivial per-pixel Gaussian generator),
-    ``classifier/*`` and whatever the stage passed in ``summary``.
+    Returns the first set (the pictures and ``samples.safetensors``), each
+    metric's interval over the sets, and the first set's sampling seconds
+    (comparable with one draw of n images)."""
+    first, scores, sample_s = None, [], math.nan
+    for i in range(seeds):
+        t0 = time.time()
+        samples = draw(seed + i)
+        if i == 0:
+            first, sample_s = samples, time.time() - t0
+        scores.append(M.score(samples, ref))
+    return first, M.summarise(scores), sample_s
+
+
+def interval_keys(prefix: str, metrics: dict[str, M.Interval]) -> dict:
+    """``{prefix}/{metric}`` = mean, ``..._low`` / ``..._high`` = its 95% interval (absent for one
+    value), ``..._sd``, ``..._seeds`` = the per-seed values."""
+    out = {}
+    for key, iv in metrics.items():
+        out[f"{prefix}/{key}"] = iv.mean
+        if len(iv.values) > 1:
+            out.update({f"{prefix}/{key}_low": iv.low, f"{prefix}/{key}_high": iv.high, f"{prefix}/{key}_sd": iv.sd,
+                        f"{prefix}/{key}_seeds": list(iv.values)})
+    return out
+
+
+def finish(ctx, logger: MetricsLogger, ref: M.RealReference, draw: Callable[[int], torch.Tensor], step: int,
+           summary: dict) -> dict:
+    """Score ``ref.cfg.sampling_seeds`` fresh sample sets drawn by ``draw(seed)`` (n = held-out
+    count, in [0, 1]), draw the pictures, write ``metrics.json`` and ``samples.safetensors``
+    (the first set, for the comparison report).
+
+    Returns the summary as written: ``image/*`` (the model: means and 95% intervals
+    over sampling seeds), ``floor/*`` (held-out real images), ``noise/*`` (the
+    trivial per-pixel Gaussian generator, same seeds), ``classifier/*`` and
+    whatever the stage passed in ``summary``.
     """
     t0 = time.time()
-    scores = M.score(samples, ref)
-    rows = M.reference_rows(ref, ctx.seed)
+    seeds = ref.cfg.sampling_seeds
+    samples, scores, sample_s = score_seeds(draw, ref, ctx.seed, seeds)
+    rows = M.reference_rows(ref, ctx.seed, seeds)
     out = dict(summary)
-    out.update({f"image/{k}": v for k, v in scores.items()})
+    out.update(interval_keys("image", scores))
+    out["image/sampling_seeds"] = seeds
+    out["image/interval"] = "t-based 95% CI of the mean over sampling seeds" if seeds > 1 else "none (one seed)"
     out["image/class_entropy_max"] = M.max_class_entropy(ref)
-    out["perf/sample_s"] = sample_seconds
-    out.update({f"floor/{k}": v for k, v in rows["real held-out (floor)"].items()})
-    out.update({f"noise/{k}": v for k, v in rows["per-pixel Gaussian noise"].items()})
+    out["perf/sample_s"] = sample_s
+    out.update(interval_keys("floor", rows["real held-out (floor)"]))
+    out.update(interval_keys("noise", rows["per-pixel Gaussian noise"]))
     out.update({"classifier/held_out_accuracy": ref.classifier.held_out_accuracy,
+                "classifier/nets": len(ref.classifier.nets) or 1,
                 "classifier/key": ref.classifier.key, "classifier/labels_from": ref.classifier.labels_from,
                 "data/description": ref.data.description, "data/held_out": ref.n,
                 "data/train": len(ref.data.train), "train/steps": step})
+    out["perf/score_s"] = time.time() - t0
     if ctx.is_main:
         from safetensors.torch import save_file
 
@@ -227,9 +263,10 @@ def finish(ctx, logger: MetricsLogger, ref: M.RealReference, samples: torch.Tens
         save_grid(samples[:64], ctx.stage_dir / "samples.png")
         save_nearest_train(samples, ref.data, ctx.stage_dir / "nearest_train.png")
         write_summary(ctx.stage_dir, out)
-        logger.log({f"summary/{k}": v for k, v in out.items() if not isinstance(v, str)}, step=step)
+        logger.log({f"summary/{k}": v for k, v in out.items() if isinstance(v, (int, float))}, step=step)
         plot_curves(ctx.stage_dir, ctx.name)
-    log.info("%s: Fréchet distance %.2f (floor %.2f, noise %.2f), precision %.3f, recall %.3f; scored in %.1fs",
-             ctx.name, scores["fd"], out["floor/fd"], out["noise/fd"], scores["precision"], scores["recall"],
-             time.time() - t0)
+    log.info("%s: Fréchet distance %.3f [%.3f, %.3f] over %d seeds (floor %.3f, noise %.3f), KID %.4f, "
+             "precision %.3f, recall %.3f; scored in %.1fs", ctx.name, scores["fd"].mean, scores["fd"].low,
+             scores["fd"].high, seeds, out["floor/fd"], out["noise/fd"], scores["kid"].mean,
+             scores["precision"].mean, scores["recall"].mean, out["perf/score_s"])
     return out

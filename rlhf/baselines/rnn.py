@@ -2,8 +2,13 @@
 
 Trains an LSTM/GRU causal LM (``rlhf.baselines.rnn_model``) with TRL's
 ``SFTTrainer`` on the same data, tokenizer, loss (completion-only) and
-optimiser settings as the ``sft`` stage, so the two compare like for like;
-``match_wall_time`` gives it exactly the transformer's training time.
+optimiser settings as the ``sft`` stage, so the two compare like for like.
+The budget is the ``train`` section's steps/epochs, as for ``sft``: give both
+the same steps and batch size and they see the same samples, and the figures
+reproduce on any machine. ``max_seconds`` / ``match_wall_time`` (the
+transformer's training time) are wall-clock budgets, only on request: how far
+the RNN gets then depends on the machine and its load, and ``metrics.json``
+says so (``train/budget: wall_clock``).
 Writes ``<stage>/final`` (loads with ``AutoModelForCausalLM.from_pretrained``
 once ``rlhf.baselines.rnn_model`` or this module is imported), ``metrics.jsonl``
 and ``metrics.json`` (held-out loss and perplexity before and after, wall time,
@@ -64,9 +69,11 @@ class Config:
     train: TrainingConfig = opt(TrainingConfig(), "optimisation (the sft stage's settings and defaults)")
     max_length: int = opt(256, "tokens per example; longer ones are truncated from the right")
     completion_only_loss: bool = opt(True, "prompt/completion data: train on completion tokens only")
-    max_seconds: float | None = opt(None, "stop training after this much wall time (null: no limit)")
-    match_wall_time: str | None = opt(None, "a stage dir (e.g. ${output_dir}/sft) whose training time "
-                                            "(train/runtime in its metrics.jsonl) becomes max_seconds")
+    max_seconds: float | None = opt(None, "wall-clock budget: stop after this many seconds of training (results "
+                                          "then depend on machine speed and load); null: the step budget only")
+    match_wall_time: str | None = opt(None, "wall-clock budget from a stage dir (e.g. ${output_dir}/sft): its "
+                                            "training time (train/runtime) becomes max_seconds; not reproducible "
+                                            "across machines; null: the step budget only")
 
     def check(self, fail):
         if self.max_length < 8:
@@ -154,6 +161,9 @@ def train(cfg: Config, ctx) -> Path:
             raise BadInput(f"stages.{ctx.name}.match_wall_time: no train/runtime in "
                            f"{Path(cfg.match_wall_time) / 'metrics.jsonl'} (has that stage run?)")
         log.info("rnn_lm: training for the same wall time as %s: %.1fs", cfg.match_wall_time, budget)
+    if budget is not None:
+        log.warning("%s: wall-clock budget of %.1fs: how far training gets depends on this machine's speed and "
+                    "load, so the results will not reproduce elsewhere (a step budget does)", ctx.name, budget)
     args = SFTConfig(
         **hf_kwargs(cfg.train, ctx.stage_dir, ctx.seed, ctx.report_to, f"{ctx.recipe.path.stem}-{ctx.name}"),
         max_length=cfg.max_length,
@@ -177,6 +187,7 @@ def train(cfg: Config, ctx) -> Path:
     t0 = time.time()
     train_or_resume(trainer, ctx.stage_dir)
     summary = {"train/steps": trainer.state.global_step, "train/examples": len(train_rows),
+               "train/budget": "steps" if budget is None else "wall_clock",
                "train/wall_s": time.time() - t0, "train/time_budget_s": budget if budget is not None else float("nan"),
                "train/stopped_by_time_budget": time_budget.stopped,
                "model/params": sum(p.numel() for p in model.parameters())}

@@ -260,16 +260,13 @@ def train(cfg: Config, ctx) -> Path:
     steps_done = step + 1 if cfg.train.steps > start else start
 
     model.eval()
-    t1 = time.time()
-    samples = model.sample(ref.n, ctx.seed)
-    sample_s = time.time() - t1
     held = held_out_elbo(model, cfg, data.held, ctx.seed)
     rec = model.reconstruct(data.held)
     summary = {"model/params": S.param_count(model), "perf/train_s": train_s,
                "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9), "vae/beta": cfg.beta,
                **{k.replace("eval/", "vae/held_out_"): v for k, v in held.items()},
                "vae/reconstruction_rmse": (rec - data.held).pow(2).mean().sqrt().item()}
-    S.finish(ctx, logger, ref, samples, steps_done, summary, sample_s)
+    S.finish(ctx, logger, ref, lambda seed: model.sample(ref.n, seed), steps_done, summary)
     if ctx.is_main:
         _pictures(model, cfg, data.held, data.held_labels, ctx.stage_dir, ctx.seed)
         S.save_final(ctx.stage_dir, model.save_pretrained)
