@@ -135,6 +135,36 @@ def validate(cfg: Config, ctx) -> None:
     S.validate_data(cfg.data, f"stages.{ctx.name}.data", size_multiple=4)
 
 
+def adversarial_step(G, D, opt_g, opt_d, real: torch.Tensor, z: torch.Tensor, label_smoothing: float) -> dict:
+    """One discriminator step, then one generator step; returns the losses and D's mean outputs."""
+    bce = nn.functional.binary_cross_entropy_with_logits
+    # 1. discriminator: real -> 1 (smoothed), fake -> 0
+    fake = G(z)
+    d_real, d_fake = D(real), D(fake.detach())
+    d_loss = bce(d_real, torch.full_like(d_real, 1.0 - label_smoothing)) + bce(d_fake, torch.zeros_like(d_fake))
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    # 2. generator: non-saturating, -log D(G(z))
+    d_gen = D(fake)
+    g_loss = bce(d_gen, torch.ones_like(d_gen))
+    opt_g.zero_grad(set_to_none=True)
+    g_loss.backward()
+    opt_g.step()
+    return {"train/d_loss": d_loss.item(), "train/g_loss": g_loss.item(),
+            "train/d_real": torch.sigmoid(d_real).mean().item(), "train/d_fake": torch.sigmoid(d_fake).mean().item()}
+
+
+def latent_walk(G: nn.Module, latent_dim: int, seed: int, path: Path) -> None:
+    """A grid whose rows interpolate between two random z (how smooth the generator's space is)."""
+    ends = torch.randn(2, 8, latent_dim, generator=torch.Generator().manual_seed(seed))
+    alphas = torch.linspace(0, 1, 8)[:, None, None]
+    walk = ((1 - alphas) * ends[0] + alphas * ends[1]).transpose(0, 1).reshape(-1, latent_dim)
+    G.eval()
+    with torch.no_grad():
+        save_grid((G(walk) + 1) / 2, path, nrow=8)
+
+
 @S.with_threads
 def train(cfg: Config, ctx) -> Path:
     data = S.load_data(cfg.data, ctx.seed, size_multiple=4)
@@ -149,7 +179,6 @@ def train(cfg: Config, ctx) -> Path:
         if cfg.ema_decay > 0 else None
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.train.learning_rate, betas=(cfg.beta1, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.train.learning_rate, betas=(cfg.beta1, 0.999))
-    bce = nn.functional.binary_cross_entropy_with_logits
 
     gen = torch.Generator().manual_seed(ctx.seed)
     state = S.Resumable(ctx.stage_dir)
@@ -166,22 +195,9 @@ def train(cfg: Config, ctx) -> Path:
                disable=not ctx.is_main, dynamic_ncols=True)
     for step in bar:
         real = next(stream) * 2 - 1  # [0, 1] -> [-1, 1], the generator's tanh range
-        z = torch.randn(len(real), cfg.gan.latent_dim)
-
-        # 1. discriminator: real -> 1 (smoothed), fake -> 0
-        fake = G(z)
-        d_real, d_fake = D(real), D(fake.detach())
-        d_loss = bce(d_real, torch.full_like(d_real, 1.0 - cfg.label_smoothing)) + bce(d_fake, torch.zeros_like(d_fake))
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-
-        # 2. generator: non-saturating, -log D(G(z))
-        d_gen = D(fake)
-        g_loss = bce(d_gen, torch.ones_like(d_gen))
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
+        # 1-2. a discriminator step, then a generator step
+        row = adversarial_step(G, D, opt_g, opt_d, real, torch.randn(len(real), cfg.gan.latent_dim),
+                               cfg.label_smoothing)
 
         # 3. weight averaging
         if ema is not None:
@@ -189,10 +205,7 @@ def train(cfg: Config, ctx) -> Path:
 
         # 4. log
         if (step + 1) % cfg.train.log_every == 0 or step == start:
-            row = {"train/d_loss": d_loss.item(), "train/g_loss": g_loss.item(),
-                   "train/d_real": torch.sigmoid(d_real).mean().item(),
-                   "train/d_fake": torch.sigmoid(d_fake).mean().item(),
-                   "perf/steps_per_s": (step + 1 - start) / (time.time() - t0)}
+            row["perf/steps_per_s"] = (step + 1 - start) / (time.time() - t0)
             logger.log(row, step=step + 1)
             bar.set_postfix(d=f"{row['train/d_loss']:.3f}", g=f"{row['train/g_loss']:.3f}")
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
@@ -212,14 +225,7 @@ def train(cfg: Config, ctx) -> Path:
                "perf/train_s": train_s, "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9)}
     S.finish(ctx, logger, ref, lambda seed: G_final.sample(ref.n, seed), steps_done, summary)
     if ctx.is_main:
-        # A latent walk: rows interpolate between two random z (how smooth the generator's space is).
-        gen_walk = torch.Generator().manual_seed(ctx.seed + 1)
-        ends = torch.randn(2, 8, cfg.gan.latent_dim, generator=gen_walk)
-        alphas = torch.linspace(0, 1, 8)[:, None, None]
-        walk = ((1 - alphas) * ends[0] + alphas * ends[1]).transpose(0, 1).reshape(-1, cfg.gan.latent_dim)
-        G_final.eval()
-        with torch.no_grad():
-            save_grid((G_final(walk) + 1) / 2, ctx.stage_dir / "latent_walk.png", nrow=8)
+        latent_walk(G_final, cfg.gan.latent_dim, ctx.seed + 1, ctx.stage_dir / "latent_walk.png")
 
         def write(tmp: Path):
             G_final.save_pretrained(tmp / "generator")
