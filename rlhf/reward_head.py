@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -164,6 +165,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+BEST_STEP_FILE = "best_step.pt"  # in an HF checkpoint dir: the best evaluated step so far (eval_every)
+
+
 def best_step_callback(score, every: int, patience: int | None, log_metrics):
     """A TrainerCallback that scores the model every ``every`` steps
     (``score(model) -> held-out accuracy``), keeps a CPU copy of the trainable
@@ -190,6 +194,21 @@ def best_step_callback(score, every: int, patience: int | None, log_metrics):
                 if patience and self.stale >= patience:
                     log.info("no held-out gain in %d evaluations: stopping at step %d", patience, state.global_step)
                     control.should_training_stop = True
+
+        # The best step survives an interruption: it is saved with each
+        # checkpoint and read back when training resumes from one.
+        def on_save(self, args, state, control, **kwargs):
+            if self.best is not None and state.is_world_process_zero:
+                acc, step, weights = self.best
+                torch.save({"accuracy": acc, "step": step, "weights": weights, "stale": self.stale},
+                           Path(args.output_dir) / f"checkpoint-{state.global_step}" / BEST_STEP_FILE)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / BEST_STEP_FILE
+            if state.global_step and saved.is_file():
+                d = torch.load(saved, weights_only=True)
+                self.best, self.stale = (d["accuracy"], d["step"], d["weights"]), d["stale"]
+                log.info("resumed: the best held-out accuracy so far is %.3f at step %d", d["accuracy"], d["step"])
 
         def restore(self, model) -> None:
             params = dict(model.named_parameters())

@@ -243,3 +243,33 @@ def test_crash_after_last_checkpoint_loads_it_without_training_on(make_recipe, t
     reloaded = load_file(stage / "final" / "model.safetensors")
     assert reloaded.keys() == complete.keys()
     assert all(reloaded[k].equal(complete[k]) for k in complete)
+
+
+def test_best_step_survives_an_interruption(make_recipe, tmp_path):
+    """eval_every keeps the best evaluated step as final/; a crash after a later
+    checkpoint must not forget it: the resumed run keeps the same step and weights."""
+    from safetensors.torch import load_file
+
+    def edit(cfg):
+        cfg["stages"]["reward"].update(eval_every=2, model="tiny")
+        # A learning rate high enough that held-out accuracy peaks early, then falls.
+        cfg["stages"]["reward"]["train"].update(max_steps=8, save_steps=2, save_total_limit=4, learning_rate=0.05,
+                                                lr_scheduler="constant", warmup=0.0)
+
+    recipe = make_recipe(edit, stages=("reward",))
+    stage = tmp_path / "out" / "reward"
+    assert run_in_process("run", recipe) == 0
+    complete = json.loads((stage / "metrics.json").read_text())
+    weights = load_file(stage / "final" / "model.safetensors")
+    assert complete["eval/best_step"] < 6, complete  # else the crash below would lose nothing
+    assert (stage / "checkpoints" / "checkpoint-6" / "best_step.pt").is_file()
+
+    shutil.rmtree(stage / "final")
+    shutil.rmtree(stage / "checkpoints" / "checkpoint-8")
+    (stage / "metrics.json").unlink()
+    assert run_in_process("run", recipe) == 0
+    resumed = json.loads((stage / "metrics.json").read_text())
+    assert resumed["eval/best_step"] == complete["eval/best_step"]
+    assert resumed["eval/accuracy"] == pytest.approx(complete["eval/accuracy"])
+    again = load_file(stage / "final" / "model.safetensors")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
