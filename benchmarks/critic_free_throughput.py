@@ -155,20 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3, help="measured steps per process (after one warm-up step)")
     ap.add_argument("--defaults", action="store_true", help="also TRL at its defaults vs ours at one step, bf16")
+    ap.add_argument("--defaults-only", action="store_true", help="only those rows (implies --defaults)")
+    ap.add_argument("--algos", nargs="+", default=["rloo", "grpo"], choices=["rloo", "grpo"])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "critic_free_throughput.json")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         print("RESULT " + json.dumps(WORKERS[args.worker[0]](json.loads(args.worker[1]))), flush=True)
         return 0
+    args.defaults = args.defaults or args.defaults_only
     t0, load_start = time.time(), _loadavg()
     tmp = Path(tempfile.mkdtemp(prefix="critic_free_bench_"))
     ckpts = _make_checkpoints(tmp / "ckpt", args.models, 1)
     results: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         for model in args.models:
-            for algo in ("rloo", "grpo"):
-                for side, defaults in [("ours", False), ("trl", False)] + \
+            for algo in args.algos:
+                for side, defaults in ([] if args.defaults_only else [("ours", False), ("trl", False)]) + \
                         ([("ours", True), ("trl", True)] if args.defaults else []):
                     name = f"{side}-{algo}{'-defaults' if defaults else ''}/{model}"
                     work = tmp / f"{name.replace('/', '_')}-{rnd}"
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"{name:22}{med['samples_per_s']:>10.2f}{med['step_s']:>8.3f}{med['rollout_s']:>10.3f}"
                      f"{med['update_s']:>9.3f}{med['response_length']:>9.1f}{med['peak_rss_mb']:>9.0f}")
     for model in args.models:
-        for algo in (*("rloo", "grpo"), *(("rloo-defaults", "grpo-defaults") if args.defaults else ())):
+        for algo in (*args.algos, *((f"{a}-defaults" for a in args.algos) if args.defaults else ())):
             ours, trl = results.get(f"ours-{algo}/{model}", []), results.get(f"trl-{algo}/{model}", [])
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, trl)
                       if "error" not in a and "error" not in b]

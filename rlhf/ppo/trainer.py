@@ -547,7 +547,10 @@ def rollout(run: _Run, step: int) -> Rollout:
             values.append(v if v is not None else torch.zeros_like(lp))
         timings["forward_s"] = time.time() - t0
     t0 = time.time()
-    raw, nonfinite = _score(run, step, prompts, gen.texts)
+    # Reward models score in the run's precision too (bf16: about twice as fast
+    # on hardware with bf16 matmuls; the scores come back as float32).
+    with acc.autocast():
+        raw, nonfinite = _score(run, step, prompts, gen.texts)
     scores = raw.clone()
     if cfg.missing_eos_penalty is not None:
         scores = torch.where(gen.finished, scores, scores - cfg.missing_eos_penalty)
