@@ -67,6 +67,7 @@ STAGE_MODULES = {
     "gan": "rlhf.baselines.gan",
     "vae": "rlhf.baselines.vae",
     "diffusion": "rlhf.baselines.diffusion",
+    "diffusion_dpo": "rlhf.baselines.diffusion_pref",
     "baseline_report": "rlhf.baselines.report",
 }
 

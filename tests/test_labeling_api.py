@@ -167,7 +167,15 @@ def test_page_has_no_inline_script_and_sends_security_headers(env):
     # Text reaches the page only through textContent / createTextNode.
     assert not re.search(r"\.(innerHTML|outerHTML)\s*=|insertAdjacentHTML\(|document\.write|eval\(", js)
     # Markdown is built element by element: no HTML parser, no link or source attribute from text.
-    assert not re.search(r"DOMParser|createContextualFragment|srcdoc|\.(href|src)\s*=", js)
+    assert not re.search(r"DOMParser|createContextualFragment|srcdoc|\.href\s*=", js)
+    # One source attribute: an image pair's <img>, set only to a value that matched a strict
+    # PNG data-URI pattern (no other scheme, no markup can get through it).
+    assert re.findall(r"\.src\s*=", js) == [".src ="]
+    draw = js[js.index("function renderImage("):]
+    draw = draw[:draw.index("\n}\n")]
+    assert draw.index("!PNG_DATA_URI.test(source)") < draw.index("return;") < draw.index("img.src = source;")
+    assert "const PNG_DATA_URI = /^data:image\\/png;base64,[A-Za-z0-9+/]+={0,2}$/;" in js
+    assert "img-src 'self' data:;" in csp
     assert not re.search(r"""setAttribute\(\s*["'](on|href|src)""", js)
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from a CDN
     assert client.get("/static/app.js").status_code == 200
@@ -382,3 +390,23 @@ def test_ranking_item_submit_and_invalid_permutations_are_422_naming_the_field(t
         assert stats["done"] == 1
     finally:
         store.close()
+
+
+def test_text_pairs_carry_no_kind_and_image_pairs_say_so(env):
+    """Text pairs' answers are unchanged; a pair whose meta says kind "image" is marked for the page."""
+    client, tokens, store, _ = env
+    h = auth(tokens["alice"])
+    assert set(client.get("/api/next", headers=h).json()["pair"]) == {"id", "prompt", "response_a", "response_b"}
+    project = store.project("api")
+    png = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJ"
+           "RU5ErkJggg==")
+    store.add_pairs(project, [NewPair("Which image?", png, png.replace("A", "B", 1), meta={"kind": "image"}),
+                              NewPair("odd meta", "x", "y", meta={"kind": "<script>"})])
+    seen = {}
+    for _ in range(5):
+        pair = client.get("/api/next", headers=h).json()["pair"]
+        if pair is None:
+            break
+        seen[pair["prompt"]] = pair.get("kind")
+        assert client.post("/api/labels", headers=h, json=label(pair["id"], "skip")).status_code == 201
+    assert seen["Which image?"] == "image" and seen["odd meta"] is None  # only "image" is a kind

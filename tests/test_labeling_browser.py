@@ -546,3 +546,47 @@ def test_ranking_item_ordered_and_submitted_with_the_keyboard_only(browser, tmp_
     with Store.open(db) as store:
         (label,) = store.current_labels(store.project("md").id)
         assert (label.choice, label.ranking, label.both_bad) == ("rank", (2, 0, 3, 1), True)
+
+
+def test_image_pairs_are_drawn_as_images_and_nothing_else_becomes_one(browser, tmp_path):
+    """An image pair (meta kind "image", PNG data URIs) shows two <img>; a text pair holding a
+    PNG data URI, and an image pair holding anything but one, show text."""
+    import torch
+    from playwright.sync_api import expect
+
+    from rlhf.labeling.images import encode_image
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    a, b = encode_image(torch.rand(1, 8, 8)), encode_image(torch.rand(1, 8, 8))
+    image = {"kind": "image"}
+    token = seed(db, [
+        NewPair("Q0: Which image is the better **digit**?", a, b, meta=image),
+        NewPair("Q1: text pair", a, "plain text"),
+        NewPair(f"Q2: {XSS}", "javascript:alert(1)", "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==",
+                meta=image),
+    ])
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"{server.url}/#token={token}")
+        expect(page.locator("#prompt")).to_have_text(re.compile(r"^Q0: "))
+        assert page.locator("#prompt strong").text_content() == "digit"  # the question is Markdown as ever
+        assert [page.locator(f"#response-{s} img").get_attribute("src") for s in "ab"] == [a, b]
+        page.wait_for_function("() => [...document.querySelectorAll('#pair-responses img')]"
+                               ".every(i => i.complete && i.naturalWidth === 8 && i.naturalHeight === 8)")
+        assert page.locator("#response-a img").bounding_box()["width"] >= 100  # scaled up to be seen
+        page.keyboard.press("2")
+        expect(page.locator("#prompt")).to_have_text(re.compile(r"^Q1: "))
+        assert page.locator("#pair-responses img").count() == 0
+        assert page.locator("#response-a").inner_text().startswith("data:image/png;base64,")
+        page.keyboard.press("1")
+        expect(page.locator("#prompt")).to_have_text(re.compile(r"^Q2: "))
+        page.wait_for_timeout(50)
+        assert page.locator("#pair-responses img, #pair-responses a, #pair-responses iframe").count() == 0
+        assert page.locator("#response-a").inner_text() == "javascript:alert(1)"
+        assert page.locator("#response-b").inner_text().startswith("data:text/html;base64,")
+        page.keyboard.press("1")
+        page.wait_for_selector("#done-view:not([hidden])")
+        assert dialogs == [] and page.evaluate("window.__pwned") is None
+        page.close()

@@ -4,8 +4,9 @@
 - ``gan``:           DCGAN with spectral norm and an EMA generator (``type: gan``)
 - ``vae``:           convolutional VAE with a beta option (``type: vae``)
 - ``diffusion``:     DDPM training, DDIM sampling, denoising and inpainting (``type: diffusion``)
+- ``diffusion_pref``: Diffusion-DPO on a DDPM, from a reward or from labeled image pairs (``type: diffusion_dpo``)
 - ``images``:        one image-data interface (sklearn digits, IDX files, image folders, hub datasets)
-- ``image_metrics``: Fréchet distance, precision/recall, class entropy, memorisation, real-vs-real floor
+- ``image_metrics``: Fréchet distance, KID, precision/recall, class entropy, memorisation, floor, intervals
 - ``report``:        the comparison report over all of them (``type: baseline_report``)
 
 Importing this package is cheap. ``rnn_model`` registers the RNN architecture

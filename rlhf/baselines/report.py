@@ -30,7 +30,7 @@ from rlhf.tracking import read_metrics
 
 log = logging.getLogger(__name__)
 
-IMAGE_TYPES = ("gan", "vae", "diffusion")
+IMAGE_TYPES = ("gan", "vae", "diffusion", "diffusion_dpo")
 
 
 @dataclass
@@ -75,8 +75,8 @@ def validate(cfg: Config, ctx) -> None:
     for i, ref in enumerate(cfg.image_stages):
         stype = _stage_type(ref, ctx)
         if stype not in IMAGE_TYPES:
-            raise BadInput(f"stages.{ctx.name}.image_stages.{i}: '{ref}' is not a gan, vae or diffusion stage of "
-                           "this recipe, nor the dir of one")
+            raise BadInput(f"stages.{ctx.name}.image_stages.{i}: '{ref}' is not a gan, vae, diffusion or "
+                           "diffusion_dpo stage of this recipe, nor the dir of one")
     for i, ref in enumerate(cfg.text_evals):
         if _stage_type(ref, ctx) != "eval":
             key = "text_eval" if isinstance(cfg.text_eval, str) else f"text_eval.{i}"

@@ -13,6 +13,8 @@ The data flow, one module per step::
                   (JSONL, Parquet, HF datasets); also the reader behind a
                   reward stage's ``data.path: sqlite:///labels.db``, which
                   importing this package registers with ``rlhf.data``
+    images.py     image pairs: PNG data URIs in and out of the store, sampled
+                  from a diffusion checkpoint (``label pairs --diffusion``)
     stats.py      counts, per-labeler throughput, agreement
     agreement.py  Cohen's and Fleiss' kappa, as pure functions
     cli.py        rlhf label pairs | project | add-labeler | serve | export | stats

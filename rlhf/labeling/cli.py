@@ -53,8 +53,9 @@ def add_parser(sub) -> None:
 
     p = cmds.add_parser("pairs", help="make pairs (from checkpoints or a file) and load them into a project",
                         description="Sample responses for a prompt set from one or two checkpoints (or read "
-                                    "pairs from a file), drop identical and duplicate pairs, shuffle sides, and "
-                                    "add them to a project (created if new). Re-running adds only new pairs.",
+                                    "pairs from a file, or sample image pairs from a diffusion checkpoint), drop "
+                                    "identical and duplicate pairs, shuffle sides, and add them to a project "
+                                    "(created if new). Re-running adds only new pairs.",
                         epilog=EPILOG, formatter_class=fmt)
     _db(p)
     _project(p, required=True)
@@ -63,6 +64,14 @@ def add_parser(sub) -> None:
     src.add_argument("--from-file", metavar="FILE",
                      help="ready-made pairs: {prompt, response_a, response_b} / {prompt, responses} / "
                           "{prompt, chosen, rejected}")
+    src.add_argument("--diffusion", metavar="CKPT",
+                     help="image pairs: sample --count pairs of images from a diffusion checkpoint (a diffusion "
+                          "or diffusion_dpo stage's final/); the page shows the two images under --question")
+    p.add_argument("--count", type=int, default=32, metavar="N", help="with --diffusion: image pairs (default 32)")
+    p.add_argument("--question", default="Which image is the better digit?",
+                   help="with --diffusion: the prompt shown above each image pair")
+    p.add_argument("--sampling-steps", type=int, default=20, metavar="N",
+                   help="with --diffusion: DDIM steps per image (default 20)")
     p.add_argument("--model", action="append", metavar="CKPT", default=[],
                    help="checkpoint to sample from (give twice for model A vs model B; once: two samples)")
     p.add_argument("--responses", type=int, default=2, metavar="K",
@@ -228,6 +237,9 @@ def _check_pairs_args(args) -> None:
         if args.model:
             raise BadInput("--model: not used with --from-file (the file already has the responses)")
         return
+    if args.diffusion:
+        _check_image_pairs_args(args)
+        return
     if not args.model:
         raise BadInput("--model: required with --prompts (one checkpoint, or two to compare)")
     if len(args.model) > 2:
@@ -251,6 +263,21 @@ def _check_pairs_args(args) -> None:
             raise BadInput(f"--model {name}: {e}") from None
 
 
+def _check_image_pairs_args(args) -> None:
+    if args.model:
+        raise BadInput("--model: not used with --diffusion (the images come from the diffusion checkpoint)")
+    if args.responses != 2:
+        raise BadInput(f"--responses {args.responses}: image items are pairs; only 2 works with --diffusion")
+    for flag, value in (("--count", args.count), ("--sampling-steps", args.sampling_steps)):
+        if value < 1:
+            raise BadInput(f"{flag} {value}: expected a positive integer")
+    if not args.question.strip():
+        raise BadInput("--question: expected some text to show above the images")
+    if not (Path(args.diffusion) / "unet" / "config.json").is_file():
+        raise BadInput(f"--diffusion {args.diffusion}: not a diffusion checkpoint (a diffusion stage's final/, "
+                       "with unet/config.json)")
+
+
 def cmd_pairs(args) -> int:
     """``label pairs``: A/B pairs, or with ``--responses K`` (K >= 3) one ranking item of K responses per prompt."""
     from rlhf.labeling import pairs as pairs_mod
@@ -261,6 +288,12 @@ def cmd_pairs(args) -> int:
     if args.from_file:
         candidates = (pairs_mod.read_ranking_file(args.from_file, args.responses) if ranking
                       else pairs_mod.read_pair_file(args.from_file))[: args.limit]
+    elif args.diffusion:
+        from rlhf.labeling.images import sample_image_pairs
+        from rlhf.threads import apply_threads
+
+        apply_threads(args.threads)
+        candidates = sample_image_pairs(args.diffusion, args.count, args.question, args.sampling_steps, args.seed)
     else:
         import logging
 
@@ -272,6 +305,10 @@ def cmd_pairs(args) -> int:
                                                          limit=args.limit) if ranking
                       else pairs_mod.generate_candidates(args.prompts, args.model, *sampling, limit=args.limit))
     items, st = (pairs_mod.make_rankings if ranking else pairs_mod.make_pairs)(candidates, args.seed)
+    if args.diffusion:
+        from rlhf.labeling.images import as_image_pairs
+
+        items = as_image_pairs(items)
     # Everything above can fail on bad input without the database being touched.
     with Store.open(args.db, create=True) as store:
         project = _open_project(store, args, create=True)

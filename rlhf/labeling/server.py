@@ -257,6 +257,8 @@ def _pair_json(view) -> dict[str, Any]:
     out = {"id": view.id, "prompt": view.prompt, "response_a": view.response_a, "response_b": view.response_b}
     if view.responses is not None:  # a ranking item: order these K responses
         out["responses"] = view.responses
+    if view.kind != "text":  # image pairs: the responses are PNG data URIs, drawn as images
+        out["kind"] = view.kind
     return out
 
 

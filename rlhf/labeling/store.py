@@ -178,6 +178,7 @@ class PairView(NamedTuple):
     response_a: str
     response_b: str
     responses: list[str] | None = None  # a ranking item's K responses; None for an A/B pair
+    kind: str = "text"  # "image": the responses are PNG data URIs (rlhf/labeling/images.py)
 
 
 class LabelRow(NamedTuple):
@@ -248,7 +249,17 @@ def project_config(text: str) -> ProjectConfig:
     return ProjectConfig.from_json(text)
 
 
-_VIEW = (Pair.id, Pair.prompt, Pair.response_a, Pair.response_b, Pair.responses)  # what a PairView is built from
+# What a PairView is built from.
+_VIEW = (Pair.id, Pair.prompt, Pair.response_a, Pair.response_b, Pair.responses, Pair.meta)
+
+
+def _kind(meta: str | None) -> str:
+    """What a pair's responses are: "image" when its meta says so (image pairs), else "text"."""
+    try:
+        kind = json.loads(meta or "{}").get("kind")
+    except (ValueError, AttributeError):
+        return "text"
+    return "image" if kind == "image" else "text"
 
 
 def _label_row(lab: Label, labeler_name: str) -> LabelRow:
@@ -617,7 +628,7 @@ class Store:
     def _view(p) -> PairView:
         """A PairView from a Pair or a row with the ``_VIEW`` columns."""
         return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b,
-                        None if p.responses is None else json.loads(p.responses))
+                        None if p.responses is None else json.loads(p.responses), _kind(p.meta))
 
     def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
         """The pair this labeler should label next, leased to them; None when done."""

@@ -3,7 +3,8 @@
 // Security: every piece of text from the server (prompts, model responses,
 // names, reasons) is put on the page with textContent or text nodes, never
 // innerHTML, so it can never become markup; prompts and responses are shown
-// as Markdown built element by element (renderMarkdown). The server's
+// as Markdown built element by element (renderMarkdown); an image pair's PNG
+// data URIs become <img> elements (renderImage). The server's
 // Content-Security-Policy forbids inline scripts as a second line of defence.
 //
 // Durability: each label gets a client id when the pair is shown; a failed
@@ -201,6 +202,25 @@ function renderMarkdown(el, source) {
   }
 }
 
+// An image pair's response: a PNG data URI, drawn as an <img> whose src is set
+// as a property (never parsed as markup). Anything that is not a PNG data URI
+// is shown as the text it is; a data: image cannot run script, and the CSP
+// allows images only from this app and data: URIs (img-src 'self' data:).
+const PNG_DATA_URI = /^data:image\/png;base64,[A-Za-z0-9+/]+={0,2}$/;
+
+function renderImage(el, source) {
+  el.replaceChildren();
+  if (typeof source !== "string" || !PNG_DATA_URI.test(source)) {
+    el.append(document.createTextNode(String(source)));
+    return;
+  }
+  const img = document.createElement("img");
+  img.className = "pair-image";
+  img.alt = el.getAttribute("aria-label") || "image";
+  img.src = source;
+  el.append(img);
+}
+
 function renderPrompt(el, prompt) {
   el.replaceChildren();
   if (typeof prompt === "string") { renderMarkdown(el, prompt); return; }
@@ -333,8 +353,9 @@ function renderPair(pair, revising) {
     renderRanking();
   } else {
     state.rankOrder = null;
-    renderMarkdown($("response-a"), pair.response_a);
-    renderMarkdown($("response-b"), pair.response_b);
+    const draw = pair.kind === "image" ? renderImage : renderMarkdown;
+    draw($("response-a"), pair.response_a);
+    draw($("response-b"), pair.response_b);
   }
   for (const id of ["prompt", "response-a", "response-b"]) $(id).scrollTop = 0;  // each pane scrolls by itself
   $("reason").value = revising ? revising.reason || "" : "";
