@@ -298,7 +298,25 @@ def preset_config(name: str, tok: PreTrainedTokenizerBase, **extra) -> GPT2Confi
         summary_first_dropout=0.0, **PRESETS[name], **extra)
 
 
+def _no_split_without_embeddings(model: PreTrainedModel) -> None:
+    """Drop the modules that hold the input embeddings (BERT's ``BertEmbeddings``,
+    DeBERTa's, ...) from ``_no_split_modules``, the classes Accelerate's FSDP2
+    wraps one unit each. Accelerate wraps those units first and then shards the
+    input embedding on its own, which fails once a wrapped parent already
+    sharded it ("Invariant encountered: value was None", accelerate 1.16 with
+    torch 2.13); the embeddings then go in the root unit instead."""
+    names = getattr(model, "_no_split_modules", None)
+    embed = model.get_input_embeddings()
+    if not names or embed is None:
+        return
+    holders = {type(m).__name__ for m in model.modules()
+               if m is not embed and any(sub is embed for sub in m.modules()) and m is not model}
+    if holders & set(names):
+        model._no_split_modules = [n for n in names if n not in holders]
+
+
 def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: ModelConfig) -> PreTrainedModel:
+    _no_split_without_embeddings(model)
     if model.get_input_embeddings().num_embeddings < len(tok):
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

@@ -99,7 +99,8 @@ def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     if kind == "fsdp2":
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        model = fsdp2_prepare_model(accelerator, model)
+        with _own_block_classes(model, accelerator.state.fsdp_plugin):
+            model = fsdp2_prepare_model(accelerator, model)
     elif kind == "zero3":
         from trl.models.utils import prepare_deepspeed
 
@@ -108,6 +109,25 @@ def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
         model = model.to(accelerator.device)
     model.eval()  # not `return model.eval()`: DeepSpeedEngine.eval() returns None
     return model
+
+
+@contextlib.contextmanager
+def _own_block_classes(model: torch.nn.Module, plugin) -> Iterator[None]:
+    """Wrap ``model`` per its own transformer blocks. Accelerate fixes the
+    plugin's block classes from the first model it prepares (the policy's,
+    e.g. GPT2Block) and then refuses a model without them: a reward model of
+    another architecture (a BERT encoder) or a value model of another family."""
+    names = plugin.transformer_cls_names_to_wrap
+    present = {type(m).__name__ for m in model.modules()}
+    if names is None or all(n in present for n in names):
+        yield
+        return
+    plugin.transformer_cls_names_to_wrap = [n for n in getattr(model, "_no_split_modules", None) or []
+                                            if n in present]
+    try:
+        yield
+    finally:
+        plugin.transformer_cls_names_to_wrap = names
 
 
 @contextlib.contextmanager
