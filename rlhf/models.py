@@ -315,10 +315,14 @@ def _no_split_without_embeddings(model: PreTrainedModel) -> None:
         model._no_split_modules = [n for n in names if n not in holders]
 
 
-def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: ModelConfig) -> PreTrainedModel:
+def _finish(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: ModelConfig, seed: int) -> PreTrainedModel:
     _no_split_without_embeddings(model)
     if model.get_input_embeddings().num_embeddings < len(tok):
-        model.resize_token_embeddings(len(tok))
+        # Tokens the checkpoint lacks (a pad token added to SmolLM2's GGUF) get
+        # random rows: seeded, so a resumed stage (whose LoRA checkpoint holds
+        # adapters only) rebuilds exactly the rows the interrupted run trained with.
+        with _seeded(cfg.seed if cfg.seed is not None else seed):
+            model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     gen = getattr(model, "generation_config", None)
     if gen is not None:
@@ -370,7 +374,7 @@ def load_causal_lm(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0
             kwargs["attn_implementation"] = cfg.attn_implementation
         with quiet_bars(Path(name).is_dir()):
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    return _finish(model, tok, cfg)
+    return _finish(model, tok, cfg, seed)
 
 
 def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, seed: int = 0,
@@ -391,7 +395,7 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
     if is_preset(cfg.name):
         with _seeded(cfg.seed if cfg.seed is not None else seed):
             model = GPT2ForSequenceClassification(preset_config(cfg.name, tok, num_labels=num_labels or 1))
-        return _finish(model, tok, cfg)
+        return _finish(model, tok, cfg, seed)
     name = check_model(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=_dtype(cfg),
                   **_gguf_kwargs(cfg), **_quantization_kwargs(cfg))
@@ -413,7 +417,7 @@ def load_sequence_classifier(cfg: ModelConfig, tok: PreTrainedTokenizerBase, see
     if segment_ids:
         use_segment_ids(model, tok.sep_token_id)
     _report_new_head(name, model, info)
-    return _finish(model, tok, cfg)
+    return _finish(model, tok, cfg, seed)
 
 
 def is_encoder(cfg: ModelConfig) -> bool:

@@ -81,3 +81,24 @@ def test_reward_stage_reports_data_problems_per_split(tmp_path, caplog):
     assert m["eval/pairs"] == 9  # 8 valid + the forced tie: every kept pair is scored
     assert "held-out: 9 pairs kept, 1 invalid dropped" in caplog.text
     assert "1 pairs became identical after truncation" in caplog.text
+
+
+def test_added_tokens_get_the_same_rows_on_every_load(tmp_path):
+    """A token the checkpoint lacks (SmolLM2's GGUF gets a pad token) gets a
+    seeded new embedding row: a resumed LoRA stage, whose checkpoints hold the
+    adapters only, rebuilds the row the interrupted run trained with, whatever
+    the caller's RNG state, and loading does not move that RNG."""
+    from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer, save_checkpoint
+
+    tok = load_tokenizer(ModelConfig("tiny"))
+    save_checkpoint(load_causal_lm(ModelConfig("tiny"), tok, seed=0), tok, tmp_path / "base")
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    rows = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)
+        before = torch.get_rng_state()
+        model = load_causal_lm(ModelConfig(str(tmp_path / "base")), tok, seed=5)
+        assert torch.equal(torch.get_rng_state(), before)
+        assert model.get_input_embeddings().num_embeddings == len(tok)
+        rows.append(model.get_input_embeddings().weight[-1].detach().clone())
+    assert torch.equal(rows[0], rows[1])
