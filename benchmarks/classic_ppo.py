@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from critic_free_throughput import step_table
 from ppo_throughput import SFT_DATA, _env, _loadavg, _median, _peak_rss_mb, _version, _write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,17 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{BATCH} prompts x {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, {EPOCHS} epochs x {MINIBATCHES} "
              f"minibatches, 4-layer 256-wide GPT-2, Python reward, 1 thread; torch {_version('torch').split('+')[0]}, "
              f"classic trl {trl_version or 'absent'}; load {load_start} -> {_loadavg()}",
-             f"{'configuration':24}{'samples/s':>10}{'step s':>8}{'rollout s':>10}{'update s':>9}{'resp len':>9}"
-             f"{'peak MB':>9}"]
-    for name, runs in results.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            lines.append(f"{name:24} failed: {runs[-1]['error'].splitlines()[-1]}")
-            continue
-        med = {k: _median([r[k] for r in ok]) for k in ("samples_per_s", "step_s", "rollout_s", "update_s",
-                                                           "response_length", "peak_rss_mb")}
-        lines.append(f"{name:24}{med['samples_per_s']:>10.2f}{med['step_s']:>8.3f}{med['rollout_s']:>10.3f}"
-                     f"{med['update_s']:>9.3f}{med['response_length']:>9.1f}{med['peak_rss_mb']:>9.0f}")
+             *step_table(results, width=24)]
     trl = results.get("classic TRL 0.11 PPO", [])
     for name in ("ours", "ours, bf16"):
         ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(results[name], trl)

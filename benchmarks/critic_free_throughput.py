@@ -138,6 +138,22 @@ def worker_trl(spec: dict) -> dict:
 WORKERS = {"ours": worker_ours, "trl": worker_trl}
 
 
+def step_table(results: dict[str, list[dict]], width: int = 22) -> list[str]:
+    """A header and one line per configuration: the medians over its rounds (also used by classic_ppo.py)."""
+    lines = [f"{'configuration':{width}}{'samples/s':>10}{'step s':>8}{'rollout s':>10}{'update s':>9}"
+             f"{'resp len':>9}{'peak MB':>9}"]
+    for name, runs in results.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            lines.append(f"{name:{width}} failed: {runs[-1]['error'].splitlines()[-1]}")
+            continue
+        med = {k: _median([r[k] for r in ok]) for k in ("samples_per_s", "step_s", "rollout_s", "update_s",
+                                                           "response_length", "peak_rss_mb")}
+        lines.append(f"{name:{width}}{med['samples_per_s']:>10.2f}{med['step_s']:>8.3f}{med['rollout_s']:>10.3f}"
+                     f"{med['update_s']:>9.3f}{med['response_length']:>9.1f}{med['peak_rss_mb']:>9.0f}")
+    return lines
+
+
 def _run(kind: str, spec: dict, timeout: float = 900) -> dict:
     import subprocess
 
@@ -185,17 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"{SEQS} sequences per rollout ({PROMPTS_PER_STEP} prompts x {K}), <= {NEW_TOKENS} new tokens, "
              f"{EPOCHS} x {MINIBATCHES} optimiser steps; torch {_version('torch').split('+')[0]}, trl {_version('trl')}; "
              f"load {load_start} -> {_loadavg()}",
-             f"{'configuration':22}{'samples/s':>10}{'step s':>8}{'rollout s':>10}{'update s':>9}{'resp len':>9}"
-             f"{'peak MB':>9}"]
-    for name, runs in results.items():
-        ok = [r for r in runs if "error" not in r]
-        if not ok:
-            lines.append(f"{name:22} failed: {runs[-1]['error'].splitlines()[-1]}")
-            continue
-        med = {k: _median([r[k] for r in ok]) for k in ("samples_per_s", "step_s", "rollout_s", "update_s",
-                                                           "response_length", "peak_rss_mb")}
-        lines.append(f"{name:22}{med['samples_per_s']:>10.2f}{med['step_s']:>8.3f}{med['rollout_s']:>10.3f}"
-                     f"{med['update_s']:>9.3f}{med['response_length']:>9.1f}{med['peak_rss_mb']:>9.0f}")
+             *step_table(results)]
     for model in args.models:
         for algo in (*args.algos, *((f"{a}-defaults" for a in args.algos) if args.defaults else ())):
             ours, trl = results.get(f"ours-{algo}/{model}", []), results.get(f"trl-{algo}/{model}", [])

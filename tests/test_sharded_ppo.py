@@ -25,7 +25,7 @@ import shutil
 import pytest
 from conftest import QUICKSTART, write_recipe
 from helpers.distributed import TESTS, torchrun
-from helpers.sharded import _close, _rows, assert_chain_matches, chain, check_ppo_resume
+from helpers.sharded import assert_chain_matches, assert_logs_match, chain, check_ppo_resume
 from tiny_bert import make_tiny_bert
 
 
@@ -88,13 +88,7 @@ def test_encoder_reward_model_sharded_matches_ddp(tmp_path, launcher):
         proc = torchrun(*launch, "run", str(recipe))
         assert proc.returncode == 0, (name, proc.stderr[-4000:])
     for stage in ("reward", "ppo"):
-        rows_ddp, rows_fsdp = _rows(runs["ddp"] / stage / "metrics.jsonl"), _rows(runs["fsdp"] / stage / "metrics.jsonl")
-        assert len(rows_ddp) == len(rows_fsdp) >= 2, stage
-        for a, b in zip(rows_ddp, rows_fsdp):
-            for key, value in a.items():
-                if isinstance(value, float) and not key.startswith("perf/") \
-                        and not key.endswith(("runtime", "per_second")) and key != "time":
-                    assert _close(value, b[key], a, key), (stage, a.get("step"), key, value, b[key])
+        assert_logs_match(runs["ddp"], runs["fsdp"], stage)
     summary = json.loads((runs["fsdp"] / "reward" / "metrics.json").read_text())
     assert summary["dist/world_size"] == 2 and "eval/accuracy" in summary
     w_ddp, w_fsdp = (load_file(d / "reward" / "final" / "model.safetensors") for d in (runs["ddp"], runs["fsdp"]))

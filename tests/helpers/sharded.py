@@ -72,19 +72,25 @@ def _close(a: float, b: float, row: dict | None = None, key: str = "") -> bool:
     return abs(a - b) <= 1e-4 * scale + 1e-6
 
 
+def assert_logs_match(ddp: Path, other: Path, stage: str) -> None:
+    """Every float ``stage`` logged in the two runs agrees step for step (``_close``),
+    timings aside."""
+    rows_ddp, rows_other = _rows(ddp / stage / "metrics.jsonl"), _rows(other / stage / "metrics.jsonl")
+    assert len(rows_ddp) == len(rows_other) >= 2, stage
+    for a, b in zip(rows_ddp, rows_other):
+        for key, value in a.items():
+            if isinstance(value, float) and not key.startswith("perf/") \
+                    and not key.endswith(("runtime", "per_second")) and key != "time":
+                assert _close(value, b[key], a, key), (stage, a.get("step"), key, value, b[key])
+
+
 def assert_chain_matches(ddp: Path, other: Path) -> None:
     """``other`` (a sharded run of ``chain``) agrees with the DDP run: every
     logged float step for step, the summaries, and the final weights."""
     from safetensors.torch import load_file
 
     for stage in ("sft", "reward", "ppo", "ppo_lora"):
-        rows_ddp, rows_other = _rows(ddp / stage / "metrics.jsonl"), _rows(other / stage / "metrics.jsonl")
-        assert len(rows_ddp) == len(rows_other) >= 2, stage
-        for a, b in zip(rows_ddp, rows_other):
-            for key, value in a.items():
-                if isinstance(value, float) and not key.startswith("perf/") \
-                        and not key.endswith(("runtime", "per_second")) and key != "time":
-                    assert _close(value, b[key], a, key), (stage, a.get("step"), key, value, b[key])
+        assert_logs_match(ddp, other, stage)
         s_ddp, s_other = (json.loads((d / stage / "metrics.json").read_text()) for d in (ddp, other))
         assert s_other["dist/world_size"] == 2
         for key in ("gold/sft", "gold/ppo", "kl/ppo", "eval/loss", "eval/accuracy", "eval/accuracy_before"):
