@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from seeds import interval  # benchmarks/seeds.py
+from seeds import seed_table  # benchmarks/seeds.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT_STAGES = ["sft", "rnn", "reward", "sft_ppo", "rnn_ppo", "eval_transformer", "eval_rnn"]
@@ -64,11 +64,7 @@ def main() -> None:
     models = [m for ms in EVALS.values() for m in ms]
     print(f"\n{len(args.seeds)} training seeds ({', '.join(map(str, args.seeds))}), mean ± 95% t-interval; "
           "128 held-out prompts per seed")
-    print("| model | " + " | ".join(label for _, label in FIGURES) + " |")
-    print("|---" * (len(FIGURES) + 1) + "|")
-    for m in models:
-        cells = [interval([rows[s][m].get(key) for s in args.seeds]) for key, _ in FIGURES]
-        print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\n".join(seed_table(rows, models, FIGURES)))
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "threads": args.threads, "rows": rows}, indent=1))
 

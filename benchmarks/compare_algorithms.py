@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from seeds import interval  # benchmarks/seeds.py
+from seeds import seed_table  # benchmarks/seeds.py
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["sft", "ppo", "rloo", "grpo", "dpo"]
@@ -62,11 +62,7 @@ def main() -> None:
                                          for m in METHODS), flush=True)
     print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}), mean ± 95% t-interval; "
           "128 held-out prompts per seed")
-    print("| method | " + " | ".join(label for _, label in FIGURES) + " |")
-    print("|---" * (len(FIGURES) + 1) + "|")
-    for m in METHODS:
-        cells = [interval([rows[s][m].get(key) for s in args.seeds]) for key, _ in FIGURES]
-        print(f"| {m} | " + " | ".join(cells) + " |")
+    print("\n".join(seed_table(rows, METHODS, FIGURES, first="method")))
     if args.json:
         args.json.write_text(json.dumps({"seeds": args.seeds, "threads": args.threads, "rows": rows}, indent=1))
 

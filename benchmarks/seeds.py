@@ -39,3 +39,15 @@ def shared_sft(sft_stage: dict, seed: int, work: Path) -> Path:
                                    sort_keys=False))
     recipe_mod.run(recipe_mod.load_recipe(path))
     return out / "sft"
+
+
+def seed_table(rows: dict[int, dict[str, dict]], names: list[str], figures: list[tuple[str, str]],
+               first: str = "model") -> list[str]:
+    """A Markdown table: one row per name, one ``interval`` cell per figure
+    (key, label) over the seeds of ``rows`` (seed -> name -> key -> value)."""
+    lines = [f"| {first} | " + " | ".join(label for _, label in figures) + " |", "|---" * (len(figures) + 1) + "|"]
+    for name in names:
+        cells = [interval([rows[s][name].get(key) for s in rows]) for key, _ in figures]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
