@@ -12,6 +12,14 @@ box it competes with the server for CPU: the figure is a floor.
     python benchmarks/labeling_throughput.py --postgres       # a throwaway local PostgreSQL instead
     python benchmarks/labeling_throughput.py --labelers 50 --labels 5000 --json
     python benchmarks/labeling_throughput.py --pairs 50000    # a large project (per-label cost must not grow)
+    python benchmarks/labeling_throughput.py --workers 2 --new-connections   # two server processes
+
+With ``--workers N`` the labelers' connections are shared out by the kernel
+and uvicorn as they are opened, and a connection stays with the process that
+accepted it: the default keep-alive pool, opened in one burst, can all land on
+one process. ``--new-connections`` opens a connection per request (as the
+browsers of labelers who pause for more than uvicorn's 5 s keep-alive do), so
+the requests spread over the processes.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=None,
                    help="pairs in the project (default: just enough for --labels; at least that many)")
     p.add_argument("--postgres", action="store_true", help="use a temporary local PostgreSQL, not SQLite")
+    p.add_argument("--workers", type=int, default=1, help="server processes (rlhf label serve --workers; default 1)")
+    p.add_argument("--new-connections", action="store_true",
+                   help="a new connection per request instead of a keep-alive pool (spreads requests over workers)")
     p.add_argument("--deadline", type=float, default=300, help="stop after this many seconds (default 300)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--threads", type=int, default=1,
@@ -47,6 +58,8 @@ def main() -> None:
     args = p.parse_args()
     if args.threads < 1:
         p.error(f"--threads {args.threads}: expected a positive integer")
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: expected a positive integer")
     # The server subprocess inherits these; set before anything could start an OpenMP pool.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     # Enough open slots to never run dry: each pair takes min(overlap, labelers) labels, plus warm-up.
@@ -59,11 +72,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp, contextlib.ExitStack() as stack:
         db = stack.enter_context(temporary_postgres()) if args.postgres else f"sqlite:///{Path(tmp) / 'bench.db'}"
         tokens = make_load_project(db, n_pairs=n_pairs, n_labelers=args.labelers, overlap=args.overlap)
-        with ServerProcess(db, log_path=Path(tmp) / "server.log") as server:
+        with ServerProcess(db, log_path=Path(tmp) / "server.log",
+                           extra_args=("--workers", str(args.workers))) as server:
             # Warm-up: imports, connection pools, SQLite page cache.
-            asyncio.run(simulate_labelers(server.url, tokens, args.labelers * 5, replay_fraction=0, seed=1))
+            asyncio.run(simulate_labelers(server.url, tokens, args.labelers * 5, replay_fraction=0, seed=1,
+                                          keepalive=not args.new_connections))
             r = asyncio.run(simulate_labelers(server.url, tokens, args.labels, deadline_s=args.deadline,
-                                              replay_fraction=0.0, skip_fraction=0.05, seed=2))
+                                              replay_fraction=0.0, skip_fraction=0.05, seed=2,
+                                              keepalive=not args.new_connections))
     if r.errors or r.server_errors or len(r.acked) < args.labels:
         raise SystemExit(f"incomplete run: {len(r.acked)} of {args.labels} labels, {r.server_errors} server "
                          f"errors, other errors: {dict(r.errors)}")
@@ -71,6 +87,8 @@ def main() -> None:
     figures = {
         "store": "postgresql" if args.postgres else "sqlite (WAL, synchronous=FULL)",
         "labelers": args.labelers,
+        "workers": args.workers,
+        "connections": "new per request" if args.new_connections else "keep-alive",
         "pairs": n_pairs,
         "labels": len(r.acked),
         "seconds": round(r.elapsed_s, 2),
@@ -88,6 +106,8 @@ def main() -> None:
     print(f"machine:        {figures['cpu_cores']} CPU cores, Python {figures['python']} "
           "(server and load generator share them)")
     print(f"labelers:       {args.labelers} concurrent, closed loop")
+    print(f"server:         {args.workers} worker process{'es' if args.workers > 1 else ''}, "
+          f"{figures['connections']} connections")
     print(f"pairs:          {n_pairs} in the project")
     print(f"threads:        {args.threads} (OMP_NUM_THREADS for server and load generator)")
     print(f"labels:         {figures['labels']} in {figures['seconds']} s")

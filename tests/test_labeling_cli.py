@@ -149,6 +149,10 @@ def test_bad_input_exits_2_naming_the_flag_and_keeps_labels(tmp_path, capsys):
             (["add-labeler", "--db", db, "--name", "bad\x1bname"], "--name"),
             (["serve", "--db", db, "--port", port], "--port"),
             (["serve", "--db", db, "--port", "0", "--allowed-host", "https://x.example/"], "--allowed-host"),
+            (["serve", "--db", db, "--workers", "0"], "--workers 0"),
+            (["serve", "--db", db, "--workers", "two"], "--workers 'two'"),
+            (["serve", "--db", db, "--workers", "1.5"], "--workers '1.5'"),
+            (["serve", "--db", db, "--workers", "2", "--port", port], "--port"),
         ]
         for argv, named in cases:
             code, out, err = rlhf(capsys, "label", *argv)
@@ -167,6 +171,7 @@ def test_serve_binds_loopback_unless_told_otherwise():
 
     args = _parser().parse_args(["label", "serve", "--db", "labels.db"])
     assert (args.host, args.port, args.max_body_kb, args.allowed_host) == ("127.0.0.1", 8000, 64, [])
+    assert args.workers == "1"  # one process unless told otherwise (checked as a number in cmd_serve)
 
 
 def test_real_process_exit_code_and_single_error_line(tmp_path):

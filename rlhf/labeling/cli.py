@@ -140,6 +140,10 @@ def _serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-body-kb", type=int, default=64, help="largest request body accepted (default 64)")
     p.add_argument("--access-log", action="store_true", help="log every request (token=... in a URL is redacted)")
+    # Read as text and checked in cmd_serve: a bad value is then one `error:` line (argparse prints its usage too).
+    p.add_argument("--workers", default="1", metavar="N",
+                   help="server processes sharing the port and the database (default 1). With more than one, "
+                        "each log line names the process (pid) that wrote it")
     p.add_argument("--allowed-host", action="append", metavar="NAME", default=[],
                    help="also answer to this Host name, e.g. the one a TLS proxy forwards (repeatable; '*': any). "
                         "Bound to a loopback address the server otherwise answers only to localhost, 127.0.0.1, "
@@ -375,10 +379,23 @@ def _check_bind(host: str, port: int) -> None:
         raise BadInput(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
 
 
+def _workers(text: str) -> int:
+    """``--workers``: a whole number from 1 to 64 (more processes than that
+    only queue on the one database)."""
+    try:
+        workers = int(text)
+    except ValueError:
+        raise BadInput(f"--workers {text!r}: expected a whole number of server processes, e.g. 2") from None
+    if not 1 <= workers <= 64:
+        raise BadInput(f"--workers {workers}: expected 1 to 64 server processes")
+    return workers
+
+
 def cmd_serve(args) -> int:
-    from rlhf.labeling.server import is_loopback, serve
+    from rlhf.labeling.server import is_loopback, serve, serve_workers
     from rlhf.labeling.store import Store
 
+    workers = _workers(args.workers)
     if args.max_body_kb < 1:
         raise BadInput(f"--max-body-kb {args.max_body_kb}: expected a positive integer")
     for name in args.allowed_host:
@@ -386,14 +403,21 @@ def cmd_serve(args) -> int:
             raise BadInput(f"--allowed-host {name!r}: expected a host name or address (no scheme, path or "
                            "spaces), or '*'")
     _check_bind(args.host, args.port)
-    with Store.open(args.db) as store:
+    # Checks (and upgrades) the database once, before any worker starts; and that the workers can share it.
+    with Store.open(args.db, shared=workers > 1) as store:
         project = store.project(args.project)
         if not is_loopback(args.host):
             print(f"warning: listening on {args.host}, reachable from other machines; tokens travel in "
                   "clear text unless a TLS proxy is in front", file=sys.stderr)
         url = f"http://{args.host}:{args.port}"
-        print(f"serving project {project.name} from {store.display} on {url} (Ctrl-C to stop)", flush=True)
-        serve(store, project, args.host, args.port, args.max_body_kb * 1024, args.access_log, args.allowed_host)
+        procs = f" in {workers} processes" if workers > 1 else ""
+        print(f"serving project {project.name} from {store.display} on {url}{procs} (Ctrl-C to stop)", flush=True)
+        options = (args.host, args.port, args.max_body_kb * 1024, args.access_log, args.allowed_host)
+        if workers == 1:
+            serve(store, project, *options)
+            return 0
+    # Each worker opens its own Store; this one's connections are closed first.
+    serve_workers(args.db, project, workers, *options)
     return 0
 
 

@@ -427,9 +427,9 @@ def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
 def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access_log: bool = False,
           allowed_hosts: Sequence[str] = ()) -> None:
-    """Run the app with uvicorn until interrupted (one process: SQLite has one
-    writer anyway). ``allowed_hosts``: more Host names to answer to (see
-    :func:`allowed_hosts_for`)."""
+    """Run the app with uvicorn in this process until interrupted (``--workers 1``;
+    see :func:`serve_workers` for more). ``allowed_hosts``: more Host names to
+    answer to (see :func:`allowed_hosts_for`)."""
     import uvicorn
 
     app = create_app(store, project, max_body_bytes, allowed_hosts_for(host, allowed_hosts))
@@ -440,6 +440,74 @@ def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int
         pass
     if not server.started:
         raise BadInput(f"serve {host}:{port}: the server did not start (uvicorn's message is above)")
+
+
+# ---------------------------------------------------------------- several worker processes
+
+# How `serve_workers` hands its settings to the worker processes: uvicorn starts
+# each worker with the `spawn` method and builds the app there from an import
+# string (a factory taking no arguments), so the settings travel in the
+# environment, which spawned processes inherit. The database URL may hold a
+# password; it is on the command line already, which is more visible than this.
+WORKER_SETTINGS_ENV = "RLHF_LABEL_SERVE_SETTINGS"
+
+
+def _worker_log_config() -> dict[str, Any]:
+    """uvicorn's logging config with each line naming the worker process (its
+    pid): with several workers, which one answered a request or failed."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = formatter["fmt"].replace("%(levelprefix)s", "%(levelprefix)s [%(process)d]", 1)
+    return config
+
+
+def app_from_env() -> FastAPI:
+    """The app of one worker process of :func:`serve_workers`: its own Store (a
+    connection pool cannot cross processes) on the database and project the
+    parent process already checked, from :data:`WORKER_SETTINGS_ENV`."""
+    import json
+    import os
+
+    settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
+    # uvicorn set up this process's logging afresh: the token filter goes on here.
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
+    store = Store.open(settings["db"], shared=True)
+    project = store.project_by_id(settings["project_id"])
+    hosts = settings["allowed_hosts"]
+    return create_app(store, project, settings["max_body_bytes"], None if hosts is None else tuple(hosts))
+
+
+def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.0.0.1", port: int = 8000,
+                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access_log: bool = False,
+                  allowed_hosts: Sequence[str] = ()) -> None:
+    """Run ``workers`` server processes on one socket, all on the database
+    ``db`` (a URL, password included), until interrupted.
+
+    uvicorn's own multi-process mode does the process management: it binds
+    the socket once, starts the workers, replaces one that dies and stops
+    them all on Ctrl-C or SIGTERM. Each worker opens its own Store; nothing
+    that decides about pairs or labels is kept in a process (see the module
+    docstring of ``store``): every such decision is one database transaction,
+    serialised across processes by the database's locks.
+    """
+    import json
+    import os
+
+    import uvicorn
+
+    hosts = allowed_hosts_for(host, allowed_hosts)
+    os.environ[WORKER_SETTINGS_ENV] = json.dumps({
+        "db": db, "project_id": project.id, "max_body_bytes": max_body_bytes,
+        "allowed_hosts": None if hosts is None else list(hosts)})
+    uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, host=host, port=port,
+                access_log=access_log, log_level="info" if access_log else "warning",
+                log_config=_worker_log_config(), server_header=False, timeout_graceful_shutdown=5)
 
 
 class Running:

@@ -11,8 +11,15 @@ Concurrency:
   ``BEGIN IMMEDIATE`` (take the write lock up front, so a read-then-write
   transaction cannot fail half way with "database is locked"), and threads of
   one process queue on a lock instead of SQLite's sleep-and-retry busy
-  handler, which would turn contention into long tail latencies. Other
-  processes (an export while the server runs) wait via ``busy_timeout``.
+  handler, which would turn contention into long tail latencies. The
+  processes of one server (``serve --workers N``) also queue, on a file lock
+  (see :class:`_WriterQueue`); other processes (``rlhf label`` commands while
+  the server runs) wait via ``busy_timeout``.
+- Nothing that decides about pairs, labels or progress is kept between
+  requests in a process: the project's settings, counters, leases and labels
+  are read inside each transaction, so any number of server processes (and
+  commands changing the settings or labelers meanwhile) see one state. The
+  parsed settings are cached by their stored text only (:func:`project_config`).
 - PostgreSQL: handing out pairs and storing labels lock the project row
   (``SELECT ... FOR NO KEY UPDATE``) first, so every decision about a pair's
   slots is made one at a time per project: two labelers cannot both take a
@@ -35,10 +42,12 @@ from them, the labeler's own assignments and the live leases (see
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -378,26 +387,71 @@ class _Q:
                       Pair.labeled_count + live_leases >= bindparam("overlap")))
 
 
+class _WriterQueue:
+    """Where an SQLite store's write transactions wait for their turn.
+
+    Threads of this process queue on a lock. With ``path`` (a server running
+    in several processes), the thread holding it then takes an exclusive
+    ``flock`` on that file, so processes queue too. Written by hand because
+    SQLite's own wait (``busy_timeout``) is a sleep-and-retry loop, sleeping
+    1, 2, 5, ... up to 100 ms between tries: while one process keeps the
+    write lock busy, the other's tries keep missing the short gaps and its
+    requests wait tens of ms, whereas the kernel wakes a process blocked in
+    ``flock`` the moment the lock is free. ``BEGIN IMMEDIATE`` and the busy
+    timeout stay: they make each transaction atomic whatever the queue, and
+    cover writers that do not queue here (``rlhf label`` commands).
+    """
+
+    def __init__(self, path: Path | None = None):
+        self._threads = threading.Lock()
+        # Read-only is enough for flock; nothing is ever written to the file.
+        self._fd = None if path is None else os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        if self._fd is not None:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # blocks in the kernel, without the GIL
+            except BaseException:
+                self._threads.release()
+                raise
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """All reads and writes of the labeling database."""
 
-    def __init__(self, engine: Engine, display: str, read_engine: Engine | None = None):
+    def __init__(self, engine: Engine, display: str, read_engine: Engine | None = None,
+                 writer_lock_file: Path | None = None):
         self.engine = engine
         self.read_engine = read_engine or engine
         self.display = display
         self.is_sqlite = engine.dialect.name == "sqlite"
-        self._lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        # PostgreSQL: no queue here; the project row lock orders the writers (see _lock_project).
+        self._lock = _WriterQueue(writer_lock_file) if self.is_sqlite else contextlib.nullcontext()
 
     # ------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, url: str | DbUrl, create: bool = False, flag: str = "--db") -> Store:
+    def open(cls, url: str | DbUrl, create: bool = False, flag: str = "--db", shared: bool = False) -> Store:
         """Open (and with ``create`` initialise) a labeling database.
 
         Never modifies a database that is not a labeling database, and never
-        creates an empty SQLite file when ``create`` is False.
+        creates an empty SQLite file when ``create`` is False. ``shared``: one
+        of several server processes writing to it; with SQLite they queue for
+        the write lock on the file ``PATH-writers.lock`` (see :class:`_WriterQueue`).
         """
         db = url if isinstance(url, DbUrl) else parse_db_url(url, flag)
+        writer_lock_file = None
         if db.url.get_backend_name() == "sqlite":
             path = Path(db.url.database)
             if not path.exists() and not create:
@@ -408,13 +462,21 @@ class Store:
             if create:
                 path.parent.mkdir(parents=True, exist_ok=True)
             engine, read_engine = _sqlite_engine(db.url, "BEGIN IMMEDIATE"), _sqlite_engine(db.url, "BEGIN")
+            if shared:
+                writer_lock_file = path.with_name(path.name + "-writers.lock")
         else:
             try:
                 engine = read_engine = create_engine(db.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
             except ImportError:
                 raise BadInput(f"{flag} {db.display}: the PostgreSQL driver is missing "
                                "(pip install 'rlhf[postgres]')") from None
-        store = cls(engine, db.display, read_engine)
+        try:
+            store = cls(engine, db.display, read_engine, writer_lock_file)
+        except OSError as e:
+            engine.dispose()
+            read_engine.dispose()
+            raise BadInput(f"{flag} {db.display}: cannot open the writers' lock file {writer_lock_file} "
+                           f"({e.strerror})") from None
         try:
             store._check_schema(create, flag)
         except (DatabaseError, OperationalError) as e:
@@ -465,6 +527,8 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
         self.read_engine.dispose()
+        if isinstance(self._lock, _WriterQueue):
+            self._lock.close()
 
     def __enter__(self) -> Store:
         return self

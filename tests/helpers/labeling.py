@@ -61,7 +61,8 @@ class ServerProcess:
             cmd += ["--project", self.project]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            # Its own process group: with --workers N, kill() reaches the worker processes too.
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             if self.log_path:
                 out.close()
@@ -80,9 +81,10 @@ class ServerProcess:
         raise RuntimeError(f"server did not answer on {self.url} within {timeout_s}s")
 
     def kill(self) -> None:
-        """SIGKILL: no shutdown handlers run, as in a power cut of the process."""
+        """SIGKILL to the server and its worker processes: no shutdown handlers
+        run, as in a power cut."""
         if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
@@ -253,6 +255,11 @@ async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: Loa
             result.replays += 1
             if again is None or again.status_code != 200 or again.json().get("label_id") != out["label_id"]:
                 result.replays_mismatched += 1
+            else:
+                # The latest answer's next pair, as that client would have: the re-send may have been given
+                # a pair freed since the first answer (which said there was none); dropping it would leave
+                # that pair leased to a labeler who has gone.
+                out = again.json()
         pair = out["next"]["pair"]
         if pair is None:
             result.finished_labelers += 1
@@ -261,12 +268,16 @@ async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: Loa
 
 async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int, deadline_s: float = 60.0,
                             replay_fraction: float = 0.1, skip_fraction: float = 0.05, seed: int = 0,
-                            on_ack: Callable[[LoadResult], None] | None = None) -> LoadResult:
+                            on_ack: Callable[[LoadResult], None] | None = None,
+                            keepalive: bool = True) -> LoadResult:
     """Run one concurrent client per token until ``total_labels`` labels are
-    acknowledged, every labeler runs out of pairs, or the deadline passes."""
+    acknowledged, every labeler runs out of pairs, or the deadline passes.
+    ``keepalive=False``: a new connection per request, so that with several
+    server processes each request goes to whichever one accepts it."""
     result = LoadResult()
     deadline = time.monotonic() + deadline_s
-    limits = httpx.Limits(max_connections=len(tokens) * 2, max_keepalive_connections=len(tokens) * 2)
+    limits = httpx.Limits(max_connections=len(tokens) * 2,
+                          max_keepalive_connections=len(tokens) * 2 if keepalive else 0)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(15.0), limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(
@@ -277,14 +288,14 @@ async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int,
     return result
 
 
-def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, project: str = "load"
-                      ) -> dict[str, str]:
+def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, project: str = "load",
+                      lease_seconds: int = 900) -> dict[str, str]:
     """A project with synthetic pairs and labelers; returns labeler name -> token."""
     from rlhf.labeling.config import ProjectConfig
     from rlhf.labeling.store import NewPair, Store
 
     with Store.open(db, create=True) as store:
-        proj = store.create_project(project, ProjectConfig(overlap=overlap))
+        proj = store.create_project(project, ProjectConfig(overlap=overlap, lease_seconds=lease_seconds))
         store.add_pairs(proj, [NewPair(f"Prompt {i}: review film #{i}", f"Response {i} A\nline two",
                                        f"Response {i} B <b>bold?</b>", "model-a", "model-b")
                                for i in range(n_pairs)])
