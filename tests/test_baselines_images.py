@@ -64,6 +64,7 @@ def test_each_image_baseline_loss_falls(image_run, stage, key):
 def test_stage_outputs_and_shared_metrics(image_run, stage):
     d = image_run / stage
     m = json.loads((d / "metrics.json").read_text())
+    assert m["train/budget"] == "steps"  # the step budget, not a wall-clock one
     for prefix in ("image", "floor", "noise"):
         for key in ("fd", "kid", "fd_classifier", "precision", "recall", "class_entropy", "nn_distance",
                     "near_copy_rate", "feature_copy_rate"):

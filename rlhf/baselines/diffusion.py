@@ -365,7 +365,8 @@ def train(cfg: Config, ctx) -> Path:
     steps_done = step + 1 if cfg.train.steps > start else start
 
     model = sampler().eval()
-    summary = {"model/params": S.param_count(unet), "perf/train_s": train_s,
+    summary = {"train/budget": S.budget_kind(cfg.train),
+               "model/params": S.param_count(unet), "perf/train_s": train_s,
                "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9),
                "diffusion/sampling_steps": cfg.sampling_steps}
     if cfg.restoration.num_images:

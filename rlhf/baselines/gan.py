@@ -221,7 +221,8 @@ def train(cfg: Config, ctx) -> Path:
     steps_done = step + 1 if cfg.train.steps > start else start
 
     G_final = sampler()
-    summary = {"model/params": S.param_count(G), "model/params_discriminator": S.param_count(D),
+    summary = {"train/budget": S.budget_kind(cfg.train),
+               "model/params": S.param_count(G), "model/params_discriminator": S.param_count(D),
                "perf/train_s": train_s, "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9)}
     S.finish(ctx, logger, ref, lambda seed: G_final.sample(ref.n, seed), steps_done, summary)
     if ctx.is_main:

@@ -40,7 +40,8 @@ class ImageTrainConfig:
     log_every: int = opt(50, "log losses to metrics.jsonl every N steps")
     eval_every: int = opt(0, "score a held-out-sized sample (Fréchet distance etc.) every N steps; 0 = only at the end")
     save_every: int = opt(0, "save resumable state every N steps (0 = never: an interrupted stage restarts)")
-    max_seconds: float | None = opt(None, "stop training after this much wall time (null: no limit)")
+    max_seconds: float | None = opt(None, "wall-clock budget: stop after this many seconds (results then depend "
+                                          "on the machine; metrics.json says train/budget: wall_clock); null: none")
     # Tiny convolutions gain nothing from more threads, and on a shared machine
     # OpenMP threads that wait for each other make a run several times slower.
     threads: int | None = opt(1, "torch CPU threads for this stage (null: leave torch's setting)")
@@ -57,6 +58,12 @@ class ImageTrainConfig:
             raise fail("max_seconds", f"expected > 0, got {self.max_seconds}")
         if self.threads is not None and self.threads < 1:
             raise fail("threads", f"expected a positive integer, got {self.threads}")
+
+
+def budget_kind(train: ImageTrainConfig) -> str:
+    """What ended training, for metrics.json: ``steps`` (reproducible), or a
+    ``wall_clock`` budget (``max_seconds``: how far it got depends on the machine)."""
+    return "steps" if train.max_seconds is None else "wall_clock"
 
 
 def validate_data(data: str | ImageDataConfig, key: str, size_multiple: int = 1) -> None:

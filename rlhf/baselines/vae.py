@@ -262,7 +262,8 @@ def train(cfg: Config, ctx) -> Path:
     model.eval()
     held = held_out_elbo(model, cfg, data.held, ctx.seed)
     rec = model.reconstruct(data.held)
-    summary = {"model/params": S.param_count(model), "perf/train_s": train_s,
+    summary = {"train/budget": S.budget_kind(cfg.train),
+               "model/params": S.param_count(model), "perf/train_s": train_s,
                "perf/steps_per_s": (steps_done - start) / max(train_s, 1e-9), "vae/beta": cfg.beta,
                **{k.replace("eval/", "vae/held_out_"): v for k, v in held.items()},
                "vae/reconstruction_rmse": (rec - data.held).pow(2).mean().sqrt().item()}
