@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from critic_free_throughput import step_table
+from critic_free_throughput import ratio_line, step_table
 from ppo_throughput import SFT_DATA, _env, _loadavg, _median, _peak_rss_mb, _version, _write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,11 +205,7 @@ def main(argv: list[str] | None = None) -> int:
              *step_table(results, width=24)]
     trl = results.get("classic TRL 0.11 PPO", [])
     for name in ("ours", "ours, bf16"):
-        ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(results[name], trl)
-                  if "error" not in a and "error" not in b]
-        if ratios:
-            lines.append(f"{name} / classic TRL: {_median(ratios):.2f}x samples/s (median of {len(ratios)} "
-                         f"interleaved rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+        lines += ratio_line(f"{name} / classic TRL", results[name], trl)
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

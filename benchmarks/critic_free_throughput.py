@@ -138,6 +138,16 @@ def worker_trl(spec: dict) -> dict:
 WORKERS = {"ours": worker_ours, "trl": worker_trl}
 
 
+def ratio_line(label: str, ours: list[dict], theirs: list[dict]) -> list[str]:
+    """``label: N.NNx samples/s`` as the median of the per-round ratios (rounds where both ran), or nothing."""
+    ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, theirs)
+              if "error" not in a and "error" not in b]
+    if not ratios:
+        return []
+    return [f"{label}: {_median(ratios):.2f}x samples/s (median of {len(ratios)} interleaved rounds: "
+            f"{', '.join(f'{r:.2f}' for r in ratios)})"]
+
+
 def step_table(results: dict[str, list[dict]], width: int = 22) -> list[str]:
     """A header and one line per configuration: the medians over its rounds (also used by classic_ppo.py)."""
     lines = [f"{'configuration':{width}}{'samples/s':>10}{'step s':>8}{'rollout s':>10}{'update s':>9}"
@@ -205,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         for algo in (*args.algos, *((f"{a}-defaults" for a in args.algos) if args.defaults else ())):
             ours, trl = results.get(f"ours-{algo}/{model}", []), results.get(f"trl-{algo}/{model}", [])
-            ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(ours, trl)
-                      if "error" not in a and "error" not in b]
-            if ratios:
-                lines.append(f"ours / TRL, {algo} on {model}: {_median(ratios):.2f}x samples/s (median of "
-                             f"{len(ratios)} interleaved rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+            lines += ratio_line(f"ours / TRL, {algo} on {model}", ours, trl)
     table = "\n".join(lines)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ allocator behaviour; treat a configuration within ~15% of the limit as a risk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from rlhf.errors import BadInput
@@ -313,10 +314,13 @@ def _value_source(cfg, specs, ctx) -> str | None:
     from rlhf.models import ModelConfig, load_tokenizer
     from rlhf.ppo.policy import value_init_problem, value_source
 
+    @functools.cache
+    def policy_tok():
+        return load_tokenizer(ctx.loadable(cfg.model), require_eos=False)
+
     def problem(src: str) -> str | None:
         try:
-            tok = load_tokenizer(ctx.loadable(cfg.model), require_eos=False)
-            return value_init_problem(ctx.loadable(ModelConfig(name=src)).name, tok)
+            return value_init_problem(ctx.loadable(ModelConfig(name=src)).name, policy_tok())
         except (OSError, ValueError, BadInput):
             return None
 

@@ -388,17 +388,6 @@ class FeatureNet(nn.Module):
         features = self.body(x * 2 - 1)
         return features, self.head(features)
 
-    @torch.no_grad()
-    def embed(self, x: torch.Tensor, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Features and predicted classes, batched, as numpy. Shape: (n, c, h, w) -> (n, 64), (n,)."""
-        self.eval()
-        feats, preds = [], []
-        for i in range(0, len(x), batch_size):
-            f, logits = self(x[i:i + batch_size].float())
-            feats.append(f)
-            preds.append(logits.argmax(1))
-        return torch.cat(feats).numpy(), torch.cat(preds).numpy()
-
 
 @contextlib.contextmanager
 def torch_threads(n: int):

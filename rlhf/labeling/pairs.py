@@ -93,13 +93,18 @@ def read_pair_file(path: str) -> list[Candidate]:
         for key, value in (("first response", r1), ("second response", r2)):
             if not isinstance(value, str):
                 raise BadInput(f"{r.where}: {key} must be a string, got {type(value).__name__}")
-        prompt = d["prompt"]
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in prompt))):
-            raise BadInput(f"{r.where}: 'prompt' must be a string or a list of {{role, content}} messages")
+        prompt = _checked_prompt(d["prompt"], r.where)
         src = d.get("source_a", ""), d.get("source_b", "")
         out.append(Candidate(prompt, r1, r2, str(src[0]), str(src[1]), r.where))
     return out
+
+
+def _checked_prompt(prompt, where: str):
+    """A record's prompt: a string or a list of {role, content} messages; BadInput naming ``where`` otherwise."""
+    if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in prompt))):
+        raise BadInput(f"{where}: 'prompt' must be a string or a list of {{role, content}} messages")
+    return prompt
 
 
 def read_ranking_file(path: str, k: int) -> list[RankCandidate]:
@@ -118,10 +123,7 @@ def read_ranking_file(path: str, k: int) -> list[RankCandidate]:
         for n, value in enumerate(responses, 1):
             if not isinstance(value, str):
                 raise BadInput(f"{r.where}: response {n} must be a string, got {type(value).__name__}")
-        prompt = d["prompt"]
-        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in prompt))):
-            raise BadInput(f"{r.where}: 'prompt' must be a string or a list of {{role, content}} messages")
+        prompt = _checked_prompt(d["prompt"], r.where)
         sources = d.get("sources")
         sources = [str(x) for x in sources] if isinstance(sources, list) and len(sources) == k else [""] * k
         out.append(RankCandidate(prompt, list(responses), sources, r.where))
