@@ -16,10 +16,13 @@ both sides; 64 prompts of exactly 16 tokens per step; 32 new tokens sampled
 at temperature 1 (top-k 0, top-p 1); a Python reward (the number of letters
 "e" in the response); 4 PPO epochs x 4 minibatches of 16 (16 optimiser steps
 per rollout); learning rate 1e-5, fixed KL coefficient 0.05, clip 0.2,
-gamma 1, lambda 0.95; fp32; one intra-op thread per process.
+gamma 1, lambda 0.95; one intra-op thread per process.
 Classic TRL puts a value head on the policy and keeps a frozen reference
 copy; so does ours with its default value model when the only reward is a
-function (rows "ours"); "ours, bf16" adds bf16 autocast (our ``precision``).
+function. Classic TRL runs in fp32 (its default); row "ours" is our default
+``precision: auto`` (bf16 autocast on a CPU with bf16 instructions or a GPU,
+fp32 elsewhere: the table says which it was), row "ours, fp32" pins fp32 for
+the comparison at equal arithmetic.
 
 Where the time goes differs between the two: classic TRL's "rollout" column
 is generation and scoring only (its policy, value and reference forwards run
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         print("classic TRL: no --trl011-python with trl 0.11 given (or it failed to import): its rows are skipped",
               file=sys.stderr)
     configs = ([("classic TRL 0.11 PPO", "trl", None)] if trl_version else []) + \
-        [("ours", "ours", "fp32"), ("ours, bf16", "ours", "bf16")]
+        [("ours", "ours", "auto"), ("ours, fp32", "ours", "fp32")]
     results: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         for name, side, precision in configs:
@@ -199,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
             cmd = ([args.trl011_python, "-c", TRL011, json.dumps(spec)] if side == "trl"
                    else [sys.executable, __file__, "--worker", json.dumps(spec)])
             results.setdefault(name, []).append(_run(cmd))
+    from rlhf.precision import precision_flags
+
+    auto = "bf16" if precision_flags("auto", cpu_bf16=True)["bf16"] else "fp32"
     lines = [f"{BATCH} prompts x {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, {EPOCHS} epochs x {MINIBATCHES} "
              f"minibatches, 4-layer 256-wide GPT-2, Python reward, 1 thread; torch {_version('torch').split('+')[0]}, "
-             f"classic trl {trl_version or 'absent'}; load {load_start} -> {_loadavg()}",
+             f"classic trl {trl_version or 'absent'} (fp32); ours: precision auto = {auto} on this machine; "
+             f"load {load_start} -> {_loadavg()}",
              *step_table(results, width=24)]
     trl = results.get("classic TRL 0.11 PPO", [])
-    for name in ("ours", "ours, bf16"):
+    for name in ("ours", "ours, fp32"):
         lines += ratio_line(f"{name} / classic TRL", results[name], trl)
     table = "\n".join(lines)
     print(table)

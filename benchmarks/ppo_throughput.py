@@ -288,6 +288,9 @@ def worker_ppo(spec: dict) -> dict:
         "micro_batch_size": w["micro_batch_size"], "ppo_epochs": w["ppo_epochs"],
         "learning_rate": 1e-5, "sample_every": 10_000,
         "generation": {"max_new_tokens": w["max_new_tokens"], "temperature": w["temperature"]},
+        # fp32, as the bare compute and TRL's RLOO here (benchmarks/classic_ppo.py
+        # measures auto, bf16 on CPUs with bf16 instructions).
+        "precision": "fp32",
     }
     path = _write_recipe(work / "recipe.yaml", work / "run", {"ppo": stage})
 

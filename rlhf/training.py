@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from rlhf.config import opt, require_positive
+from rlhf.precision import precision_flags
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,6 @@ class TrainingConfig:
                 raise fail(key, f"expected {expected}, got {getattr(self, key)!r}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise fail("epochs", "expected > 0 when max_steps is not set")
-
-
-def precision_flags(precision: str) -> dict[str, bool]:
-    if precision == "auto":
-        use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return {"bf16": use_bf16, "fp16": False}
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def quiet_trl_config(make):

@@ -212,6 +212,58 @@ def test_bf16_autocast_kl_is_zero_when_policy_equals_reference(tmp_path):
     assert _rows(out)[0]["objective/kl"] == 0.0
 
 
+def test_precision_auto_is_bf16_on_cpus_with_bf16_instructions_for_ppo_only(monkeypatch):
+    from rlhf import precision
+
+    intel = "processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+    assert precision.has_bf16_flag(intel)
+    assert precision.has_bf16_flag(intel.replace("avx512_bf16", "amx_bf16 amx_tile"))
+    assert not precision.has_bf16_flag(intel.replace("avx512_bf16", "avx512bw"))
+    assert not precision.has_bf16_flag("processor\t: 0\nFeatures\t: fp asimd\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for has, want in ((True, True), (False, False)):
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda has=has: has)
+        assert precision.precision_flags("auto", cpu_bf16=True) == {"bf16": want, "fp16": False}
+        # The TRL stages (SFT, reward, DPO) do not opt in: fp32 on every CPU.
+        assert precision.precision_flags("auto") == {"bf16": False, "fp16": False}
+        assert precision.precision_flags("fp32", cpu_bf16=True) == {"bf16": False, "fp16": False}
+        assert precision.precision_flags("bf16") == {"bf16": True, "fp16": False}
+
+
+def _sdpa_kernels(tokens: int, dtype: torch.dtype, bf16_run: bool) -> set[str]:
+    from torch.profiler import profile
+
+    from rlhf.precision import training_attention
+
+    q = torch.randn(2, 2, tokens, 8, dtype=dtype, requires_grad=True)
+    with training_attention(torch.device("cpu"), bf16_run, tokens), profile() as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    return {e.key for e in prof.key_averages() if "attention" in e.key or e.key == "aten::bmm"}
+
+
+def test_short_bf16_cpu_training_uses_the_math_attention_kernel():
+    short = _sdpa_kernels(48, torch.bfloat16, bf16_run=True)
+    assert "aten::bmm" in short and not any("flash" in k for k in short), short
+    # Long sequences and fp32 runs keep torch's own (fused) choice.
+    assert any("flash" in k for k in _sdpa_kernels(300, torch.bfloat16, bf16_run=True))
+    assert any("flash" in k for k in _sdpa_kernels(48, torch.float32, bf16_run=False))
+
+
+def test_ppo_stages_in_different_precisions_run_in_one_process(tmp_path):
+    # Accelerate keeps one precision per process and refuses a second one;
+    # the PPO stage starts its state afresh when the precision changes.
+    out = tmp_path / "run"
+    path = _recipe(out, steps=1)
+    doc = yaml.safe_load(path.read_text())
+    first = {**doc["stages"]["ppo"], "precision": "fp32"}
+    doc["stages"] = {"fp32": first, "bf16": {**first, "precision": "bf16"}, "again": first}
+    path.write_text(yaml.safe_dump(doc))
+    _run(path)
+    for name in ("fp32", "bf16", "again"):
+        assert (out / name / "final" / "model.safetensors").exists()
+        assert json.loads((out / name / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
 def test_attention_dropout_is_switched_off():
     from rlhf.ppo.trainer import _disable_dropout
 

@@ -78,7 +78,7 @@ def test_fsdp2_encoder_reward_model_matches_ddp(tmp_path):
             "ppo": {"type": "ppo", "model": "tiny", "reward": "${output_dir}/reward/final",
                     "data": {"path": str(QUICKSTART / "prompts_train.jsonl")}, "steps": 2, "rollout_batch_size": 4,
                     "num_minibatches": 2, "micro_batch_size": 2, "ppo_epochs": 1, "learning_rate": 1e-3,
-                    "generation": {"max_new_tokens": 8}, "sample_every": 100}}
+                    "generation": {"max_new_tokens": 8}, "sample_every": 100, "precision": "fp32"}}
         recipe = write_recipe(tmp_path / f"{name}.yaml", {"output_dir": str(runs[name]), "seed": 3, "stages": stages})
         proc = torchrun(*launch, "run", str(recipe))
         assert proc.returncode == 0, (name, proc.stderr[-4000:])

@@ -61,7 +61,7 @@ from rlhf.sampling import Generated, SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
 from rlhf.textstats import distinct_n, top_ending_share
 from rlhf.tracking import MetricsLogger, read_metrics, truncate_jsonl, write_summary
-from rlhf.training import precision_flags
+from rlhf.precision import precision_flags, training_attention
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ class Config:
     clip_range_value: float = opt(0.2, "value clip epsilon")
     vf_coef: float = opt(0.1, "value-loss weight in the total loss")
     entropy_coef: float = opt(0.0, "entropy bonus weight")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt("auto", "mixed precision; log-probs are fp32 always")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = opt(
+        "auto", "mixed precision (autocast; log-probs, KL and losses are fp32 always). auto: bf16 on GPUs that "
+                "support it and on CPUs with bf16 instructions (AVX512-BF16 / AMX), fp32 elsewhere")
     save_every: int = opt(25, "checkpoint every N steps for resuming (0 = only at the end; Ctrl-C / SIGTERM "
                               "always saves one)")
     target_kl: float | None = opt(None, "stop a step's epochs early once the mean approx KL of an epoch exceeds "
@@ -423,10 +425,18 @@ class _Run:
 def _setup(cfg: Config, ctx) -> _Run:
     """Accelerator, models, optimiser and schedule; nothing trained yet."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    flags = precision_flags(cfg.precision)
-    accelerator = Accelerator(mixed_precision="bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no")
+    flags = precision_flags(cfg.precision, cpu_bf16=True)
+    mixed = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "no"
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # An earlier stage in this process (a PPO stage in another precision)
+        # initialised Accelerate's per-process state, which refuses a second
+        # precision: start it afresh, as HF's Trainer does between runs. The
+        # process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=mixed)
     sharding(accelerator)  # FSDP1 cannot run PPO's local generation: say so before loading anything
     if accelerator.state.deepspeed_plugin is not None:
         _deepspeed_config(accelerator, cfg)
@@ -532,19 +542,8 @@ def rollout(run: _Run, step: int) -> Rollout:
         gen = gens[0] if len(gens) == 1 else _concat(gens, run.tok.pad_token_id)
         timings["generation_s"] = time.time() - t0
         t0 = time.time()
-        input_ids, attention_mask, q = gen.input_ids, gen.attention_mask, gen.query_ids.size(1)
-        logprobs, ref_logprobs, values = [], [], []
-        for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
-            ref_logprobs.append(run.reference.logprobs(unwrapped.policy, input_ids[sl], attention_mask[sl], q,
-                                                       cfg.generation.temperature))
-            if cfg.old_logprobs_from_update:  # filled by the update's forward (_micro_loss)
-                logprobs.append(torch.zeros_like(ref_logprobs[-1]))
-                values.append(torch.zeros_like(ref_logprobs[-1]))
-                continue
-            lp, v, _ = unwrapped(input_ids[sl], attention_mask[sl], q, cfg.generation.temperature,
-                                 with_values=not cfg.critic_free)
-            logprobs.append(lp)
-            values.append(v if v is not None else torch.zeros_like(lp))
+        logprobs, ref_logprobs, values = _forwards(run, gen.input_ids, gen.attention_mask, gen.query_ids.size(1),
+                                                   policy=not cfg.old_logprobs_from_update, reference=True)
         timings["forward_s"] = time.time() - t0
     t0 = time.time()
     # Reward models score in the run's precision too (bf16: about twice as fast
@@ -562,8 +561,31 @@ def rollout(run: _Run, step: int) -> Rollout:
         run.score_std.update(acc.gather(scores).cpu())
         scores = scores / run.score_std.std
     timings["scoring_s"] = time.time() - t0
-    return Rollout(prompt_texts, gen.texts, input_ids, attention_mask, q, gen.response_mask, gen.finished,
-                   torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), raw, scores, timings, nonfinite)
+    return Rollout(prompt_texts, gen.texts, gen.input_ids, gen.attention_mask, gen.query_ids.size(1),
+                   gen.response_mask, gen.finished, logprobs, ref_logprobs, values, raw, scores, timings, nonfinite)
+
+
+def _forwards(run: _Run, input_ids, attention_mask, q: int, policy: bool, reference: bool):
+    """Log-probs of the responses under the policy (with its values) and the
+    reference, in chunks of ``forward_batch_size``; zeros for what is not
+    asked for (``old_logprobs_from_update``: the update's forward fills the
+    policy's). Runs in the caller's precision and no-grad context, with the
+    update's attention kernel, so identical weights give identical log-probs."""
+    cfg, acc = run.cfg, run.accelerator
+    unwrapped = acc.unwrap_model(run.model)
+    lps, refs, values = [], [], []
+    with training_attention(acc.device, acc.mixed_precision == "bf16", input_ids.size(1)):
+        for sl in _chunks(input_ids.size(0), cfg.forward_batch_size):
+            ids, mask = input_ids[sl], attention_mask[sl]
+            zeros = torch.zeros(ids.size(0), ids.size(1) - q, device=ids.device)
+            if reference:
+                refs.append(run.reference.logprobs(unwrapped.policy, ids, mask, q, cfg.generation.temperature))
+            lp, v = zeros, None
+            if policy:
+                lp, v, _ = unwrapped(ids, mask, q, cfg.generation.temperature, with_values=not cfg.critic_free)
+            lps.append(lp)
+            values.append(v if v is not None else zeros)
+    return torch.cat(lps), torch.cat(refs) if refs else None, torch.cat(values)
 
 
 def _concat(gens: list, pad_id: int):
@@ -637,11 +659,9 @@ def kl_after_update(run: _Run, ro: Rollout, updated: bool) -> None:
     if not cfg.old_logprobs_from_update:
         return
     if not updated:
-        unwrapped = run.accelerator.unwrap_model(run.model)
         with full_weights(run.model, run.accelerator), run.accelerator.autocast(), torch.no_grad():
-            ro.logprobs = torch.cat([unwrapped(ro.input_ids[sl], ro.attention_mask[sl], ro.context_length,
-                                               cfg.generation.temperature, with_values=False)[0]
-                                     for sl in _chunks(ro.input_ids.size(0), cfg.forward_batch_size)])
+            ro.logprobs = _forwards(run, ro.input_ids, ro.attention_mask, ro.context_length, policy=True,
+                                    reference=False)[0]
     ro.kl = core.kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.kl.estimator) * ro.response_mask
 
 
@@ -676,11 +696,13 @@ def update(run: _Run, ro: Rollout) -> UpdateStats:
     run.model.train()
     n = cfg.sequences
     mini = n // cfg.num_minibatches
+    bf16 = acc.mixed_precision == "bf16"
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, device=acc.device)
         epoch_kl = []
-        for mb in _chunks(n, mini):
-            epoch_kl.append(_minibatch_step(run, ro, order[mb], stats))
+        with training_attention(acc.device, bf16, ro.input_ids.size(1)):
+            for mb in _chunks(n, mini):
+                epoch_kl.append(_minibatch_step(run, ro, order[mb], stats))
         stats.epochs = epoch + 1
         mean_kl = acc.reduce(torch.stack(epoch_kl).mean(), "mean").item()
         if cfg.target_kl is not None and mean_kl > cfg.target_kl:

@@ -23,6 +23,9 @@ def chain(out: Path) -> dict:
         "data": {"path": str(QUICKSTART / "prompts_train.jsonl")},
         "steps": 2, "rollout_batch_size": 4, "num_minibatches": 2, "micro_batch_size": 1, "ppo_epochs": 2,
         "learning_rate": 1e-3, "generation": {"max_new_tokens": 8}, "sample_every": 100,
+        # fp32: these runs compare sharding step for step, at tolerances bf16's
+        # rounding (precision: auto on a CPU with bf16 instructions) exceeds.
+        "precision": "fp32",
         "eval": {"prompts": str(QUICKSTART / "prompts_test.jsonl"), "gold": "rlhf.gold:vader_sentiment",
                  "max_prompts": 7, "batch_size": 2},  # 7: the ranks get unequal shares
     }
