@@ -335,93 +335,31 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
     if cfg.gold:
         scorers["gold"] = CombinedReward([RewardSpec(source=cfg.gold)], device=device)
 
-    reference = ref_tok = None
-    ref_cfg = _reference_model(cfg)
-    if ref_cfg is not None:
-        ref_tok, reference = _load_policy(ref_cfg, seed, device)
-
-    # 1-3. sample, KL, text metrics: one checkpoint in memory at a time (besides the reference)
-    samples: dict[str, Samples] = {}
-    ppl: dict[str, float] = {}
-    for name, model in cfg.checkpoints.items():
-        t0 = time.time()
-        model = as_model_config(model)
-        tok, policy = _load_policy(model, seed, device)
-        ref = reference
-        if reference is not None and not _same_vocab(tok, ref_tok):
-            log.warning("checkpoint %s: tokenizer differs from the reference's, so no KL", name)
-            ref = None
-        samples[name] = sample(policy, tok, [render_prompt(tok, p) for p in prompts], gen, seed, device, ref)
-        if text_rows is not None:
-            limit = cfg.max_length or context_length(model) or 1024
-            ppl[name] = text_perplexity(policy, tok, text_rows, limit, gen.batch_size, device)
-        del policy
-        log.info("eval %s: %d responses in %.1fs", name, len(samples[name].texts), time.time() - t0)
-
+    # 1-3. sample, KL, text metrics
+    samples, ppl = _sample_checkpoints(cfg, prompts, text_rows, seed, device)
     # 4. score
     repeated = [p for p in prompts for _ in range(gen.samples_per_prompt)]
     scores: dict[str, dict[str, np.ndarray]] = {name: {} for name in cfg.checkpoints}
     for key, scorer in scorers.items():
         for name, s in samples.items():
             scores[name][key] = np.asarray(scorer(repeated, s.texts), dtype=np.float64)
-
     # 5. metrics, with bootstrap intervals for every mean
-    def ci(values) -> dict:
-        return M.bootstrap_ci(values, 0.95, cfg.bootstrap_samples, seed).to_json()
-
-    results: dict[str, dict] = {}
-    for name, s in samples.items():
-        m: dict = {"kind": "policy"}
-        for key in scorers:
-            m[key] = ci(scores[name][key])
-        if cfg.baseline is not None and name != cfg.baseline:
-            for key in scorers:
-                short = key.split("/", 1)[-1]
-                outcomes = M.win_outcomes(scores[name][key], scores[cfg.baseline][key])
-                m[f"win_rate/{short}"] = ci(outcomes)
-                m[f"lc_win_rate/{short}"] = M.length_controlled_win_rate(
-                    outcomes, np.asarray(s.lengths, float) - np.asarray(samples[cfg.baseline].lengths, float))
-        if s.kl is not None:
-            m["kl"] = ci(s.kl)
-        if name in ppl:
-            m["perplexity"] = ppl[name]
-        m["distinct_1"] = M.distinct_n(s.texts, 1)
-        m["distinct_2"] = M.distinct_n(s.texts, 2)
-        m["response_length"] = ci(s.lengths)
-        m["eos_rate"] = ci(np.asarray(s.finished, dtype=np.float64))  # EOS or a stop string
-        results[name] = m
+    results = _metrics(cfg, samples, scores, ppl, list(scorers), seed)
     if pref_rows is not None:
         for name in cfg.rewards:
             chosen, rejected, trunc = pairwise_scores(scorers[f"reward/{name}"], pref_rows)
-            results[name] = {"kind": "reward_source", "pairwise_accuracy": ci(M.win_outcomes(chosen, rejected)),
+            results[name] = {"kind": "reward_source",
+                             "pairwise_accuracy": _ci(cfg, seed, M.win_outcomes(chosen, rejected)),
                              "margin": float(np.mean(chosen - rejected)), "pairs": len(pref_rows), **trunc}
 
     # 6. files
-    settings = {
-        "seed": seed,
-        "generation": {k: v for k, v in to_dict(gen).items() if k != "seed"},
-        "prompts": {"path": prompt_data.path, "count": len(prompts)},
-        "responses_per_checkpoint": len(repeated),
-        "checkpoints": {n: as_model_config(m).name for n, m in cfg.checkpoints.items()},
-        "rewards": {n: [to_dict(s) for s in as_specs(spec)] for n, spec in cfg.rewards.items()},
-        "gold": cfg.gold,
-        "reference": cfg.reference,
-        "baseline": cfg.baseline,
-        "text": as_data(cfg.text).path if cfg.text is not None else None,
-        "preferences": as_data(cfg.preferences).path if cfg.preferences is not None else None,
-        "max_length": cfg.max_length,
-        "bootstrap_samples": cfg.bootstrap_samples,
-        "confidence": 0.95,
-    }
-    rows = []
-    for i, prompt in enumerate(repeated):
-        rows.append({
-            "prompt": prompt, "prompt_index": i // gen.samples_per_prompt, "sample": i % gen.samples_per_prompt,
-            "responses": {name: {"response": s.texts[i], "scores": {k: float(scores[name][k][i]) for k in scorers},
-                                 "kl": None if s.kl is None else float(s.kl[i]), "length": int(s.lengths[i]),
-                                 "eos": bool(s.finished[i])}
-                          for name, s in samples.items()},
-        })
+    settings = _settings(cfg, seed, prompt_data.path, len(prompts), len(repeated))
+    rows = [{"prompt": prompt, "prompt_index": i // gen.samples_per_prompt, "sample": i % gen.samples_per_prompt,
+             "responses": {name: {"response": s.texts[i], "scores": {k: float(scores[name][k][i]) for k in scorers},
+                                  "kl": None if s.kl is None else float(s.kl[i]), "length": int(s.lengths[i]),
+                                  "eos": bool(s.finished[i])}
+                           for name, s in samples.items()}}
+            for i, prompt in enumerate(repeated)]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     (out_dir / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -433,6 +371,85 @@ def evaluate(cfg: Config, out_dir: Path, seed: int, run_dir: str | Path | None =
     report.write_report(out_dir, results, settings, rows, curves, extra)
     log.info("eval: wrote %s in %.1fs", out_dir / "report.html", time.time() - t_start)
     return results
+
+
+def _sample_checkpoints(cfg: Config, prompts: list, text_rows, seed: int, device) -> tuple[dict, dict]:
+    """Each checkpoint's samples (with the KL to the reference) and held-out
+    perplexity; one checkpoint in memory at a time, besides the reference."""
+    reference = ref_tok = None
+    ref_cfg = _reference_model(cfg)
+    if ref_cfg is not None:
+        ref_tok, reference = _load_policy(ref_cfg, seed, device)
+    samples: dict[str, Samples] = {}
+    ppl: dict[str, float] = {}
+    for name, model in cfg.checkpoints.items():
+        t0 = time.time()
+        model = as_model_config(model)
+        tok, policy = _load_policy(model, seed, device)
+        ref = reference
+        if reference is not None and not _same_vocab(tok, ref_tok):
+            log.warning("checkpoint %s: tokenizer differs from the reference's, so no KL", name)
+            ref = None
+        samples[name] = sample(policy, tok, [render_prompt(tok, p) for p in prompts], cfg.generation, seed, device,
+                               ref)
+        if text_rows is not None:
+            limit = cfg.max_length or context_length(model) or 1024
+            ppl[name] = text_perplexity(policy, tok, text_rows, limit, cfg.generation.batch_size, device)
+        del policy
+        log.info("eval %s: %d responses in %.1fs", name, len(samples[name].texts), time.time() - t0)
+    return samples, ppl
+
+
+def _ci(cfg: Config, seed: int, values) -> dict:
+    """A mean with its 95% bootstrap interval."""
+    return M.bootstrap_ci(values, 0.95, cfg.bootstrap_samples, seed).to_json()
+
+
+def _metrics(cfg: Config, samples: dict, scores: dict, ppl: dict, keys: list[str], seed: int) -> dict:
+    """Per checkpoint: every scorer's mean, win rates against the baseline
+    (plain and length-controlled), KL, perplexity, diversity, lengths."""
+    results: dict[str, dict] = {}
+    for name, s in samples.items():
+        m: dict = {"kind": "policy"}
+        for key in keys:
+            m[key] = _ci(cfg, seed, scores[name][key])
+        if cfg.baseline is not None and name != cfg.baseline:
+            for key in keys:
+                short = key.split("/", 1)[-1]
+                outcomes = M.win_outcomes(scores[name][key], scores[cfg.baseline][key])
+                m[f"win_rate/{short}"] = _ci(cfg, seed, outcomes)
+                m[f"lc_win_rate/{short}"] = M.length_controlled_win_rate(
+                    outcomes, np.asarray(s.lengths, float) - np.asarray(samples[cfg.baseline].lengths, float))
+        if s.kl is not None:
+            m["kl"] = _ci(cfg, seed, s.kl)
+        if name in ppl:
+            m["perplexity"] = ppl[name]
+        m["distinct_1"] = M.distinct_n(s.texts, 1)
+        m["distinct_2"] = M.distinct_n(s.texts, 2)
+        m["response_length"] = _ci(cfg, seed, s.lengths)
+        m["eos_rate"] = _ci(cfg, seed, np.asarray(s.finished, dtype=np.float64))  # EOS or a stop string
+        results[name] = m
+    return results
+
+
+def _settings(cfg: Config, seed: int, prompts_path: str, prompt_count: int, responses: int) -> dict:
+    """What the evaluation ran with (settings.json)."""
+    return {
+        "seed": seed,
+        "generation": {k: v for k, v in to_dict(cfg.generation).items() if k != "seed"},
+        "prompts": {"path": prompts_path, "count": prompt_count},
+        "responses_per_checkpoint": responses,
+        "checkpoints": {n: as_model_config(m).name for n, m in cfg.checkpoints.items()},
+        "rewards": {n: [to_dict(s) for s in as_specs(spec)] for n, spec in cfg.rewards.items()},
+        "gold": cfg.gold,
+        "reference": cfg.reference,
+        "baseline": cfg.baseline,
+        "text": as_data(cfg.text).path if cfg.text is not None else None,
+        "preferences": as_data(cfg.preferences).path if cfg.preferences is not None else None,
+        "max_length": cfg.max_length,
+        "bootstrap_samples": cfg.bootstrap_samples,
+        "confidence": 0.95,
+    }
 
 
 def _overoptimisation(cfg: Config, prompts: list, scorers: dict, seed: int, device, run_dir, out_dir: Path) -> list:
