@@ -35,7 +35,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "rlhf"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads", "rlhf.textstats"),
+    ("rlhf.errors", "rlhf.config", "rlhf.tracking", "rlhf.threads", "rlhf.textstats", "rlhf.precision"),
     ("rlhf.models", "rlhf.encoders", "rlhf.data", "rlhf.sharding", "rlhf.training"),
     ("rlhf.sampling", "rlhf.rewards", "rlhf.reward_head", "rlhf.pair_baselines", "rlhf.gold", "rlhf.ppo",
      "rlhf.ppo.core", "rlhf.ppo.policy"),
