@@ -20,6 +20,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from helpers.labeling import LoadResult, ServerProcess, make_load_project, simulate_labelers
+from helpers.labeling import LoadResult, ServerProcess, free_port, make_load_project, simulate_labelers
 from test_labeling_load import db, db_labels, labeler_ids, query  # noqa: F401 - db: the SQLite/PostgreSQL fixture
 
 LEASE_S = 10  # the shortest lease a project accepts
@@ -169,3 +171,69 @@ def test_sigkill_of_one_worker_loses_no_acknowledged_label(db, tmp_path):
     assert not result.errors and result.finished_labelers == len(tokens), (result.errors, result.finished_labelers)
     assert set(worker_pids(log, "")) - set(before), f"no worker replaced {victim}: {log.read_text()[-2000:]}"
     assert_consistent(db, n_pairs, result.acked)
+
+
+# ---------------------------------------------------------------- a worker that cannot start
+
+# `rlhf label serve --workers 2` in a subprocess, after the command's own checks
+# passed, with its serve_workers call changed by SABOTAGE: the workers get a
+# database that is not there, a project that is not there, or the port is taken
+# meanwhile. The workers are spawned afresh, so they run the real code. A guard
+# on __main__: spawned workers import the main module.
+SERVE_SCRIPT = """\
+import socket, sys
+import rlhf.labeling.server as server
+from rlhf.cli import main
+
+def sabotaged(db, project, workers, host, port, *args, **kw):
+    if SABOTAGE == "db":
+        db = db + "-missing.db"
+    elif SABOTAGE == "project":
+        project = project._replace(id=10**6)
+    elif SABOTAGE == "port":
+        holder = socket.socket()
+        holder.bind((host, port))
+        holder.listen()
+    return original(db, project, workers, host, port, *args, **kw)
+
+if __name__ == "__main__":
+    original, server.serve_workers = server.serve_workers, sabotaged
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def serve_sabotaged(tmp_path: Path, sabotage: str, db: str, port: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "serve.py"
+    script.write_text(f"SABOTAGE = {sabotage!r}\n" + SERVE_SCRIPT)
+    return subprocess.run([sys.executable, str(script), "label", "serve", "--db", db, "--workers", "2",
+                           "--host", "127.0.0.1", "--port", str(port)],
+                          capture_output=True, text=True, timeout=90, cwd=tmp_path)
+
+
+def test_a_worker_that_cannot_start_stops_serve_with_one_error_line(tmp_path):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    make_load_project(db, n_pairs=4, n_labelers=1, overlap=1)
+    port = free_port()
+    missing = serve_sabotaged(tmp_path, "db", db, port)
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"error: serve: a worker process could not start: --db {db}-missing.db: no labeling database there "
+        "(create one with `rlhf label pairs`)"], missing.stderr
+    taken = serve_sabotaged(tmp_path, "port", db, port)
+    assert taken.returncode == 2, taken.stderr
+    assert taken.stderr.strip().splitlines() == [
+        f"error: serve 127.0.0.1:{port}: cannot listen there (Address already in use); pick another port"]
+    # Not the user's to fix: exit code 1, still one line and no traceback.
+    broken = serve_sabotaged(tmp_path, "project", db, port)
+    assert broken.returncode == 1, broken.stderr
+    lines = broken.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: serve: a worker process failed to start: "), lines
+    assert "Traceback" not in missing.stderr + taken.stderr + broken.stderr
+
+
+def test_serve_with_workers_exits_0_when_told_to_stop(tmp_path):
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    make_load_project(db, n_pairs=4, n_labelers=1, overlap=1)
+    with TwoWorkers(db, tmp_path / "server.log") as server:
+        pass  # SIGTERM on leaving
+    assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]

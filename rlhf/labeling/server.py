@@ -29,6 +29,7 @@ Defences, each for a named threat:
 # resolve from strings.
 import ipaddress
 import logging
+import pathlib
 import re
 import time
 from collections.abc import Sequence
@@ -424,6 +425,22 @@ def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
     return config
 
 
+def _listen(host: str, port: int) -> "socket.socket":
+    """A socket bound to ``host:port`` for uvicorn to serve on. Bound here, not
+    by uvicorn, so that a taken port or a bad address is one BadInput (exit
+    code 2) rather than uvicorn's log line and exit code 3."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise BadInput(f"serve {host}:{port}: cannot listen there ({e.strerror}); pick another port") from None
+    return sock
+
+
 def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int = 8000,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, access_log: bool = False,
           allowed_hosts: Sequence[str] = ()) -> None:
@@ -433,11 +450,14 @@ def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int
     import uvicorn
 
     app = create_app(store, project, max_body_bytes, allowed_hosts_for(host, allowed_hosts))
+    sock = _listen(host, port)
     server = uvicorn.Server(_uvicorn_config(app, access_log, host=host, port=port, timeout_graceful_shutdown=5))
     try:
-        server.run()
+        server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
+    finally:
+        sock.close()
     if not server.started:
         raise BadInput(f"serve {host}:{port}: the server did not start (uvicorn's message is above)")
 
@@ -468,7 +488,14 @@ def _worker_log_config() -> dict[str, Any]:
 def app_from_env() -> FastAPI:
     """The app of one worker process of :func:`serve_workers`: its own Store (a
     connection pool cannot cross processes) on the database and project the
-    parent process already checked, from :data:`WORKER_SETTINGS_ENV`."""
+    parent process already checked, from :data:`WORKER_SETTINGS_ENV`.
+
+    If it cannot be built (the database cannot be opened here, say), the
+    reason goes to the parent through the settings' ``failure_file`` and the
+    worker exits with uvicorn's startup-failure code, which makes uvicorn stop
+    every worker instead of restarting this one in a loop; the parent then
+    reports the reason (see :func:`_worker_failure`).
+    """
     import json
     import os
 
@@ -477,10 +504,67 @@ def app_from_env() -> FastAPI:
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokens) for f in access.filters):
         access.addFilter(RedactTokens())
-    store = Store.open(settings["db"], shared=True)
-    project = store.project_by_id(settings["project_id"])
+    try:
+        store = Store.open(settings["db"], shared=True)
+        try:
+            project = store.project_by_id(settings["project_id"])
+        except BaseException:
+            store.close()
+            raise
+    except Exception as e:  # noqa: BLE001 - any failure here must stop the server, not loop
+        _report_failure(settings.get("failure_file"), e)
+        from uvicorn.config import STARTUP_FAILURE
+
+        raise SystemExit(STARTUP_FAILURE) from None
     hosts = settings["allowed_hosts"]
     return create_app(store, project, settings["max_body_bytes"], None if hosts is None else tuple(hosts))
+
+
+def _report_failure(path: str | None, error: Exception) -> None:
+    """Leave a worker's startup failure for the parent (see :func:`_worker_failure`):
+    written to a private file and renamed into place, so the parent never reads
+    half a message even when several workers fail at once."""
+    import json
+    import os
+
+    bad_input = isinstance(error, BadInput)
+    message = str(error) if bad_input else f"{type(error).__name__}: {' '.join(str(error).split())}"
+    if path is None:  # not started by serve_workers: the log is all there is
+        log.error("worker failed to start: %s", message)
+        return
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"bad_input": bad_input, "message": message}, f)
+    os.replace(tmp, path)
+
+
+class _DropStartupFailureLine(logging.Filter):
+    """Drops the supervisor's "Child process [PID] failed to start, stopping
+    the parent process" log line: :func:`serve_workers` reports the failure
+    itself, with its reason, as the command's one error line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to start, stopping the parent" not in record.getMessage()
+
+
+def _worker_failure(path: pathlib.Path, failed: bool) -> Exception | None:
+    """What :func:`serve_workers` raises after its workers stopped: BadInput
+    (exit code 2) for a reason the user can fix, as the worker reported it;
+    RunFailed (exit code 1) for any other failure to start; None when the
+    server stopped because it was told to (Ctrl-C, SIGTERM)."""
+    import json
+
+    from rlhf.errors import RunFailed
+
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if report is None:
+        return RunFailed("serve: a worker process failed to start (its log is above)") if failed else None
+    if report["bad_input"]:
+        return BadInput(f"serve: a worker process could not start: {report['message']}")
+    return RunFailed(f"serve: a worker process failed to start: {report['message']}")
 
 
 def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.0.0.1", port: int = 8000,
@@ -489,25 +573,56 @@ def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.
     """Run ``workers`` server processes on one socket, all on the database
     ``db`` (a URL, password included), until interrupted.
 
-    uvicorn's own multi-process mode does the process management: it binds
-    the socket once, starts the workers, replaces one that dies and stops
-    them all on Ctrl-C or SIGTERM. Each worker opens its own Store; nothing
+    uvicorn's multi-process supervisor does the process management on the
+    socket bound here: it starts the workers, replaces one that dies and stops
+    them all on Ctrl-C or SIGTERM. A worker that cannot start stops them all
+    too, and this raises: BadInput (exit code 2) when the reason is the
+    user's to fix (the database cannot be opened there, say), else RunFailed
+    (exit code 1); a taken port is a BadInput before any worker starts. Each
+    worker opens its own Store; nothing
     that decides about pairs or labels is kept in a process (see the module
     docstring of ``store``): every such decision is one database transaction,
     serialised across processes by the database's locks.
     """
     import json
     import os
+    import shutil
+    import tempfile
 
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
 
     hosts = allowed_hosts_for(host, allowed_hosts)
+    report_dir = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-serve-"))
+    failure_file = report_dir / "worker-failure.json"
     os.environ[WORKER_SETTINGS_ENV] = json.dumps({
         "db": db, "project_id": project.id, "max_body_bytes": max_body_bytes,
-        "allowed_hosts": None if hosts is None else list(hosts)})
-    uvicorn.run(f"{__name__}:app_from_env", factory=True, workers=workers, host=host, port=port,
-                access_log=access_log, log_level="info" if access_log else "warning",
-                log_config=_worker_log_config(), server_header=False, timeout_graceful_shutdown=5)
+        "allowed_hosts": None if hosts is None else list(hosts), "failure_file": str(failure_file)})
+    try:
+        sock = _listen(host, port)
+        config = uvicorn.Config(f"{__name__}:app_from_env", factory=True, workers=workers, host=host, port=port,
+                                access_log=access_log, log_level="info" if access_log else "warning",
+                                log_config=_worker_log_config(), server_header=False, timeout_graceful_shutdown=5)
+        # uvicorn.run's own multi-process path, kept by hand to see how it ended: a
+        # worker that fails to start makes the supervisor stop them all (a worker
+        # that dies later is replaced), and uvicorn.run would then return as if
+        # told to stop.
+        # Its "failed to start, stopping" line would repeat what the error below says.
+        logging.getLogger("uvicorn.error").addFilter(_DropStartupFailureLine())
+        supervisor = Multiprocess(config, sockets=[sock])
+        try:
+            supervisor.run()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sock.close()
+        failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+        error = _worker_failure(failure_file, failed)
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)
+    if error is not None:
+        raise error
 
 
 class Running:
@@ -526,18 +641,11 @@ def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: i
     """Serve ``project`` on a background thread of this process, e.g. while a
     recipe's collect stage waits for labels; ``port=0`` picks a free port.
     Returns once the server accepts connections; ``stop()`` shuts it down."""
-    import socket
     import threading
 
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise BadInput(f"serve {host}:{port}: cannot listen there ({e.strerror}); pick another port") from None
+    sock = _listen(host, port)
     app = create_app(store, project, allowed_hosts=allowed_hosts_for(host))
     server = uvicorn.Server(_uvicorn_config(app, access_log, timeout_graceful_shutdown=2))
     # uvicorn installs no signal handlers off the main thread: Ctrl-C stays the caller's.

@@ -1,0 +1,205 @@
+"""Group commit of labels (rlhf/labeling/group_commit.py, Store.submit):
+submissions that arrive together share one transaction and one commit, each
+gets its own outcome (one refused label does not fail the others), and each
+returns only after the commit that holds it. On SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import event
+
+from rlhf.labeling.group_commit import GroupCommitter
+from rlhf.labeling.store import (Conflict, InvalidLabel, NotFound, PairFull, SubmitResult, Submission, _Pending,
+                                 new_ranking)
+from test_labeling_core import new_store, sub
+from test_labeling_load import db  # noqa: F401 - the SQLite/PostgreSQL fixture
+
+T0 = 1_000_000.0
+
+
+def count_commits(store) -> list[int]:
+    """A one-element list counting the commits of the store's write engine from now on."""
+    commits = [0]
+
+    @event.listens_for(store.engine, "commit")
+    def _commit(_conn) -> None:
+        commits[0] += 1
+
+    return commits
+
+
+def wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_one_refused_label_does_not_fail_the_others_of_its_batch(db):
+    store, project, (a, b, c) = new_store(db, n_pairs=4, overlap=1)
+    try:
+        p1 = store.next_pair(a, now=T0).id
+        p2 = store.next_pair(b, now=T0).id
+        # a's lease on p1 lapses and p1 goes to c: a's late label on it must be refused.
+        assert store.next_pair(c, now=T0 + 61).id == p1
+        first = sub(p1, "B")
+        batch = [
+            _Pending(c, first, False, T0 + 62),                            # stored
+            _Pending(a, sub(p1), False, T0 + 62),                           # 409 pair full (c holds/filled it)
+            _Pending(b, sub(999_999), False, T0 + 62),                      # 404
+            _Pending(b, sub(p2, "rank", ranking=(1, 0)), False, T0 + 62),   # 422: not a ranking item
+            _Pending(c, Submission(first.client_id, p1, "A"), False, T0 + 62),  # 409: client id reused
+            _Pending(c, first, False, T0 + 62),                             # a replay of the first, same batch
+            _Pending(b, sub(p2, "A"), True, T0 + 62),                       # stored, with b's next pair
+        ]
+        commits = count_commits(store)
+        out = store._submit_batch(batch)
+        assert commits[0] == 1, "one batch, one commit"
+        assert isinstance(out[0], tuple) and isinstance(out[0][0], SubmitResult) and not out[0][0].replayed
+        assert isinstance(out[1], PairFull)
+        assert isinstance(out[2], NotFound)
+        assert isinstance(out[3], InvalidLabel) and out[3].field == "ranking"
+        assert isinstance(out[4], Conflict) and not isinstance(out[4], PairFull)
+        assert out[5][0] == out[0][0]._replace(replayed=True)
+        result, view = out[6]
+        assert not result.replayed and view is not None and view.id not in (p1, p2)
+        stored = sorted((r.labeler, r.pair_id, r.choice) for r in store.all_labels(project.id))
+        assert stored == [("l1", p2, "A"), ("l2", p1, "B")]
+        pairs = store.pairs(project)
+        assert (pairs[p1].labeled_count, pairs[p2].labeled_count) == (1, 1)
+        assert store.progress(c, now=T0 + 63)["project_complete"] == 2
+    finally:
+        store.close()
+
+
+def test_labels_submitted_together_share_a_commit_and_wait_for_it(db):
+    n = 8
+    store, project, who = new_store(db, n_pairs=n, overlap=1, labelers=n)
+    try:
+        views = [store.next_pair(w) for w in who]
+        commits = count_commits(store)
+        with ThreadPoolExecutor(n) as pool:
+            # Hold the project's write lock (SQLite: the writer queue; PostgreSQL: the
+            # project row): the writer's first batch waits on it, the rest queue up behind.
+            with store._writing() as c:
+                store._lock_project(c, project.id, None)
+                futures = [pool.submit(store.submit, who[0], sub(views[0].id))]
+                # The writer took it and waits for the lock.
+                wait_for(lambda: store._committer._thread is not None and store._committer._queue.qsize() == 0)
+                time.sleep(0.2)
+                futures += [pool.submit(store.submit, w, sub(v.id)) for w, v in zip(who[1:], views[1:])]
+                wait_for(lambda: store._committer._queue.qsize() == n - 1)
+                time.sleep(0.1)
+                assert not any(f.done() for f in futures), "a label was acknowledged before its commit"
+            results = [f.result(timeout=30) for f in futures]
+        # The holder's own commit, the first label's batch, then one batch of the other seven.
+        assert commits[0] - 1 <= 2, f"{commits[0] - 1} commits for {n} labels that arrived together"
+        assert len({r.label_id for r, _ in results}) == n
+        assert len(store.all_labels(project.id)) == n
+    finally:
+        store.close()
+
+
+def test_ranking_items_in_a_batch(db):
+    store, project, (a, b, _) = new_store(db, n_pairs=0, overlap=1)
+    try:
+        store.add_pairs(project, [new_ranking(f"rank {i}", [f"r{i}-{k}" for k in range(4)]) for i in range(2)])
+        va, vb = store.next_pair(a), store.next_pair(b)
+        out = store._submit_batch([_Pending(a, sub(va.id, "rank", ranking=(3, 2, 1, 0)), False, None),
+                                   _Pending(b, sub(vb.id, "rank", ranking=(0, 1, 1, 2)), False, None),
+                                   _Pending(b, sub(vb.id, "A"), False, None)])
+        assert isinstance(out[0], tuple)
+        assert isinstance(out[1], InvalidLabel) and isinstance(out[2], InvalidLabel)
+        assert [r.ranking for r in store.all_labels(project.id)] == [(3, 2, 1, 0)]
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- the committer alone
+
+
+def test_committer_gives_each_caller_its_outcome_and_a_failed_batch_to_all():
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def run_batch(items: list[int]) -> list:
+        gate.wait(10)
+        seen.append(items)
+        if -1 in items:
+            raise RuntimeError("commit failed")
+        return [ValueError(i) if i % 2 else i * 10 for i in items]
+
+    committer: GroupCommitter[int, int] = GroupCommitter(run_batch, name="test-writer")
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(committer.submit, i) for i in range(6)]
+            time.sleep(0.2)
+            gate.set()
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(timeout=10))
+                except ValueError as e:
+                    outcomes.append(f"refused {e}")
+        assert outcomes == [0, "refused 1", 20, "refused 3", 40, "refused 5"]
+        assert len(seen) <= 2 and sorted(i for b in seen for i in b) == list(range(6))
+        with pytest.raises(RuntimeError, match="commit failed"):
+            committer.submit(-1)
+        assert committer.submit(4) == 40  # the writer goes on after a failed batch
+    finally:
+        committer.close()
+    assert committer.submit(2) == 20  # a closed committer starts a new writer when used again
+    committer.close()
+
+
+def test_committer_close_writes_what_is_queued_first():
+    gate = threading.Event()
+
+    def run_batch(items: list[int]) -> list:
+        gate.wait(10)
+        return [i * 10 for i in items]
+
+    committer: GroupCommitter[int, int] = GroupCommitter(run_batch, name="test-writer")
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(committer.submit, i) for i in range(3)]
+        time.sleep(0.2)
+        closing = pool.submit(committer.close)
+        time.sleep(0.1)
+        assert not closing.done()
+        gate.set()
+        closing.result(timeout=10)
+        assert [f.result(timeout=0) for f in futures] == [0, 10, 20]
+
+
+def test_a_submission_failing_after_its_writes_is_undone_alone(db):
+    """A failure after a submission wrote (a database error, say) rolls the
+    batch back; it is run again with a savepoint per submission, so the
+    others are stored and the failed one leaves nothing behind."""
+    store, project, (a, b, c) = new_store(db, n_pairs=3, overlap=1)
+    views = {w.id: store.next_pair(w) for w in (a, b, c)}
+    assign_next, calls = store._assign_next, []
+
+    def failing_for_b(conn, labeler, cfg, now, *rest):
+        calls.append(labeler.name)
+        if labeler.id == b.id:
+            raise RuntimeError("lost the connection")
+        return assign_next(conn, labeler, cfg, now, *rest)
+
+    store._assign_next = failing_for_b
+    try:
+        commits = count_commits(store)
+        out = store._submit_batch([_Pending(w, sub(views[w.id].id), True, None) for w in (a, b, c)])
+        assert isinstance(out[1], RuntimeError) and isinstance(out[0], tuple) and isinstance(out[2], tuple)
+        assert calls == ["l0", "l1", "l0", "l1", "l2"]  # stopped at b, then again with savepoints
+        assert commits[0] == 1
+        labels = store.all_labels(project.id)
+        assert sorted(r.labeler for r in labels) == ["l0", "l2"]
+        assert store.pairs(project)[views[b.id].id].labeled_count == 0
+        assert store.progress(a)["project_complete"] == 2
+    finally:
+        store.close()
