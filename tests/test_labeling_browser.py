@@ -548,6 +548,62 @@ def test_ranking_item_ordered_and_submitted_with_the_keyboard_only(browser, tmp_
         assert (label.choice, label.ranking, label.both_bad) == ("rank", (2, 0, 3, 1), True)
 
 
+def test_ranking_reordered_by_drag_and_drop_then_submitted_with_the_mouse(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from rlhf.labeling.store import new_ranking
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    token = seed(db, [new_ranking("Rank these", ["a", "b", "c", "d"])])
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(f"{server.url}/#token={token}")
+        page.wait_for_selector("#rank-view:not([hidden])")
+        names = page.locator("#ranking > li .rank-name")
+        page.locator("#rank-item-4").drag_to(page.locator("#rank-item-1"))  # 4 takes 1's place
+        expect(names).to_have_text(["Response 4", "Response 1", "Response 2", "Response 3"])
+        page.locator("#rank-item-1").drag_to(page.locator("#rank-item-3"))
+        expect(names).to_have_text(["Response 4", "Response 2", "Response 3", "Response 1"])
+        page.locator("#submit-ranking").click()
+        expect(page.locator("#status")).to_have_text("Saved: ranking 4 > 2 > 3 > 1.")
+        page.close()
+    with Store.open(db) as store:
+        (label,) = store.current_labels(store.project("md").id)
+        assert (label.choice, label.ranking) == ("rank", (3, 1, 2, 0))
+
+
+def test_ranking_on_a_phone_with_the_move_buttons(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from rlhf.labeling.store import new_ranking
+
+    db = f"sqlite:///{tmp_path / 'labels.db'}"
+    token = seed(db, [new_ranking("Rank these", ["a " * 200, "b", "c"])])
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        phone = browser.new_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        phone.goto(f"{server.url}/#token={token}")
+        phone.wait_for_selector("#rank-view:not([hidden])")
+        names = phone.locator("#ranking > li .rank-name")
+        # The first cannot go up, the last cannot go down; the rest are finger-sized.
+        assert phone.locator("#rank-up-1").is_disabled() and phone.locator("#rank-down-3").is_disabled()
+        for i in range(1, 4):
+            box = phone.locator(f"#rank-item-{i}").bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # no sideways scrolling
+        button = phone.locator("#rank-down-1").bounding_box()
+        assert button["width"] >= 40 and button["height"] >= 40, button
+        phone.locator("#rank-down-1").tap()
+        expect(names).to_have_text(["Response 2", "Response 1", "Response 3"])
+        phone.locator("#rank-up-3").tap()
+        phone.locator("#rank-up-3").tap()
+        expect(names).to_have_text(["Response 3", "Response 2", "Response 1"])
+        phone.locator("#submit-ranking").tap()
+        expect(phone.locator("#status")).to_have_text("Saved: ranking 3 > 2 > 1.")
+        phone.close()
+    with Store.open(db) as store:
+        (label,) = store.current_labels(store.project("md").id)
+        assert (label.choice, label.ranking) == ("rank", (2, 1, 0))
+
+
 def test_image_pairs_are_drawn_as_images_and_nothing_else_becomes_one(browser, tmp_path):
     """An image pair (meta kind "image", PNG data URIs) shows two <img>; a text pair holding a
     PNG data URI, and an image pair holding anything but one, show text."""

@@ -280,7 +280,7 @@ function renderRanking(focusIndex) {
     li.setAttribute("aria-label", `Place ${place + 1}: response ${idx + 1}`);
     const head = node("div", undefined, "rank-head");
     head.append(node("span", `#${place + 1}`, "rank-place"), node("span", `Response ${idx + 1}`, "rank-name"),
-      node("kbd", String(idx + 1)));
+      node("kbd", String(idx + 1)), moveButton(idx, place, -1), moveButton(idx, place, 1));
     const body = node("div", undefined, "text pane");
     renderMarkdown(body, responses[idx]);
     li.append(head, body);
@@ -300,6 +300,19 @@ function renderRanking(focusIndex) {
     return li;
   }));
   if (focusIndex !== undefined) $(`rank-item-${focusIndex + 1}`).focus();
+}
+
+// Up / down buttons: a phone has no keyboard and its browser may not drag. Out
+// of the Tab order (-1): keyboard users move the focused item with the arrows.
+function moveButton(idx, place, delta) {
+  const b = node("button", delta < 0 ? "\u25B2" : "\u25BC", "secondary rank-move");
+  b.type = "button";
+  b.tabIndex = -1;
+  b.id = `rank-${delta < 0 ? "up" : "down"}-${idx + 1}`;
+  b.setAttribute("aria-label", `Move response ${idx + 1} ${delta < 0 ? "up" : "down"}`);
+  b.disabled = delta < 0 ? place === 0 : place === state.rankOrder.length - 1;
+  b.addEventListener("click", () => moveTo(idx, place + delta));
+  return b;
 }
 
 function moveTo(idx, place) {  // put response `idx` at `place` (0 = best)
