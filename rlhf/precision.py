@@ -73,3 +73,23 @@ def training_attention(device: torch.device, bf16: bool, tokens: int) -> Iterato
 
     with sdpa_kernel([SDPBackend.MATH]):
         yield
+
+
+def fuse_tanh_gelu(*models: torch.nn.Module) -> int:
+    """For bf16 runs: swap GPT-2-style Python tanh-GELU modules
+    (transformers' ``NewGELUActivation``: eight elementwise passes, each a
+    bf16 round trip through memory on a CPU) for torch's fused kernel of the
+    same function (``GELUTanh``, which transformers documents as equivalent
+    up to rounding). fp32 runs keep the model's own module, so their numbers
+    stay those of the model's reference implementation. Returns how many
+    modules were swapped."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for model in models:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is NewGELUActivation:
+                    setattr(parent, name, GELUTanh())
+                    swapped += 1
+    return swapped

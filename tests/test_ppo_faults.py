@@ -249,6 +249,26 @@ def test_short_bf16_cpu_training_uses_the_math_attention_kernel():
     assert any("flash" in k for k in _sdpa_kernels(48, torch.float32, bf16_run=False))
 
 
+def test_fused_tanh_gelu_computes_the_models_own_activation():
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from rlhf.models import ModelConfig, load_causal_lm, load_tokenizer
+    from rlhf.precision import fuse_tanh_gelu
+
+    tok = load_tokenizer(ModelConfig(name="tiny"))
+    model = load_causal_lm(ModelConfig(name="tiny"), tok, seed=0).eval()
+    ids = torch.randint(0, len(tok), (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    count = sum(type(m) is NewGELUActivation for m in model.modules())
+    assert count == model.config.n_layer > 0
+    assert fuse_tanh_gelu(model) == count
+    assert not any(type(m) is NewGELUActivation for m in model.modules())
+    assert sum(type(m) is GELUTanh for m in model.modules()) == count
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-5)  # rounding apart, the same function
+
+
 def test_ppo_stages_in_different_precisions_run_in_one_process(tmp_path):
     # Accelerate keeps one precision per process and refuses a second one;
     # the PPO stage starts its state afresh when the precision changes.

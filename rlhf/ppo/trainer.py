@@ -61,7 +61,7 @@ from rlhf.sampling import Generated, SamplingConfig, generate, sample
 from rlhf.sharding import full_weights, pad_shard, prepare_frozen, save_full, sharding
 from rlhf.textstats import distinct_n, top_ending_share
 from rlhf.tracking import MetricsLogger, read_metrics, truncate_jsonl, write_summary
-from rlhf.precision import precision_flags, training_attention
+from rlhf.precision import fuse_tanh_gelu, precision_flags, training_attention
 
 log = logging.getLogger(__name__)
 
@@ -452,15 +452,21 @@ def _setup(cfg: Config, ctx) -> _Run:
         ref_cfg = policy_cfg if cfg.reference is None else as_model_config(cfg.reference)
         ref_model = load_causal_lm(dataclasses.replace(ref_cfg, lora=None), tok, seed=ctx.seed)
         _disable_dropout(ref_model)
+        if flags["bf16"]:
+            fuse_tanh_gelu(ref_model)  # as the policy's below: identical weights, identical log-probs
         reference = Reference(prepare_frozen(ref_model, accelerator))
     specs = as_specs(cfg.reward)
     model = PolicyAndValue(policy, _value_model(cfg, specs, policy_cfg, tok, ctx.seed),
                            value_head=not cfg.critic_free)
     _disable_dropout(model)
+    if flags["bf16"]:
+        fuse_tanh_gelu(model)
     reward_fn = CombinedReward(specs, device=accelerator.device, dtype=policy_cfg.dtype)
     for _, fn, _ in reward_fn.parts:
         if hasattr(fn, "model"):
             _disable_dropout(fn.model)
+            if flags["bf16"]:
+                fuse_tanh_gelu(fn.model)
             fn.model = prepare_frozen(fn.model, accelerator)
     # One optimizer for policy + value, LR annealed per optimiser step.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
