@@ -125,9 +125,11 @@ def test_ranking_items_in_a_batch(db):
 
 def test_committer_gives_each_caller_its_outcome_and_a_failed_batch_to_all():
     seen: list[list[int]] = []
+    entered: list[int] = []
     gate = threading.Event()
 
     def run_batch(items: list[int]) -> list:
+        entered.extend(items)
         gate.wait(10)
         seen.append(items)
         if -1 in items:
@@ -138,7 +140,8 @@ def test_committer_gives_each_caller_its_outcome_and_a_failed_batch_to_all():
     try:
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(committer.submit, i) for i in range(6)]
-            time.sleep(0.2)
+            # All six handed over (the first batch being written, the rest queued).
+            wait_for(lambda: len(entered) + committer._queue.qsize() == 6)
             gate.set()
             outcomes = []
             for f in futures:
@@ -159,21 +162,29 @@ def test_committer_gives_each_caller_its_outcome_and_a_failed_batch_to_all():
 
 def test_committer_close_writes_what_is_queued_first():
     gate = threading.Event()
+    written: list[int] = []
 
     def run_batch(items: list[int]) -> list:
+        written.extend(items)
         gate.wait(10)
         return [i * 10 for i in items]
 
     committer: GroupCommitter[int, int] = GroupCommitter(run_batch, name="test-writer")
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(committer.submit, i) for i in range(3)]
-        time.sleep(0.2)
+        # Every item handed over (being written, or queued behind the first batch)
+        # before close() is called: waited for, not slept for, as a loaded machine
+        # may start the pool's threads late.
+        deadline = time.monotonic() + 10
+        while len(written) + committer._queue.qsize() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         closing = pool.submit(committer.close)
         time.sleep(0.1)
-        assert not closing.done()
+        assert not closing.done()  # the first batch is still being written
         gate.set()
         closing.result(timeout=10)
-        assert [f.result(timeout=0) for f in futures] == [0, 10, 20]
+        assert sorted(written) == [0, 1, 2]  # all of them written before close() returned
+        assert [f.result(timeout=10) for f in futures] == [0, 10, 20]
 
 
 def test_a_submission_failing_after_its_writes_is_undone_alone(db):
