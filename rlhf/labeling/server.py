@@ -609,7 +609,9 @@ def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.
         # that dies later is replaced), and uvicorn.run would then return as if
         # told to stop.
         # Its "failed to start, stopping" line would repeat what the error below says.
-        logging.getLogger("uvicorn.error").addFilter(_DropStartupFailureLine())
+        errors = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, _DropStartupFailureLine) for f in errors.filters):  # once per process
+            errors.addFilter(_DropStartupFailureLine())
         supervisor = Multiprocess(config, sockets=[sock])
         try:
             supervisor.run()
