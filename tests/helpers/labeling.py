@@ -201,8 +201,18 @@ def percentile(values: list[float], q: float) -> float:
 
 async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: LoadResult, total: int,
                    deadline: float, rng: random.Random, replay_fraction: float, skip_fraction: float,
-                   on_ack: Callable[[LoadResult], None] | None) -> None:
+                   on_ack: Callable[[LoadResult], None] | None, check_again: bool = False) -> None:
     headers = {"Authorization": f"Bearer {token}"}
+
+    def finished(answer: dict) -> bool:
+        """No pair for this labeler now: done, unless ``check_again`` and the project
+        is not complete (pairs held by others come back if they skip or let go), in
+        which case the labeler checks again shortly, as the page's "All done" view asks."""
+        progress = answer.get("progress") or {}
+        if check_again and progress.get("project_complete", 0) < progress.get("project_pairs", 0):
+            return False
+        result.finished_labelers += 1
+        return True
 
     async def call(method: str, path: str, body: dict | None = None) -> httpx.Response | None:
         """One request, re-sent unchanged on connection errors and 5xx until the deadline."""
@@ -231,8 +241,10 @@ async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: Loa
             result.next_latency_s.append(time.perf_counter() - t0)
             pair = resp.json()["pair"]
             if pair is None:
-                result.finished_labelers += 1
-                return
+                if finished(resp.json()):
+                    return
+                await asyncio.sleep(0.1 + 0.1 * rng.random())
+                continue
         choice = "skip" if rng.random() < skip_fraction else rng.choice(("A", "A", "B", "B", "tie"))
         body = {"client_id": uuid.uuid4().hex, "pair_id": pair["id"], "choice": choice,
                 "reason": f"simulated {name}", "duration_ms": rng.randint(500, 20000)}
@@ -261,19 +273,21 @@ async def _labeler(client: httpx.AsyncClient, name: str, token: str, result: Loa
                 # that pair leased to a labeler who has gone.
                 out = again.json()
         pair = out["next"]["pair"]
-        if pair is None:
-            result.finished_labelers += 1
+        if pair is None and finished(out["next"]):
             return
 
 
 async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int, deadline_s: float = 60.0,
                             replay_fraction: float = 0.1, skip_fraction: float = 0.05, seed: int = 0,
                             on_ack: Callable[[LoadResult], None] | None = None,
-                            keepalive: bool = True) -> LoadResult:
+                            keepalive: bool = True, check_again: bool = False) -> LoadResult:
     """Run one concurrent client per token until ``total_labels`` labels are
     acknowledged, every labeler runs out of pairs, or the deadline passes.
     ``keepalive=False``: a new connection per request, so that with several
-    server processes each request goes to whichever one accepts it."""
+    server processes each request goes to whichever one accepts it. ``check_again``:
+    a labeler told there is nothing for them keeps checking while the project is
+    incomplete (until the deadline), so a pair that others skip late still finds
+    a labeler."""
     result = LoadResult()
     deadline = time.monotonic() + deadline_s
     limits = httpx.Limits(max_connections=len(tokens) * 2,
@@ -282,7 +296,7 @@ async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int,
         t0 = time.perf_counter()
         await asyncio.gather(*(
             _labeler(client, name, token, result, total_labels, deadline, random.Random(f"{seed}:{name}"),
-                     replay_fraction, skip_fraction, on_ack)
+                     replay_fraction, skip_fraction, on_ack, check_again)
             for name, token in tokens.items()))
         result.elapsed_s = time.perf_counter() - t0
     return result
