@@ -27,6 +27,7 @@ Defences, each for a named threat:
 # No `from __future__ import annotations`: FastAPI reads the endpoint
 # annotations at runtime, and the dependencies are closures it could not
 # resolve from strings.
+import contextlib
 import ipaddress
 import logging
 import pathlib
@@ -36,6 +37,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Annotated, Any, Literal
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -47,8 +49,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rlhf.errors import BadInput
 from rlhf.labeling import stats as stats_mod
 from rlhf.labeling.schema import MAX_RANKED, Strength
-from rlhf.labeling.store import (Conflict, InvalidLabel, LabelerInfo, NotFound, PairFull, ProjectInfo, Store,
-                                 Submission)
+from rlhf.labeling.store import (POOL_SIZE, Conflict, InvalidLabel, LabelerInfo, NotFound, PairFull, ProjectInfo,
+                                 Store, Submission)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,11 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"referrer-policy", b"no-referrer"),
 ]
+# Threads running the endpoints (blocking database calls) in one server process.
+# Fewer than anyio's default 40: the work holds the GIL or waits on the one
+# label writer, so more threads only queue inside the process (and would need
+# more database connections; the label writer and a spare take the other two).
+REQUEST_THREADS = POOL_SIZE - 2
 # API answers hold prompts, responses and labels: never kept by a browser or proxy cache.
 API_HEADERS = [(b"cache-control", b"no-store")]
 
@@ -281,7 +288,14 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
                allowed_hosts: Sequence[str] | None = LOOPBACK_NAMES) -> FastAPI:
     """The ASGI app for one project of ``store``, answering to the Host names
     ``allowed_hosts`` (None: any; see :func:`allowed_hosts_for`)."""
-    app = FastAPI(title=f"rlhf labeling: {project.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        # The limiter belongs to the running event loop: set it once that loop runs.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
+        yield
+
+    app = FastAPI(title=f"rlhf labeling: {project.name}", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
     bearer = HTTPBearer(auto_error=False)
 
     @app.exception_handler(RequestValidationError)
@@ -297,12 +311,15 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             raise HTTPException(401, "missing or invalid token", headers={"WWW-Authenticate": "Bearer"})
         return who
 
-    def labeler(who: Annotated[LabelerInfo, Depends(caller)]) -> LabelerInfo:
+    # The role checks are `async def`: FastAPI sends each sync dependency on its
+    # own trip through the thread pool, and a check without I/O needs none (under
+    # load each trip queues again for the event loop and the GIL).
+    async def labeler(who: Annotated[LabelerInfo, Depends(caller)]) -> LabelerInfo:
         if who.role != "labeler":
             raise HTTPException(403, "this call needs a labeler token")
         return who
 
-    def admin(who: Annotated[LabelerInfo, Depends(caller)]) -> LabelerInfo:
+    async def admin(who: Annotated[LabelerInfo, Depends(caller)]) -> LabelerInfo:
         if who.role != "admin":
             raise HTTPException(403, "this call needs an admin token")
         return who

@@ -258,11 +258,25 @@ class _Pending(NamedTuple):
 # ---------------------------------------------------------------- the store
 
 
+# Connections each engine keeps open (it opens them as they are first needed):
+# one per request thread of a server process (server.REQUEST_THREADS is
+# POOL_SIZE - 2), the label writer's and a spare. A pool smaller than the
+# number of threads using it opens a connection for each request beyond it
+# and closes it after: on SQLite a file open and four PRAGMAs, on PostgreSQL a
+# new backend process. Under 25 labelers that cost more than the label itself
+# (PostgreSQL stored 200 labels/s with a pool of 8, 300 with one this size).
+# The overflow serves other users of the store in the same process. With
+# ``serve --workers N``, PostgreSQL sees up to N * (POOL_SIZE + POOL_OVERFLOW)
+# connections; its default max_connections is 100.
+POOL_SIZE = 18
+POOL_OVERFLOW = 4
+
+
 def _sqlite_engine(url: URL, begin: str) -> Engine:
     """An engine whose transactions start with ``begin`` (``BEGIN IMMEDIATE``
     for writers; plain ``BEGIN`` for readers, which WAL never blocks)."""
     engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30.0},
-                           pool_size=4, max_overflow=16)
+                           pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record):
@@ -532,7 +546,7 @@ class Store:
                 writer_lock_file = path.with_name(path.name + "-writers.lock")
         else:
             try:
-                engine = create_engine(db.url, pool_size=8, max_overflow=16, pool_pre_ping=True)
+                engine = create_engine(db.url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
                 # Reads (sign-in checks, progress) without BEGIN and COMMIT, two round trips
                 # fewer each: under PostgreSQL's default READ COMMITTED each statement sees
                 # what is committed when it starts, inside a transaction or not. Same pool.
