@@ -145,3 +145,29 @@ def test_benchmark_script_runs_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["labels"] >= 40 and figures["labels_per_s"] > 0 and figures["submit_p99_ms"] > 0
+
+
+def test_lost_postgresql_connections_are_replaced_without_an_error(postgres_server, tmp_path):
+    """PostgreSQL drops every connection of the server (as a restart of the
+    database does): the next sign-in, label and progress read each run once
+    more on a new connection (Store's _reconnecting) and the labeler sees no
+    error; the label is stored once."""
+    import httpx
+
+    db = postgres_server
+    tokens = make_load_project(db, n_pairs=20, n_labelers=1, overlap=1, project=f"lost_{time.time_ns()}")
+    headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server, httpx.Client(base_url=server.url) as web:
+        pair = web.get("/api/next", headers=headers).json()["pair"]
+        for round_ in range(3):
+            dropped = query(db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                                "AND backend_type = 'client backend'")[0][0]
+            assert dropped >= 1, "the server held no connection to drop"
+            r = web.post("/api/labels?next=true", headers=headers,
+                         json={"client_id": f"lost-connection-{round_}", "pair_id": pair["id"], "choice": "A"})
+            assert r.status_code == 201, r.text
+            assert r.json()["next"]["progress"]["done"] == round_ + 1
+            pair = r.json()["next"]["pair"]
+        assert "lost the database connection" in (tmp_path / "server.log").read_text()
+    assert query(db, "SELECT count(*) FROM labeling_labels WHERE client_id LIKE 'lost-%'")[0][0] == 3

@@ -61,7 +61,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, bindparam, case, create_engine, event, func, insert, inspect, select, update
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
 
 from rlhf.errors import BadInput
@@ -504,6 +504,30 @@ class _WriterQueue:
             self._fd = None
 
 
+def _reconnecting(method):
+    """Run a Store method once more when the database connection was lost
+    under it (PostgreSQL restarted, or a proxy dropped an idle connection):
+    SQLAlchemy then discards every pooled connection, so the second run gets a
+    fresh one. This replaces testing each connection as it leaves the pool
+    (``pool_pre_ping``), a round trip per checkout: three per label. Only for
+    methods that are safe to run twice: reads, and writes that find their own
+    earlier effect if it was committed after all (a label by its client id, a
+    lease by its holder)."""
+
+    @functools.wraps(method)
+    def run(self: Store, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except DBAPIError as e:
+            if not e.connection_invalidated:
+                raise
+            log.warning("%s: lost the database connection (%s); trying again on a new one", self.display,
+                        str(e.orig).strip().splitlines()[0] if str(e.orig).strip() else type(e.orig).__name__)
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class Store:
     """All reads and writes of the labeling database."""
 
@@ -546,7 +570,8 @@ class Store:
                 writer_lock_file = path.with_name(path.name + "-writers.lock")
         else:
             try:
-                engine = create_engine(db.url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW, pool_pre_ping=True)
+                # No pool_pre_ping: a lost connection is replaced by a retry instead (see _reconnecting).
+                engine = create_engine(db.url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
                 # Reads (sign-in checks, progress) without BEGIN and COMMIT, two round trips
                 # fewer each: under PostgreSQL's default READ COMMITTED each statement sees
                 # what is committed when it starts, inside a transaction or not. Same pool.
@@ -685,6 +710,7 @@ class Store:
         known = ", ".join(p.name for p in projects) or "none"
         raise BadInput(f"{flag} {name}: no such project in {self.display} (projects: {known})")
 
+    @_reconnecting
     def project_by_id(self, project_id: int) -> ProjectInfo:
         with self.reading() as s:
             name, config = s.execute(select(Project.name, Project.config).where(Project.id == project_id)).one()
@@ -733,6 +759,7 @@ class Store:
                                  .values(status="released")).rowcount
             return True, released
 
+    @_reconnecting
     def authenticate(self, token: str) -> LabelerInfo | None:
         with self._read_conn() as c:
             row = c.execute(_Q.by_token, {"hash": hash_token(token)}).first()
@@ -791,6 +818,7 @@ class Store:
         return PairView(p.id, json.loads(p.prompt), p.response_a, p.response_b,
                         None if p.responses is None else json.loads(p.responses), _kind(p.meta))
 
+    @_reconnecting
     def next_pair(self, labeler: LabelerInfo, now: float | None = None) -> PairView | None:
         """The pair this labeler should label next, leased to them; None when done."""
         with self._writing() as c:
@@ -843,6 +871,7 @@ class Store:
                                       "assigned_at": now, "expires_at": now + cfg.lease_seconds})
         return self._view(pair)
 
+    @_reconnecting
     def pair_for(self, labeler: LabelerInfo, pair_id: int) -> tuple[PairView, LabelRow | None]:
         """A pair this labeler was given and their current label on it (to
         review or revise it)."""
@@ -876,6 +905,7 @@ class Store:
         """
         return self._committer.submit(_Pending(labeler, sub, assign_next, now))
 
+    @_reconnecting
     def _submit_batch(self, batch: list[_Pending]) -> list[Outcome]:
         """The group committer's writer: every submission of ``batch`` in one
         transaction, then one commit.
@@ -997,6 +1027,7 @@ class Store:
                            f"{'s' if cfg.overlap > 1 else ''} went to other labelers, so this label was not "
                            "stored; go on to your next pair (GET /api/next)")
 
+    @_reconnecting
     def history(self, labeler: LabelerInfo, limit: int = 20) -> list[LabelRow]:
         """This labeler's current labels, newest first."""
         rows = [r for r in self.current_labels(labeler.project_id, labeler_id=labeler.id)]
@@ -1025,6 +1056,7 @@ class Store:
 
     # ------------------------------------------------------------ progress
 
+    @_reconnecting
     def progress(self, labeler: LabelerInfo, now: float | None = None) -> dict[str, int]:
         """``done``: pairs this labeler finished (skips included).
 
