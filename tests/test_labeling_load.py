@@ -145,6 +145,7 @@ def test_benchmark_script_runs_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["labels"] >= 40 and figures["labels_per_s"] > 0 and figures["submit_p99_ms"] > 0
+    assert figures["load_generator_cpu_ms_per_label"] > 0
 
 
 def test_lost_postgresql_connections_are_replaced_without_an_error(postgres_server, tmp_path):
