@@ -156,9 +156,11 @@ def test_lost_postgresql_connections_are_replaced_without_an_error(postgres_serv
     import httpx
 
     db = postgres_server
-    tokens = make_load_project(db, n_pairs=20, n_labelers=1, overlap=1, project=f"lost_{time.time_ns()}")
+    project = f"lost_{time.time_ns()}"  # the session's PostgreSQL server holds other tests' projects
+    tokens = make_load_project(db, n_pairs=20, n_labelers=1, overlap=1, project=project)
     headers = {"Authorization": f"Bearer {next(iter(tokens.values()))}"}
-    with ServerProcess(db, log_path=tmp_path / "server.log") as server, httpx.Client(base_url=server.url) as web:
+    with (ServerProcess(db, project=project, log_path=tmp_path / "server.log") as server,
+          httpx.Client(base_url=server.url) as web):
         pair = web.get("/api/next", headers=headers).json()["pair"]
         for round_ in range(3):
             dropped = query(db, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -171,4 +173,4 @@ def test_lost_postgresql_connections_are_replaced_without_an_error(postgres_serv
             assert r.json()["next"]["progress"]["done"] == round_ + 1
             pair = r.json()["next"]["pair"]
         assert "lost the database connection" in (tmp_path / "server.log").read_text()
-    assert query(db, "SELECT count(*) FROM labeling_labels WHERE client_id LIKE 'lost-%'")[0][0] == 3
+    assert query(db, "SELECT count(*) FROM labeling_labels WHERE client_id LIKE 'lost-connection-%'")[0][0] == 3
