@@ -15,6 +15,7 @@ box it competes with the server for CPU: the figure is a floor. Its client
     python benchmarks/labeling_throughput.py --labelers 50 --labels 5000 --json
     python benchmarks/labeling_throughput.py --pairs 50000    # a large project (per-label cost must not grow)
     python benchmarks/labeling_throughput.py --workers 2 --new-connections   # two server processes
+    python benchmarks/labeling_throughput.py --responses 4    # ranking items of 4 responses each
 
 With ``--workers N`` the labelers' connections are shared out by the kernel
 and uvicorn as they are opened, and a connection stays with the process that
@@ -40,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.labeling import (ServerProcess, make_load_project, percentile,  # noqa: E402
                               simulate_labelers, temporary_postgres)
+from rlhf.labeling.schema import MAX_RANKED  # noqa: E402
 
 
 def main() -> None:
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=3, help="labelers per pair (default 3)")
     p.add_argument("--pairs", type=int, default=None,
                    help="pairs in the project (default: just enough for --labels; at least that many)")
+    p.add_argument("--responses", type=int, default=2,
+                   help="responses per item: 2, A/B pairs (default); K >= 3, ranking items the labelers order")
     p.add_argument("--postgres", action="store_true", help="use a temporary local PostgreSQL, not SQLite")
     p.add_argument("--workers", type=int, default=1, help="server processes (rlhf label serve --workers; default 1)")
     p.add_argument("--new-connections", action="store_true",
@@ -62,6 +66,8 @@ def main() -> None:
         p.error(f"--threads {args.threads}: expected a positive integer")
     if args.workers < 1:
         p.error(f"--workers {args.workers}: expected a positive integer")
+    if not 2 <= args.responses <= MAX_RANKED:
+        p.error(f"--responses {args.responses}: expected 2 to {MAX_RANKED}")
     # The server subprocess inherits these; set before anything could start an OpenMP pool.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     # Enough open slots to never run dry: each pair takes min(overlap, labelers) labels, plus warm-up.
@@ -73,7 +79,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as tmp, contextlib.ExitStack() as stack:
         db = stack.enter_context(temporary_postgres()) if args.postgres else f"sqlite:///{Path(tmp) / 'bench.db'}"
-        tokens = make_load_project(db, n_pairs=n_pairs, n_labelers=args.labelers, overlap=args.overlap)
+        tokens = make_load_project(db, n_pairs=n_pairs, n_labelers=args.labelers, overlap=args.overlap,
+                                   responses=args.responses)
         with ServerProcess(db, log_path=Path(tmp) / "server.log",
                            extra_args=("--workers", str(args.workers))) as server:
             # Warm-up: imports, connection pools, SQLite page cache.
@@ -94,6 +101,7 @@ def main() -> None:
         "workers": args.workers,
         "connections": "new per request" if args.new_connections else "keep-alive",
         "pairs": n_pairs,
+        "responses_per_item": args.responses,
         "labels": len(r.acked),
         "seconds": round(r.elapsed_s, 2),
         "labels_per_s": round(r.labels_per_s, 1),
@@ -114,7 +122,8 @@ def main() -> None:
     print(f"labelers:       {args.labelers} concurrent, closed loop")
     print(f"server:         {args.workers} worker process{'es' if args.workers > 1 else ''}, "
           f"{figures['connections']} connections")
-    print(f"pairs:          {n_pairs} in the project")
+    print(f"items:          {n_pairs} in the project, "
+          + ("A/B pairs" if args.responses == 2 else f"rankings of {args.responses} responses"))
     print(f"threads:        {args.threads} (OMP_NUM_THREADS for server and load generator)")
     print(f"labels:         {figures['labels']} in {figures['seconds']} s")
     print(f"throughput:     {figures['labels_per_s']} labels/s")

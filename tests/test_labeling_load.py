@@ -93,6 +93,23 @@ def test_20_concurrent_labelers_2000_labels_none_lost_none_duplicated(db, tmp_pa
     assert len({name for name, *_ in result.acked.values()}) == LABELERS  # all 20 really took part
 
 
+def test_rankings_under_load_none_lost_none_duplicated(db, tmp_path):
+    """Ranking items (4 responses each) under 10 concurrent labelers: every
+    acknowledged ranking is stored once, as sent; re-sends return the same label."""
+    import json
+
+    tokens = make_load_project(db, n_pairs=200, n_labelers=10, overlap=OVERLAP, responses=4)
+    with ServerProcess(db, log_path=tmp_path / "server.log") as server:
+        result = asyncio.run(simulate_labelers(server.url, tokens, 400, deadline_s=60, replay_fraction=0.1))
+    assert not result.errors and result.server_errors == 0, (result.errors, result.server_errors)
+    assert len(result.acked) >= 400 and result.replays_mismatched == 0
+    assert_exactly_once(db, result)
+    assert len(result.rankings) >= 300  # the rest are skips
+    stored = dict(query(db, "SELECT client_id, ranking FROM labeling_labels WHERE choice = 'rank'"))
+    wrong = [cid for cid, ranking in result.rankings.items() if json.loads(stored[cid]) != list(ranking)]
+    assert not wrong and len(stored) == len(result.rankings), wrong[:3]
+
+
 def test_sigkill_mid_load_keeps_every_acknowledged_label(db, tmp_path):
     tokens = make_load_project(db, n_pairs=400, n_labelers=LABELERS, overlap=OVERLAP)
     server = ServerProcess(db, log_path=tmp_path / "server.log").start()

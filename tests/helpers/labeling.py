@@ -177,6 +177,8 @@ class LoadResult:
 
     # client_id -> (labeler, label_id, pair_id, choice) of every acknowledged label
     acked: dict[str, tuple[str, int, int, str]] = field(default_factory=dict)
+    # client_id -> the ranking sent, for each acknowledged ranking (choice "rank")
+    rankings: dict[str, tuple[int, ...]] = field(default_factory=dict)
     submit_latency_s: list[float] = field(default_factory=list)  # first successful POST of each label
     next_latency_s: list[float] = field(default_factory=list)
     replays: int = 0  # deliberate re-sends of an acknowledged label
@@ -257,9 +259,17 @@ async def _labeler(client: aiohttp.ClientSession, name: str, token: str, result:
                     return
                 await asyncio.sleep(0.1 + 0.1 * rng.random())
                 continue
-        choice = "skip" if rng.random() < skip_fraction else rng.choice(("A", "A", "B", "B", "tie"))
-        body = {"client_id": uuid.uuid4().hex, "pair_id": pair["id"], "choice": choice,
+        body = {"client_id": uuid.uuid4().hex, "pair_id": pair["id"],
                 "reason": f"simulated {name}", "duration_ms": rng.randint(500, 20000)}
+        if rng.random() < skip_fraction:
+            body["choice"] = "skip"
+        elif pair.get("responses"):  # a ranking item: order its K responses, best first
+            order = list(range(len(pair["responses"])))
+            rng.shuffle(order)
+            body.update(choice="rank", ranking=order)
+        else:
+            body["choice"] = rng.choice(("A", "A", "B", "B", "tie"))
+        choice = body["choice"]
         t0 = time.perf_counter()
         resp = await call("POST", "/api/labels?next=true", body)
         if resp is None:
@@ -271,6 +281,8 @@ async def _labeler(client: aiohttp.ClientSession, name: str, token: str, result:
         result.submit_latency_s.append(time.perf_counter() - t0)
         out = resp.json()
         result.acked[body["client_id"]] = (name, out["label_id"], pair["id"], choice)
+        if choice == "rank":
+            result.rankings[body["client_id"]] = tuple(body["ranking"])
         if on_ack:
             on_ack(result)
         if rng.random() < replay_fraction:
@@ -318,16 +330,22 @@ async def simulate_labelers(url: str, tokens: dict[str, str], total_labels: int,
 
 
 def make_load_project(db: str, n_pairs: int, n_labelers: int, overlap: int, project: str = "load",
-                      lease_seconds: int = 900) -> dict[str, str]:
-    """A project with synthetic pairs and labelers; returns labeler name -> token."""
+                      lease_seconds: int = 900, responses: int = 2) -> dict[str, str]:
+    """A project with synthetic items and labelers; returns labeler name -> token.
+    ``responses``: 2, A/B pairs; K >= 3, ranking items of K responses each."""
     from rlhf.labeling.config import ProjectConfig
-    from rlhf.labeling.store import NewPair, Store
+    from rlhf.labeling.store import NewPair, Store, new_ranking
+
+    def item(i: int) -> NewPair:
+        prompt = f"Prompt {i}: review film #{i}"
+        if responses > 2:
+            return new_ranking(prompt, [f"Response {i} #{j}\nline two" for j in range(responses)],
+                               [f"model-{j}" for j in range(responses)])
+        return NewPair(prompt, f"Response {i} A\nline two", f"Response {i} B <b>bold?</b>", "model-a", "model-b")
 
     with Store.open(db, create=True) as store:
         proj = store.create_project(project, ProjectConfig(overlap=overlap, lease_seconds=lease_seconds))
-        store.add_pairs(proj, [NewPair(f"Prompt {i}: review film #{i}", f"Response {i} A\nline two",
-                                       f"Response {i} B <b>bold?</b>", "model-a", "model-b")
-                               for i in range(n_pairs)])
+        store.add_pairs(proj, [item(i) for i in range(n_pairs)])
         tokens = {}
         for j in range(n_labelers):
             token = f"rlhf_load_{uuid.uuid4().hex}"
