@@ -296,8 +296,9 @@ def check_progress_counters_match_a_full_count(url: str, name: str = "p", steps:
         if action < 0.45:
             view = store.next_pair(w, now=t)
             if view is not None and rng.random() < 0.8:
-                try:
-                    store.submit(w, sub(view.id, rng.choice(["A", "B", "skip"])), now=t)
+                try:  # half the time with the next pair handed out in the same commit, as the page asks
+                    store.submit(w, sub(view.id, rng.choice(["A", "B", "skip"])), assign_next=rng.random() < 0.5,
+                                 now=t)
                 except PairFull:
                     pass
         elif action < 0.6:  # revise a label: a skip into a vote or back, which moves the pair's count
@@ -314,6 +315,9 @@ def check_progress_counters_match_a_full_count(url: str, name: str = "p", steps:
         elif action < 0.65:
             overlap = 3 if overlap == 2 else 2
             project = store.set_project_config(project, ProjectConfig(overlap=overlap, lease_seconds=60))
+        elif action < 0.66:  # revoked: their open pairs go back to the pool; reinstated at once
+            store.revoke_labeler(project, w.name)
+            store.add_labeler(project, w.name, f"tok-{name}-{w.name}-{step}", replace_token=True)
         for x in who:
             assert store.progress(x, now=t) == _progress_by_scanning(store, x, overlap, t), (step, x.name)
     store.close()
@@ -387,12 +391,15 @@ def check_schema_upgrade(url: str, name: str = "p"):
     first = store.next_pair(a).id
     old, _ = store.submit(a, sub(first, "A", reason="from version 1"))
     store.close()
-    # Back to version 1: the labels table as it was then, no project counters (version 3), no rankings (4).
+    # Back to version 1: the labels table as it was then, no project counters (version 3), no rankings (4),
+    # no labeler counters (5).
     _sql(url, "ALTER TABLE labeling_labels DROP COLUMN strength", "ALTER TABLE labeling_labels DROP COLUMN both_bad",
          "ALTER TABLE labeling_projects DROP COLUMN pair_count",
          "ALTER TABLE labeling_projects DROP COLUMN complete_count", "DROP INDEX ix_labeling_assignments_live",
          "ALTER TABLE labeling_pairs DROP COLUMN responses", "ALTER TABLE labeling_pairs DROP COLUMN sources",
          "ALTER TABLE labeling_labels DROP COLUMN ranking",
+         "ALTER TABLE labeling_labelers DROP COLUMN done_count",
+         "ALTER TABLE labeling_labelers DROP COLUMN open_seen_count",
          """UPDATE labeling_meta SET value = '1' WHERE "key" = 'schema_version'""")
     with Store.open(url) as store:
         (kept,) = [r for r in store.all_labels(project.id) if r.id == old.label_id]
@@ -406,10 +413,10 @@ def check_schema_upgrade(url: str, name: str = "p"):
         assert store.progress(a) == {"done": 2, "remaining": 0, "project_pairs": 2, "project_complete": 0}
     _sql(url, """UPDATE labeling_meta SET value = '99' WHERE "key" = 'schema_version'""")
     try:
-        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 4"):
+        with pytest.raises(BadInput, match="labeling schema version 99, this rlhf reads 5"):
             Store.open(url)
     finally:
-        _sql(url, """UPDATE labeling_meta SET value = '4' WHERE "key" = 'schema_version'""")
+        _sql(url, """UPDATE labeling_meta SET value = '5' WHERE "key" = 'schema_version'""")
 
 
 def test_a_version_1_database_is_upgraded_in_place(sqlite_url):

@@ -78,6 +78,18 @@ def assert_exactly_once(db: str, result: LoadResult) -> dict:
     assert not doubled, f"a labeler labeled the same pair twice: {doubled[:3]}"
     assert not over, f"pairs labeled beyond the overlap of {OVERLAP}: {over[:3]}"
     assert not counts, f"pairs whose cached label count disagrees with the labels: {counts[:3]}"
+    # The labelers' counters (progress reads them) agree with counting their assignments.
+    drift = query(db, "SELECT l.id, l.done_count, l.open_seen_count, "
+                      "(SELECT count(*) FROM labeling_assignments a WHERE a.labeler_id = l.id "
+                      " AND a.status IN ('labeled', 'skipped')), "
+                      "(SELECT count(*) FROM labeling_assignments a JOIN labeling_pairs p ON p.id = a.pair_id "
+                      " WHERE a.labeler_id = l.id AND p.labeled_count < :overlap) "
+                      "FROM labeling_labelers l WHERE l.done_count != (SELECT count(*) FROM labeling_assignments a "
+                      " WHERE a.labeler_id = l.id AND a.status IN ('labeled', 'skipped')) "
+                      "OR l.open_seen_count != (SELECT count(*) FROM labeling_assignments a JOIN labeling_pairs p "
+                      " ON p.id = a.pair_id WHERE a.labeler_id = l.id AND p.labeled_count < :overlap)",
+                  overlap=OVERLAP)
+    assert not drift, f"labeler counters that disagree with their assignments: {drift[:3]}"
     return stored
 
 
@@ -163,6 +175,22 @@ def test_benchmark_script_runs_and_reports(tmp_path):
     figures = json.loads(proc.stdout.strip().splitlines()[-1])
     assert figures["labels"] >= 40 and figures["labels_per_s"] > 0 and figures["submit_p99_ms"] > 0
     assert figures["load_generator_cpu_ms_per_label"] > 0
+
+
+def test_history_benchmark_runs_and_reports():
+    """benchmarks/labeling_history.py at toy size: it runs and prints its figures."""
+    import json
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "labeling_history.py"
+    proc = subprocess.run([sys.executable, str(bench), "--checkpoints", "5", "20", "--calls", "5", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [row["labels_done"] for row in figures["checkpoints"]] == [5, 20]
+    assert all(row["progress_ms"] > 0 and row["submit_next_ms"] > 0 for row in figures["checkpoints"])
+    assert figures["progress_ratio"] > 0 and figures["submit_next_ratio"] > 0
 
 
 def test_lost_postgresql_connections_are_replaced_without_an_error(postgres_server, tmp_path):

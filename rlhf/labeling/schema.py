@@ -28,7 +28,7 @@ from typing import Literal
 from sqlalchemy import DDL, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, event, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 
 # version -> the statements that take a database of that version to the next.
 MIGRATIONS: dict[str, list[str]] = {
@@ -44,6 +44,12 @@ MIGRATIONS: dict[str, list[str]] = {
     "3": ["ALTER TABLE labeling_pairs ADD COLUMN responses TEXT",
           "ALTER TABLE labeling_pairs ADD COLUMN sources TEXT",
           "ALTER TABLE labeling_labels ADD COLUMN ranking VARCHAR(256)"],
+    # 4 -> 5: per-labeler counters (see Labeler), so progress never scans a labeler's history.
+    # NULL until counted; the project's counters are cleared too, so that the next write under
+    # the project lock counts both.
+    "4": ["ALTER TABLE labeling_labelers ADD COLUMN done_count INTEGER",
+          "ALTER TABLE labeling_labelers ADD COLUMN open_seen_count INTEGER",
+          "UPDATE labeling_projects SET pair_count = NULL, complete_count = NULL"],
 }
 
 # Responses per ranking item: 3 to 9 (InstructGPT ranked 4 to 9); 2 is an A/B pair.
@@ -78,8 +84,9 @@ class Project(Base):
     # Counters kept in the same transaction as what changes them, so progress
     # need not count the project's pairs: its pairs, and those with
     # ``labeled_count >= overlap`` (complete, for the overlap in ``config``).
-    # NULL: not known (a database upgraded from version 2, or the overlap just
-    # changed); the next write under the project lock counts them afresh.
+    # NULL: not known (a database upgraded from version 2 or 4, or the overlap
+    # just changed); the next write under the project lock counts them afresh,
+    # with its labelers' counters (see Labeler).
     pair_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     complete_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
@@ -94,6 +101,14 @@ class Labeler(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float] = mapped_column(Float)
     revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Counters kept in the same transaction as what changes them, so progress
+    # need not count this labeler's assignments (thousands, for a prolific
+    # labeler): those they labeled or skipped, and those whose pair is not yet
+    # complete (``labeled_count < overlap``), whatever their status. NULL: not
+    # known (an upgraded database, or the overlap just changed); counted afresh
+    # with the project's counters (see Project).
+    done_count: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
+    open_seen_count: Mapped[int | None] = mapped_column(Integer, nullable=True, default=0)
 
 
 class Pair(Base):

@@ -246,6 +246,16 @@ class _Unclean(Exception):
     rolled back and run again with a savepoint per submission."""
 
 
+# Labeler id -> (labels/skips newly done, assignments newly seen): what a batch
+# moves the labelers' counters by (see Store._count_for_labelers).
+Counts = dict[int, tuple[int, int]]
+
+
+def _count(counts: Counts, labeler_id: int, done: int = 0, seen: int = 0) -> None:
+    d, n = counts.get(labeler_id, (0, 0))
+    counts[labeler_id] = (d + done, n + seen)
+
+
 class _Pending(NamedTuple):
     """A submission waiting for the group commit (see :meth:`Store.submit`)."""
 
@@ -383,7 +393,10 @@ class _Q:
     taken = select(Pair.labeled_count + live_leases).where(Pair.id == bindparam("pair"))
     # Pairs never shown to this labeler with a free slot: what assignment may hand out.
     _new_to_me = (Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
-                  Pair.id.not_in(select(Assignment.pair_id).where(Assignment.labeler_id == bindparam("me"))),
+                  # NOT EXISTS, a primary-key probe per candidate pair; NOT IN (SELECT ...) built the
+                  # set of every pair ever shown to this labeler on each call (cost grew with their history).
+                  ~select(Assignment.pair_id).where(Assignment.pair_id == Pair.id,
+                                                    Assignment.labeler_id == bindparam("me")).exists(),
                   Pair.labeled_count + live_leases < bindparam("overlap"))
     # Fullest pairs first; the index on (project_id, labeled_count DESC, id) serves this order.
     next_pair = select(*_VIEW).where(*_new_to_me).order_by(Pair.labeled_count.desc(), Pair.id).limit(1)
@@ -433,9 +446,10 @@ class _Q:
     pair_counts = select(func.count(), func.sum(case((Pair.labeled_count >= bindparam("overlap"), 1), else_=0))
                          ).where(Pair.project_id == bindparam("project"))
     # Progress without scanning the project: "new to me" = open pairs (from the
-    # counters) - open pairs ever shown to me - open pairs never shown to me that
-    # others' live leases fill. Each term reads only this labeler's assignments
-    # or the live leases (about one per labeler), whatever the project's size.
+    # project's counters) - open pairs ever shown to me (from my counters) - open
+    # pairs never shown to me that others' live leases fill (read from the live
+    # leases, about one per labeler), whatever the project's size or my history.
+    # `mine` counts my two terms outright: only while my counters are unknown.
     mine = (select(func.count(case((Assignment.status.in_(("labeled", "skipped")), 1))),
                    func.count(case((Pair.labeled_count < bindparam("overlap"), 1))))
             .select_from(Assignment).join(Pair, Pair.id == Assignment.pair_id)
@@ -456,12 +470,30 @@ class _Q:
     _own_first = (select(_own.pair_id, _own.expires_at).where(_own.labeler_id == bindparam("me"), _own.status == "open")
                   .order_by(_own.assigned_at, _own.pair_id).limit(1))
     # What progress needs after the project row, in one statement (one round trip):
-    # mine's two counts, blocked, and the labeler's open pair.
-    _mine_counts = mine.subquery()
-    progress_counts = select(_mine_counts.c[0].label("done"), _mine_counts.c[1].label("mine_open"),
-                             blocked.scalar_subquery().label("blocked"),
-                             _own_first.with_only_columns(_own.pair_id).scalar_subquery().label("own_id"),
-                             _own_first.with_only_columns(_own.expires_at).scalar_subquery().label("own_expires"))
+    # the labeler's counters (mine's two counts, kept up to date), blocked, and
+    # the labeler's open pair.
+    progress_counts = (select(Labeler.done_count.label("done"), Labeler.open_seen_count.label("mine_open"),
+                              blocked.scalar_subquery().label("blocked"),
+                              _own_first.with_only_columns(_own.pair_id).scalar_subquery().label("own_id"),
+                              _own_first.with_only_columns(_own.expires_at).scalar_subquery().label("own_expires"))
+                       .where(Labeler.id == bindparam("me")))
+    # The labeler counters (see schema.Labeler) moved by a batch's labels and assignments.
+    labeler_counters_up = (update(Labeler.__table__).where(Labeler.__table__.c.id == bindparam("me"))
+                           .values(done_count=Labeler.__table__.c.done_count + bindparam("done"),
+                                   open_seen_count=Labeler.__table__.c.open_seen_count + bindparam("seen")))
+    # A pair that fills (or opens again): it leaves (or rejoins) the open pairs seen by each labeler it was given to.
+    seen_pair_filled = (update(Labeler)
+                        .where(Labeler.id.in_(select(Assignment.labeler_id)
+                                              .where(Assignment.pair_id == bindparam("pair"))))
+                        .values(open_seen_count=Labeler.open_seen_count - bindparam("complete")))
+    # Counts every labeler of the project afresh (their counters unknown: see schema.Labeler).
+    _cnt = aliased(Assignment)
+    labeler_counters_set = (
+        update(Labeler).where(Labeler.project_id == bindparam("project"))
+        .values(done_count=select(func.count()).select_from(_cnt)
+                .where(_cnt.labeler_id == Labeler.id, _cnt.status.in_(("labeled", "skipped"))).scalar_subquery(),
+                open_seen_count=select(func.count()).select_from(_cnt).join(Pair, Pair.id == _cnt.pair_id)
+                .where(_cnt.labeler_id == Labeler.id, Pair.labeled_count < bindparam("overlap")).scalar_subquery()))
 
 
 class _WriterQueue:
@@ -746,6 +778,9 @@ class Store:
         Returns (newly revoked, open pairs released). ``add-labeler
         --new-token`` reinstates them."""
         with self.transaction() as s:
+            # Under the project lock, as every change to leases and labeler counters: the label
+            # writer updates assignments and then labeler rows, and this the other way round.
+            self._lock_project(s.connection(), project.id, None)
             row = s.scalar(select(Labeler).where(Labeler.project_id == project.id, Labeler.name == name))
             if row is None:
                 names = s.scalars(select(Labeler.name).where(Labeler.project_id == project.id)).all()
@@ -823,7 +858,10 @@ class Store:
         """The pair this labeler should label next, leased to them; None when done."""
         with self._writing() as c:
             cfg, now = self._lock_project(c, labeler.project_id, now)
-            return self._assign_next(c, labeler, cfg, now)
+            counts: Counts = {}
+            view = self._assign_next(c, labeler, cfg, now, counts=counts)
+            self._count_for_labelers(c, counts)
+            return view
 
     @staticmethod
     def _lock_project(s: Connection, project_id: int, now: float | None) -> tuple[ProjectConfig, float]:
@@ -841,13 +879,15 @@ class Store:
         if pairs is None:  # counters unknown (see schema.Project): count once, under the lock
             pairs, complete = s.execute(_Q.pair_counts, {"project": project_id, "overlap": cfg.overlap}).one()
             s.execute(_Q.counters_set, {"project": project_id, "pairs": pairs, "complete": complete or 0})
+            s.execute(_Q.labeler_counters_set, {"project": project_id, "overlap": cfg.overlap})
         return cfg, time.time() if now is None else now
 
     def _assign_next(self, s: Connection, labeler: LabelerInfo, cfg: ProjectConfig, now: float,
-                     may_hold_one: bool = True) -> PairView | None:
+                     may_hold_one: bool = True, counts: Counts | None = None) -> PairView | None:
         """Under :meth:`_lock_project`: this labeler's unfinished pair (a page
         reload shows the same pair), else a new one. ``may_hold_one=False``:
-        the caller knows they hold no pair open (saves a query).
+        the caller knows they hold no pair open (saves a query). A new
+        assignment is added to ``counts``, for :meth:`_count_for_labelers`.
 
         New pairs: ones this labeler was never given whose non-skip labels
         plus others' live leases leave a slot under ``overlap``, fullest
@@ -869,6 +909,8 @@ class Store:
             return None
         s.execute(_Q.add_assignment, {"pair_id": pair.id, "labeler_id": labeler.id, "status": "open",
                                       "assigned_at": now, "expires_at": now + cfg.lease_seconds})
+        if counts is not None:
+            _count(counts, labeler.id, seen=1)  # a pair is handed out only while it has room: open
         return self._view(pair)
 
     @_reconnecting
@@ -931,18 +973,37 @@ class Store:
         with self._writing() as c:
             configs = {pid: self._lock_project(c, pid, None)[0]
                        for pid in sorted({item.labeler.project_id for item in batch})}
-            return [self._submit_one(c, item, configs[item.labeler.project_id], isolate) for item in batch]
+            counts: Counts = {}
+            outcomes = [self._submit_one(c, item, configs[item.labeler.project_id], isolate, counts)
+                        for item in batch]
+            self._count_for_labelers(c, counts)
+            return outcomes
 
-    def _submit_one(self, c: Connection, item: _Pending, cfg: ProjectConfig, isolate: bool) -> Outcome:
+    @staticmethod
+    def _count_for_labelers(s: Connection, counts: Counts) -> None:
+        """Move the labelers' counters (see schema.Labeler) by what a batch
+        stored: one statement for the batch (an executemany: with psycopg, one
+        round trip), not one per label."""
+        if counts:
+            s.execute(_Q.labeler_counters_up, [{"me": me, "done": done, "seen": seen}
+                                               for me, (done, seen) in sorted(counts.items())])
+
+    def _submit_one(self, c: Connection, item: _Pending, cfg: ProjectConfig, isolate: bool,
+                    counts: Counts) -> Outcome:
         """One submission of a batch, under its project's lock; with ``isolate``
-        in a savepoint, else raising :class:`_Unclean` if it fails after writing."""
+        in a savepoint, else raising :class:`_Unclean` if it fails after writing.
+        What it stored is added to ``counts`` once it has succeeded."""
         for _attempt in range(3):
             # Read per submission, after the lock was granted: leases are judged as they are when it runs.
             at = time.time() if item.now is None else item.now
+            mine: Counts = {}
             try:
                 with c.begin_nested() if isolate else contextlib.nullcontext():
-                    result, holds_open = self._store_label(c, item.labeler, item.sub, cfg, at)
-                    view = self._assign_next(c, item.labeler, cfg, at, holds_open) if item.assign_next else None
+                    result, holds_open = self._store_label(c, item.labeler, item.sub, cfg, at, mine)
+                    view = (self._assign_next(c, item.labeler, cfg, at, holds_open, mine)
+                            if item.assign_next else None)
+                for me, (done, seen) in mine.items():
+                    _count(counts, me, done, seen)
                 return result, view
             except (InvalidLabel, NotFound, Conflict) as e:
                 return e  # refused before writing anything
@@ -958,10 +1019,11 @@ class Store:
         return Conflict(f"pair {item.sub.pair_id}: concurrent labels for the same pair; reload and retry")
 
     def _store_label(self, s: Connection, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
-                     now: float) -> tuple[SubmitResult, bool]:
+                     now: float, counts: Counts) -> tuple[SubmitResult, bool]:
         """Store one label under its project's lock (see :meth:`submit` for the
         rules). Returns the result and whether the labeler may now hold a pair
-        open (False only when known not to: for :meth:`_assign_next`).
+        open (False only when known not to: for :meth:`_assign_next`). A first
+        label on the pair (not a revision) is added to ``counts``.
 
         Refuses (raises InvalidLabel, NotFound, Conflict, PairFull) only before
         its first write, so a refused submission leaves nothing to undo in the
@@ -1010,7 +1072,10 @@ class Store:
             complete = int(ctx.labeled_count + delta >= cfg.overlap) - int(ctx.labeled_count >= cfg.overlap)
             if complete:
                 s.execute(_Q.counters_up, {"project": labeler.project_id, "pairs": 0, "complete": complete})
+                s.execute(_Q.seen_pair_filled, {"pair": sub.pair_id, "complete": complete})
         s.execute(_Q.set_status, {**mine, "new_status": "skipped" if sub.choice == "skip" else "labeled"})
+        if ctx.asg_status not in ("labeled", "skipped"):
+            _count(counts, labeler.id, done=1)
         # This pair's assignment is closed now; ctx counted the labeler's other open ones.
         return SubmitResult(label_id, revision, False), ctx.other_open > 0
 
@@ -1072,12 +1137,15 @@ class Store:
             config, total, complete = s.execute(_Q.project_row, {"project": labeler.project_id}).one()
             overlap = project_config(config).overlap
             params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap, "now": now}
-            if total is None:  # counters not known yet (see schema.Project): count
+            counted = total is None  # counters not known yet (see schema.Project): count
+            if counted:
                 total, complete = s.execute(_Q.pair_counts, params).one()
             complete = complete or 0
             row = s.execute(_Q.progress_counts, params).one()
-            done = row.done
-            remaining = max(0, total - complete - row.mine_open - row.blocked)
+            done, mine_open = row.done, row.mine_open
+            if counted or done is None:  # this labeler's counters not known yet (see schema.Labeler): count
+                done, mine_open = s.execute(_Q.mine, params).one()
+            remaining = max(0, total - complete - mine_open - row.blocked)
             if row.own_id is not None and (row.own_expires > now
                                            or s.scalar(_Q.taken, {**params, "pair": row.own_id}) < overlap):
                 remaining += 1
