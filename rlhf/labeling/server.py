@@ -429,6 +429,14 @@ class RedactTokens(logging.Filter):
         return True
 
 
+def _filter_once(logger_name: str, kind: type[logging.Filter]) -> None:
+    """Put a ``kind`` filter on the logger unless it has one: the functions that
+    add them can run more than once in a process (tests, restarts)."""
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, kind) for f in logger.filters):
+        logger.addFilter(kind())
+
+
 def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
     """uvicorn's config for ``app``, its access log (when on) redacting tokens."""
     import uvicorn
@@ -436,9 +444,7 @@ def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
     # Config() sets up uvicorn's loggers; the filter goes on after, so that setup cannot drop it.
     config = uvicorn.Config(app, access_log=access_log, log_level="info" if access_log else "warning",
                             server_header=False, **kw)
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactTokens) for f in access.filters):
-        access.addFilter(RedactTokens())
+    _filter_once("uvicorn.access", RedactTokens)
     return config
 
 
@@ -518,9 +524,7 @@ def app_from_env() -> FastAPI:
 
     settings = json.loads(os.environ[WORKER_SETTINGS_ENV])
     # uvicorn set up this process's logging afresh: the token filter goes on here.
-    access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactTokens) for f in access.filters):
-        access.addFilter(RedactTokens())
+    _filter_once("uvicorn.access", RedactTokens)
     try:
         store = Store.open(settings["db"], shared=True)
         try:
@@ -626,9 +630,7 @@ def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.
         # that dies later is replaced), and uvicorn.run would then return as if
         # told to stop.
         # Its "failed to start, stopping" line would repeat what the error below says.
-        errors = logging.getLogger("uvicorn.error")
-        if not any(isinstance(f, _DropStartupFailureLine) for f in errors.filters):  # once per process
-            errors.addFilter(_DropStartupFailureLine())
+        _filter_once("uvicorn.error", _DropStartupFailureLine)
         supervisor = Multiprocess(config, sockets=[sock])
         try:
             supervisor.run()

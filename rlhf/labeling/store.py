@@ -478,9 +478,9 @@ class _Q:
                               _own_first.with_only_columns(_own.expires_at).scalar_subquery().label("own_expires"))
                        .where(Labeler.id == bindparam("me")))
     # The labeler counters (see schema.Labeler) moved by a batch's labels and assignments.
-    labeler_counters_up = (update(Labeler.__table__).where(Labeler.__table__.c.id == bindparam("me"))
-                           .values(done_count=Labeler.__table__.c.done_count + bindparam("done"),
-                                   open_seen_count=Labeler.__table__.c.open_seen_count + bindparam("seen")))
+    labeler_counters_up = (update(Labeler).where(Labeler.id == bindparam("me"))
+                           .values(done_count=Labeler.done_count + bindparam("done"),
+                                   open_seen_count=Labeler.open_seen_count + bindparam("seen")))
     # A pair that fills (or opens again): it leaves (or rejoins) the open pairs seen by each labeler it was given to.
     seen_pair_filled = (update(Labeler)
                         .where(Labeler.id.in_(select(Assignment.labeler_id)
@@ -859,7 +859,7 @@ class Store:
         with self._writing() as c:
             cfg, now = self._lock_project(c, labeler.project_id, now)
             counts: Counts = {}
-            view = self._assign_next(c, labeler, cfg, now, counts=counts)
+            view = self._assign_next(c, labeler, cfg, now, may_hold_one=True, counts=counts)
             self._count_for_labelers(c, counts)
             return view
 
@@ -883,7 +883,7 @@ class Store:
         return cfg, time.time() if now is None else now
 
     def _assign_next(self, s: Connection, labeler: LabelerInfo, cfg: ProjectConfig, now: float,
-                     may_hold_one: bool = True, counts: Counts | None = None) -> PairView | None:
+                     may_hold_one: bool, counts: Counts) -> PairView | None:
         """Under :meth:`_lock_project`: this labeler's unfinished pair (a page
         reload shows the same pair), else a new one. ``may_hold_one=False``:
         the caller knows they hold no pair open (saves a query). A new
@@ -909,8 +909,7 @@ class Store:
             return None
         s.execute(_Q.add_assignment, {"pair_id": pair.id, "labeler_id": labeler.id, "status": "open",
                                       "assigned_at": now, "expires_at": now + cfg.lease_seconds})
-        if counts is not None:
-            _count(counts, labeler.id, seen=1)  # a pair is handed out only while it has room: open
+        _count(counts, labeler.id, seen=1)  # a pair is handed out only while it has room: open
         return self._view(pair)
 
     @_reconnecting
@@ -996,13 +995,14 @@ class Store:
         for _attempt in range(3):
             # Read per submission, after the lock was granted: leases are judged as they are when it runs.
             at = time.time() if item.now is None else item.now
-            mine: Counts = {}
+            # Kept apart until the submission succeeds: one undone by its savepoint counts nothing.
+            own: Counts = {}
             try:
                 with c.begin_nested() if isolate else contextlib.nullcontext():
-                    result, holds_open = self._store_label(c, item.labeler, item.sub, cfg, at, mine)
-                    view = (self._assign_next(c, item.labeler, cfg, at, holds_open, mine)
+                    result, holds_open = self._store_label(c, item.labeler, item.sub, cfg, at, own)
+                    view = (self._assign_next(c, item.labeler, cfg, at, holds_open, own)
                             if item.assign_next else None)
-                for me, (done, seen) in mine.items():
+                for me, (done, seen) in own.items():
                     _count(counts, me, done, seen)
                 return result, view
             except (InvalidLabel, NotFound, Conflict) as e:
