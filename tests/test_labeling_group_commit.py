@@ -193,15 +193,17 @@ def test_a_submission_failing_after_its_writes_is_undone_alone(db):
     others are stored and the failed one leaves nothing behind."""
     store, project, (a, b, c) = new_store(db, n_pairs=3, overlap=1)
     views = {w.id: store.next_pair(w) for w in (a, b, c)}
-    assign_next, calls = store._assign_next, []
+    names = {w.id: w.name for w in (a, b, c)}
+    write_label, calls = store._write_label, []
 
-    def failing_for_b(conn, labeler, cfg, now, *rest):
-        calls.append(labeler.name)
-        if labeler.id == b.id:
+    def failing_for_b(conn, plan, *rest):
+        out = write_label(conn, plan, *rest)  # the label and its next pair are written: then it fails
+        calls.append(names[plan.params["labeler_id"]])
+        if plan.params["labeler_id"] == b.id:
             raise RuntimeError("lost the connection")
-        return assign_next(conn, labeler, cfg, now, *rest)
+        return out
 
-    store._assign_next = failing_for_b
+    store._write_label = failing_for_b
     try:
         commits = count_commits(store)
         out = store._submit_batch([_Pending(w, sub(views[w.id].id), True, None) for w in (a, b, c)])

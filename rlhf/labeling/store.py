@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import (Connection, Engine, Float, Integer, Row, bindparam, case, create_engine, event, func, insert,
-                        inspect, literal, select, update)
+                        inspect, literal, select, true, update)
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
@@ -226,6 +226,27 @@ class Submission:
     strength: str | None = None  # a schema.Strength; A and B only (the server checks)
     both_bad: bool = False  # not with skip (the server checks)
     ranking: tuple[int, ...] | None = None  # with choice "rank": a permutation of the item's response indices
+
+
+class _Stored(NamedTuple):
+    """What :meth:`Store._store_label` did."""
+    result: SubmitResult
+    # Asked to hand out the next pair too: whether it did (``view``, None when
+    # none is left). If not (the labeler may hold another pair open, or this was
+    # a replay), :meth:`Store._assign_next` decides.
+    leased: bool = False
+    view: PairView | None = None
+
+
+class _Plan(NamedTuple):
+    """A label that passed the rules (see :meth:`Store._plan_label`), to write."""
+    params: dict[str, Any]  # the label row's columns
+    delta: int  # the change to the pair's non-skip labels
+    complete: int  # the change to the project's full pairs: +1 the pair fills, -1 it opens again
+    status: str  # the labeler's assignment to the pair, after
+    needs_room: bool  # takes a slot without a live lease on it: Store._check_room first
+    first: bool  # the labeler's first label on the pair (not a revision): one more done
+    other_open: int  # the labeler's other open assignments
 
 
 class _Seen(NamedTuple):
@@ -527,6 +548,11 @@ class _Q:
                                   bindparam("now", type_=Float), bindparam("expires", type_=Float)))
               .cte("lease"))
     lease_next = select(_pick).add_cte(_lease)
+    # Both in one statement: the label, and the labeler's next pair (a row of
+    # NULLs after the label's id when none is left).
+    write_label_lease_next = (select(_new_label.c.id.label("label_id"), *_pick.c)
+                              .select_from(_new_label.outerjoin(_pick, true()))
+                              .add_cte(_bump, _fill, _seen_filled, _close, _lease))
 
 
 class _WriterQueue:
@@ -892,7 +918,7 @@ class Store:
         with self._writing() as c:
             cfg, now = self._lock_project(c, labeler.project_id, now)
             counts: Counts = {}
-            view = self._assign_next(c, labeler, cfg, now, may_hold_one=True, counts=counts)
+            view = self._assign_next(c, labeler, cfg, now, counts)
             self._count_for_labelers(c, counts)
             return view
 
@@ -915,19 +941,24 @@ class Store:
             s.execute(_Q.labeler_counters_set, {"project": project_id, "overlap": cfg.overlap})
         return cfg, time.time() if now is None else now
 
+    @staticmethod
+    def _lease_params(labeler: LabelerInfo, cfg: ProjectConfig, now: float) -> dict[str, Any]:
+        """The parameters of ``_Q.next_pair`` and of leasing the pair it picks."""
+        return {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap,
+                "expires": now + cfg.lease_seconds}
+
     def _assign_next(self, s: Connection, labeler: LabelerInfo, cfg: ProjectConfig, now: float,
-                     may_hold_one: bool, counts: Counts) -> PairView | None:
+                     counts: Counts) -> PairView | None:
         """Under :meth:`_lock_project`: this labeler's unfinished pair (a page
-        reload shows the same pair), else a new one. ``may_hold_one=False``:
-        the caller knows they hold no pair open (saves a query). A new
-        assignment is added to ``counts``, for :meth:`_count_for_labelers`.
+        reload shows the same pair), else a new one. A new assignment is added
+        to ``counts``, for :meth:`_count_for_labelers`.
 
         New pairs: ones this labeler was never given whose non-skip labels
         plus others' live leases leave a slot under ``overlap``, fullest
         first so that pairs reach their overlap early.
         """
-        params = {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap}
-        own = s.execute(_Q.own_open, params).first() if may_hold_one else None
+        params = self._lease_params(labeler, cfg, now)
+        own = s.execute(_Q.own_open, params).first()
         if own is not None:
             if own.expires_at - now > cfg.lease_seconds / 2:
                 return self._view(own)  # fresh lease: no write, so no commit to wait for
@@ -937,16 +968,16 @@ class Store:
                 return self._view(own)
             # Its slot went to someone else while the lease was lapsed.
             s.execute(_Q.set_status, {**mine, "new_status": "released"})
-        pair = self._lease_next(s, {**params, "expires": now + cfg.lease_seconds})
+        pair = self._lease_next(s, params)
         if pair is None:
             return None
         _count(counts, labeler.id, seen=1)  # a pair is handed out only while it has room: open
         return self._view(pair)
 
     def _lease_next(self, s: Connection, params: dict[str, Any]) -> Row | None:
-        """Lease this labeler the next pair (``_Q.next_pair``'s choice) until
-        ``params["expires"]``; that pair, or None. PostgreSQL: one statement
-        (see :meth:`_write_label` for why)."""
+        """Lease this labeler the next pair (``_Q.next_pair``'s choice; ``params``
+        from :meth:`_lease_params`); that pair, or None. PostgreSQL: one
+        statement (see :meth:`_write_label` for why)."""
         if not self.is_sqlite:
             return s.execute(_Q.lease_next, params).first()
         pair = s.execute(_Q.next_pair, params).first()
@@ -1042,12 +1073,13 @@ class Store:
             own: Counts = {}
             try:
                 with c.begin_nested() if isolate else contextlib.nullcontext():
-                    result, holds_open = self._store_label(c, item.labeler, item.sub, cfg, at, own)
-                    view = (self._assign_next(c, item.labeler, cfg, at, holds_open, own)
-                            if item.assign_next else None)
+                    stored = self._store_label(c, item.labeler, item.sub, cfg, at, own, item.assign_next)
+                    view = stored.view
+                    if item.assign_next and not stored.leased:
+                        view = self._assign_next(c, item.labeler, cfg, at, own)
                 for me, (done, seen) in own.items():
                     _count(counts, me, done, seen)
-                return result, view
+                return stored.result, view
             except (InvalidLabel, NotFound, Conflict) as e:
                 return e  # refused before writing anything
             except IntegrityError as e:
@@ -1062,32 +1094,55 @@ class Store:
         return Conflict(f"pair {item.sub.pair_id}: concurrent labels for the same pair; reload and retry")
 
     def _store_label(self, s: Connection, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
-                     now: float, counts: Counts) -> tuple[SubmitResult, bool]:
+                     now: float, counts: Counts, lease_next: bool = False) -> _Stored:
         """Store one label under its project's lock (see :meth:`submit` for the
-        rules). Returns the result and whether the labeler may now hold a pair
-        open (False only when known not to: for :meth:`_assign_next`). A first
-        label on the pair (not a revision) is added to ``counts``.
+        rules). ``lease_next``: also hand out the labeler's next pair, with the
+        label's writes, when the labeler is known to hold no other pair open
+        (else the caller's :meth:`_assign_next` does). A first label on the pair
+        (not a revision) and a new assignment are added to ``counts``.
 
         Refuses (raises InvalidLabel, NotFound, Conflict, PairFull) only before
         its first write, so a refused submission leaves nothing to undo in the
         transaction it shares with others (see :meth:`_submit_one`).
         """
-        mine = {"pair": sub.pair_id, "me": labeler.id}
-        ctx = s.execute(_Q.label_context, {**mine, "client_id": sub.client_id}).first()
-        seen = ctx if ctx is not None and ctx.seen_id is not None else None
+        ctx = s.execute(_Q.label_context, {"pair": sub.pair_id, "me": labeler.id, "client_id": sub.client_id}).first()
         if ctx is None:  # no such pair; but a retry's check comes first, whatever the pair
             row = s.execute(_Q.by_client_id, {"me": labeler.id, "client_id": sub.client_id}).first()
-            seen = None if row is None else _Seen(*row)
-        if seen is not None:
+            if row is None:
+                raise NotFound(f"pair {sub.pair_id} not found")
+            return _Stored(self._replayed(_Seen(*row), sub))
+        plan = self._plan_label(ctx, labeler, sub, cfg, now)
+        if isinstance(plan, SubmitResult):
+            return _Stored(plan)
+        if plan.needs_room:
+            self._check_room(s, labeler, sub.pair_id, cfg, now)
+        # This pair's assignment closes with the label; ctx counted the labeler's other open ones.
+        lease = self._lease_params(labeler, cfg, now) if lease_next and not plan.other_open else None
+        label_id, pair = self._write_label(s, plan, lease)
+        return self._stored(plan, label_id, lease is not None, pair, counts)
+
+    @staticmethod
+    def _replayed(seen: Row | _Seen, sub: Submission) -> SubmitResult:
+        """The label already stored under ``sub.client_id`` (``seen``): returned
+        again when ``sub`` is the same label (a retry), else a Conflict."""
+        stored = (seen.seen_pair_id, seen.seen_choice, seen.seen_reason, seen.seen_supersedes_id,
+                  seen.seen_strength, bool(seen.seen_both_bad),
+                  None if seen.seen_ranking is None else tuple(json.loads(seen.seen_ranking)))
+        ranking = None if sub.ranking is None else tuple(sub.ranking)
+        if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad, ranking):
+            raise Conflict(f"client_id {sub.client_id} was already used for a different label")
+        return SubmitResult(seen.seen_id, seen.seen_revision, True)
+
+    @staticmethod
+    def _plan_label(ctx: Row, labeler: LabelerInfo, sub: Submission, cfg: ProjectConfig,
+                    now: float) -> _Plan | SubmitResult:
+        """The rules of :meth:`submit`, judged from the label's context (a row of
+        ``_Q.label_context`` read under the project lock): what to write, or
+        for a retry the label stored before. A refusal raises."""
+        if ctx.seen_id is not None:
             # Checked first: a retry of a stored label is answered even if the pair has filled since.
-            stored = (seen.seen_pair_id, seen.seen_choice, seen.seen_reason, seen.seen_supersedes_id,
-                      seen.seen_strength, bool(seen.seen_both_bad),
-                      None if seen.seen_ranking is None else tuple(json.loads(seen.seen_ranking)))
-            ranking = None if sub.ranking is None else tuple(sub.ranking)
-            if stored != (sub.pair_id, sub.choice, sub.reason, sub.supersedes, sub.strength, sub.both_bad, ranking):
-                raise Conflict(f"client_id {sub.client_id} was already used for a different label")
-            return SubmitResult(seen.seen_id, seen.seen_revision, True), True
-        if ctx is None or ctx.project_id != labeler.project_id:
+            return Store._replayed(ctx, sub)
+        if ctx.project_id != labeler.project_id:
             raise NotFound(f"pair {sub.pair_id} not found")
         _check_fits(sub, None if ctx.responses is None else len(json.loads(ctx.responses)))
         if ctx.asg_status is None:
@@ -1099,50 +1154,67 @@ class Store:
                            f"send supersedes={ctx.cur_id}")
         delta = int(sub.choice != "skip") - int(ctx.cur_id is not None and ctx.cur_choice != "skip")
         leased = ctx.asg_status == "open" and ctx.asg_expires > now  # a live lease holds one of the pair's slots
-        if delta > 0 and not leased:
-            self._check_room(s, labeler, sub.pair_id, cfg, now)
-        revision = 0 if ctx.cur_id is None else ctx.cur_revision + 1
-        # labeled_count was read under the project lock: nothing changed it since.
-        complete = int(ctx.labeled_count + delta >= cfg.overlap) - int(ctx.labeled_count >= cfg.overlap)
-        label_id = self._write_label(s, {
-            "project_id": labeler.project_id, "pair_id": sub.pair_id, "labeler_id": labeler.id,
-            "client_id": sub.client_id, "choice": sub.choice, "reason": sub.reason, "strength": sub.strength,
-            "both_bad": sub.both_bad, "ranking": None if sub.ranking is None else json.dumps(list(sub.ranking)),
-            "duration_ms": sub.duration_ms, "revision": revision,
-            "supersedes_id": sub.supersedes, "created_at": now},
-            delta, complete, "skipped" if sub.choice == "skip" else "labeled")
-        if ctx.asg_status not in ("labeled", "skipped"):
-            _count(counts, labeler.id, done=1)
-        # This pair's assignment is closed now; ctx counted the labeler's other open ones.
-        return SubmitResult(label_id, revision, False), ctx.other_open > 0
+        return _Plan(
+            params={"project_id": labeler.project_id, "pair_id": sub.pair_id, "labeler_id": labeler.id,
+                    "client_id": sub.client_id, "choice": sub.choice, "reason": sub.reason,
+                    "strength": sub.strength, "both_bad": sub.both_bad,
+                    "ranking": None if sub.ranking is None else json.dumps(list(sub.ranking)),
+                    "duration_ms": sub.duration_ms, "revision": 0 if ctx.cur_id is None else ctx.cur_revision + 1,
+                    "supersedes_id": sub.supersedes, "created_at": now},
+            delta=delta,
+            # labeled_count was read under the project lock: nothing changed it since.
+            complete=int(ctx.labeled_count + delta >= cfg.overlap) - int(ctx.labeled_count >= cfg.overlap),
+            status="skipped" if sub.choice == "skip" else "labeled",
+            needs_room=delta > 0 and not leased, first=ctx.asg_status not in ("labeled", "skipped"),
+            other_open=ctx.other_open)
 
-    def _write_label(self, s: Connection, label: dict[str, Any], delta: int, complete: int, status: str) -> int:
-        """Store a label row and what it changes; returns its id. ``delta``:
-        the change to the pair's non-skip labels; ``complete``: to the
-        project's full pairs (+1 the pair fills, -1 it opens again); ``status``:
-        the labeler's assignment to the pair, now.
+    def _stored(self, plan: _Plan, label_id: int, leased: bool, pair: Row | None, counts: Counts) -> _Stored:
+        """A written label's outcome; what it changed of its labeler's counters is added to ``counts``."""
+        me = plan.params["labeler_id"]
+        if plan.first:
+            _count(counts, me, done=1)
+        if pair is not None:
+            _count(counts, me, seen=1)  # a pair is handed out only while it has room: open
+        return _Stored(SubmitResult(label_id, plan.params["revision"], False), leased,
+                       None if pair is None else self._view(pair))
 
-        PostgreSQL: one statement (``_Q.write_label``) instead of up to five.
-        The label writer (one thread; see :meth:`submit`) was busy all the
-        time under load, most of it waiting on round trips to the server,
-        so these set PostgreSQL's throughput. SQLite runs in this process
-        (no round trips to save) and has no data-modifying WITH: one by one.
+    def _write_label(self, s: Connection, plan: _Plan, lease: dict[str, Any] | None) -> tuple[int, Row | None]:
+        """Write a planned label (the label row, the pair's count, the
+        project's and labelers' counters when the pair fills or opens again,
+        the labeler's assignment); returns its id, and with ``lease``
+        (:meth:`_lease_params`) the next pair leased to the labeler (None:
+        none left).
+
+        PostgreSQL: one statement (``_Q.write_label[_lease_next]``) instead of
+        up to seven. The label writer (one thread; see :meth:`submit`) was busy
+        all the time under load, most of it waiting on round trips to the
+        server, so these set PostgreSQL's throughput. SQLite runs in this
+        process (no round trips to save) and has no data-modifying WITH: one
+        by one.
         """
-        pair = label["pair_id"]
         if not self.is_sqlite:
-            return s.execute(_Q.write_label, {
-                **{f"new_{k}": v for k, v in label.items()}, "pair": pair, "me": label["labeler_id"],
-                "project": label["project_id"], "delta": delta, "complete": complete, "new_status": status,
-            }).scalar_one()
+            if lease is None:
+                return s.execute(_Q.write_label, self._pg_write_params(plan)).scalar_one(), None
+            row = s.execute(_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}).one()
+            return row.label_id, None if row.id is None else row
+        label, pair = plan.params, plan.params["pair_id"]
         label_id = s.execute(_Q.add_label, label).scalar_one()
-        if delta:
+        if plan.delta:
             # A SQL-side increment: never a write-back of a count read earlier.
-            s.execute(_Q.count_up, {"pair": pair, "delta": delta})
-        if complete:
-            s.execute(_Q.counters_up, {"project": label["project_id"], "pairs": 0, "complete": complete})
-            s.execute(_Q.seen_pair_filled, {"pair": pair, "complete": complete})
-        s.execute(_Q.set_status, {"pair": pair, "me": label["labeler_id"], "new_status": status})
-        return label_id
+            s.execute(_Q.count_up, {"pair": pair, "delta": plan.delta})
+        if plan.complete:
+            s.execute(_Q.counters_up, {"project": label["project_id"], "pairs": 0, "complete": plan.complete})
+            s.execute(_Q.seen_pair_filled, {"pair": pair, "complete": plan.complete})
+        s.execute(_Q.set_status, {"pair": pair, "me": label["labeler_id"], "new_status": plan.status})
+        return label_id, None if lease is None else self._lease_next(s, lease)
+
+    @staticmethod
+    def _pg_write_params(plan: _Plan) -> dict[str, Any]:
+        """The parameters of ``_Q.write_label`` for ``plan``."""
+        label = plan.params
+        return {**{f"new_{k}": v for k, v in label.items()}, "pair": label["pair_id"], "me": label["labeler_id"],
+                "project": label["project_id"], "delta": plan.delta, "complete": plan.complete,
+                "new_status": plan.status}
 
     @staticmethod
     def _check_room(s: Connection, labeler: LabelerInfo, pair_id: int, cfg: ProjectConfig, now: float) -> None:
