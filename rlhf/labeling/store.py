@@ -61,9 +61,10 @@ from typing import Any, NamedTuple
 from sqlalchemy import (Connection, Engine, Float, Integer, Row, bindparam, case, create_engine, event, func, insert,
                         inspect, literal, select, true, update)
 from sqlalchemy import text as sql_text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Compiled, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, aliased
+from sqlalchemy.sql import Executable
 
 from rlhf.errors import BadInput
 from rlhf.labeling.config import ProjectConfig
@@ -631,6 +632,7 @@ class Store:
         # PostgreSQL: no queue here; the project row lock orders the writers (see _lock_project).
         self._lock = _WriterQueue(writer_lock_file) if self.is_sqlite else contextlib.nullcontext()
         # Label submissions: one writer thread, batching what arrives together (see submit).
+        self._compiled: dict[Executable, tuple[Compiled, str]] = {}  # see _each_first_row
         self._committer: GroupCommitter[_Pending, tuple[SubmitResult, PairView | None]] = GroupCommitter(
             self._submit_batch, name="label-writer")
 
@@ -1047,10 +1049,94 @@ class Store:
             configs = {pid: self._lock_project(c, pid, None)[0]
                        for pid in sorted({item.labeler.project_id for item in batch})}
             counts: Counts = {}
-            outcomes = [self._submit_one(c, item, configs[item.labeler.project_id], isolate, counts)
-                        for item in batch]
+            outcomes: list[Any] = [None] * len(batch)
+            one_by_one = range(len(batch))
+            if not self.is_sqlite and not isolate and len(batch) > 1:
+                one_by_one = self._write_together(c, batch, configs, outcomes, counts)
+            for i in one_by_one:
+                outcomes[i] = self._submit_one(c, batch[i], configs[batch[i].labeler.project_id], isolate, counts)
             self._count_for_labelers(c, counts)
             return outcomes
+
+    def _write_together(self, c: Connection, batch: list[_Pending], configs: dict[int, ProjectConfig],
+                        outcomes: list[Any], counts: Counts) -> list[int]:
+        """PostgreSQL: as many of the batch's submissions as can be, in two
+        round trips for all of them (their contexts, then their writes, each
+        a pipeline: see :meth:`_each_first_row`) instead of two each. Fills
+        their ``outcomes``; returns the indices left for :meth:`_submit_one`,
+        which runs them after.
+
+        Taken together: submissions sharing no pair and no labeler with an
+        earlier one taken, so that no write of the group changes what another
+        read, and reading every context before any write reads what one by
+        one would. Left: the rest, a replay, a label needing a room check
+        (its lease lapsed), a labeler holding another pair open (its next
+        pair may be that one), a pair that does not exist; as are all of
+        them when something fails (raised as :class:`_Unclean`: the batch
+        is then run again one by one, in savepoints).
+        """
+        claimed: set[tuple[str, int]] = set()
+        together, left = [], []
+        for i, item in enumerate(batch):
+            keys = {("pair", item.sub.pair_id), ("me", item.labeler.id)}
+            (left if keys & claimed else together).append(i)
+            claimed |= keys
+        at = {i: time.time() if batch[i].now is None else batch[i].now for i in together}
+        try:
+            contexts = self._each_first_row(c, _Q.label_context, [
+                {"pair": batch[i].sub.pair_id, "me": batch[i].labeler.id, "client_id": batch[i].sub.client_id}
+                for i in together])
+            plans: list[tuple[int, _Plan]] = []
+            for i, ctx in zip(together, contexts):
+                item = batch[i]
+                try:
+                    plan = (None if ctx is None else
+                            self._plan_label(ctx, item.labeler, item.sub, configs[item.labeler.project_id], at[i]))
+                except (InvalidLabel, NotFound, Conflict) as e:
+                    outcomes[i] = e  # refused: nothing to write
+                    continue
+                if not isinstance(plan, _Plan) or plan.needs_room or (item.assign_next and plan.other_open):
+                    left.append(i)
+                else:
+                    plans.append((i, plan))
+            for lease_next in (True, False):
+                group = [(i, plan) for i, plan in plans if batch[i].assign_next == lease_next]
+                params = [{**self._pg_write_params(plan), **(self._lease_params(
+                    batch[i].labeler, configs[batch[i].labeler.project_id], at[i]) if lease_next else {})}
+                    for i, plan in group]
+                rows = self._each_first_row(c, _Q.write_label_lease_next if lease_next else _Q.write_label, params)
+                for (i, plan), row in zip(group, rows):
+                    pair = row if lease_next and row.id is not None else None
+                    stored = self._stored(plan, row[0], lease_next, pair, counts)
+                    outcomes[i] = stored.result, stored.view
+        except Exception as e:  # noqa: BLE001 - a database error: run the batch again, one by one
+            raise _Unclean from e
+        return sorted(left)
+
+    def _each_first_row(self, c: Connection, stmt: Executable, params: list[dict[str, Any]]) -> list[Any]:
+        """PostgreSQL: run ``stmt`` once per parameter set, in order (each run
+        sees what the ones before wrote), all in one round trip; each run's
+        first row (attributes named as the columns), or None.
+
+        psycopg's executemany sends the runs as one pipeline. SQLAlchemy's
+        executemany keeps no rows of a SELECT, hence the driver's cursor, on
+        the same connection and transaction, with the SQL SQLAlchemy compiles
+        for it (once per statement).
+        """
+        from psycopg.rows import namedtuple_row  # PostgreSQL's driver: installed with it, not for SQLite
+
+        if not params:
+            return []
+        compiled = self._compiled.get(stmt)
+        if compiled is None:
+            compiled = self._compiled[stmt] = (sql := stmt.compile(dialect=c.dialect), str(sql))
+        with c.connection.driver_connection.cursor(row_factory=namedtuple_row) as cur:
+            cur.executemany(compiled[1], [compiled[0].construct_params(p) for p in params], returning=True)
+            rows = []
+            for _ in params:
+                rows.append(cur.fetchone())
+                cur.nextset()
+        return rows
 
     @staticmethod
     def _count_for_labelers(s: Connection, counts: Counts) -> None:
