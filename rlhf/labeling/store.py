@@ -1067,8 +1067,8 @@ class Store:
         which runs them after.
 
         Taken together: submissions sharing no pair and no labeler with an
-        earlier one taken, so that no write of the group changes what another
-        read, and reading every context before any write reads what one by
+        earlier one of the batch, so that no write of the group changes what
+        another read, and reading every context before any write reads what one by
         one would. Left: the rest, a replay, a label needing a room check
         (its lease lapsed), a labeler holding another pair open (its next
         pair may be that one), a pair that does not exist; as are all of
