@@ -8,7 +8,9 @@ label is committed durably (SQLite WAL, ``synchronous=FULL``) before it is
 acknowledged. The load generator runs on the same machine, so on a 2-core
 box it competes with the server for CPU: the figure is a floor. Its client
 (aiohttp) costs about 0.2 ms of CPU per request, printed as
-``load_generator_cpu_ms_per_label``.
+``load_generator_cpu_ms_per_label``; the server's CPU per label (its worker
+processes included) and with ``--postgres`` PostgreSQL's (all its processes)
+are printed beside it: with SQLite the database's work is in the server's.
 
     python benchmarks/labeling_throughput.py                  # SQLite, 20 labelers, 3000 labels
     python benchmarks/labeling_throughput.py --postgres       # a throwaway local PostgreSQL instead
@@ -42,6 +44,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers.labeling import (ServerProcess, make_load_project, percentile,  # noqa: E402
                               simulate_labelers, temporary_postgres)
 from rlhf.labeling.schema import MAX_RANKED  # noqa: E402
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid``, of its children that
+    have ended, and of those still running (PostgreSQL starts a process per
+    connection; uvicorn one per worker). psutil: installed with accelerate."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    t = proc.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            c = child.cpu_times()
+            total += c.user + c.system
+    return total
+
+
+def postmaster_pid(url: str) -> int:
+    """The pid of the (local) PostgreSQL server at ``url``, from its data directory."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as conn:
+        data_dir = conn.execute(text("SELECT setting FROM pg_settings WHERE name = 'data_directory'")).scalar_one()
+    engine.dispose()
+    return int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
 
 
 def main() -> None:
@@ -86,11 +115,12 @@ def main() -> None:
             # Warm-up: imports, connection pools, SQLite page cache.
             asyncio.run(simulate_labelers(server.url, tokens, args.labelers * 5, replay_fraction=0, seed=1,
                                           keepalive=not args.new_connections))
-            cpu0 = os.times()
+            processes = {"server": server.proc.pid, **({"postgres": postmaster_pid(db)} if args.postgres else {})}
+            cpu0, tree0 = os.times(), {name: tree_cpu_s(pid) for name, pid in processes.items()}
             r = asyncio.run(simulate_labelers(server.url, tokens, args.labels, deadline_s=args.deadline,
                                               replay_fraction=0.0, skip_fraction=0.05, seed=2,
                                               keepalive=not args.new_connections))
-            cpu1 = os.times()
+            cpu1, tree1 = os.times(), {name: tree_cpu_s(pid) for name, pid in processes.items()}
     if r.errors or r.server_errors or len(r.acked) < args.labels:
         raise SystemExit(f"incomplete run: {len(r.acked)} of {args.labels} labels, {r.server_errors} server "
                          f"errors, other errors: {dict(r.errors)}")
@@ -109,6 +139,8 @@ def main() -> None:
         "submit_p99_ms": ms(r.submit_latency_s, 99),
         "load_generator_cpu_ms_per_label": round(1000 * (cpu1.user + cpu1.system - cpu0.user - cpu0.system)
                                                  / len(r.acked), 2),
+        **{f"{name}_cpu_ms_per_label": round(1000 * (tree1[name] - tree0[name]) / len(r.acked), 2)
+           for name in processes},
         "cpu_cores": os.cpu_count(),
         "python": platform.python_version(),
         "threads": args.threads,
@@ -131,6 +163,8 @@ def main() -> None:
           "(includes queueing behind the other labelers)")
     print(f"load generator: {figures['load_generator_cpu_ms_per_label']} ms of CPU per label "
           "(taken from the server's cores)")
+    print(f"server:         {figures['server_cpu_ms_per_label']} ms of CPU per label"
+          + (f"; PostgreSQL {figures['postgres_cpu_ms_per_label']} ms" if args.postgres else ""))
 
 
 if __name__ == "__main__":

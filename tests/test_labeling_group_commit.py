@@ -77,6 +77,42 @@ def test_one_refused_label_does_not_fail_the_others_of_its_batch(db):
         store.close()
 
 
+def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
+    """PostgreSQL: the labels of a batch that share no pair and no labeler are
+    read together and written together, a pipeline each (Store._write_together);
+    a label on a pair an earlier one of the batch labels waits for the next
+    round. None of them goes one by one, and each is stored as one by one would."""
+    store, project, (a, b, c) = new_store(db, n_pairs=4, overlap=2)
+    try:
+        if store.is_sqlite:
+            pytest.skip("SQLite stores a batch one by one: it has no round trips to save")
+        # Fullest first: a and b share the first pair (overlap 2), c gets the second.
+        p1, p1_again, p2 = (store.next_pair(w).id for w in (a, b, c))
+        assert p1 == p1_again != p2
+        pipelines, one_by_one = [], []
+        pipeline, submit_one = store._pipeline, store._submit_one
+        store._pipeline = lambda conn, runs: pipelines.append(len(runs)) or pipeline(conn, runs)
+        store._submit_one = lambda *args: one_by_one.append(args) or submit_one(*args)
+        commits = count_commits(store)
+        out = store._submit_batch([_Pending(a, sub(p1), True, None), _Pending(b, sub(p1, "B"), True, None),
+                                   _Pending(c, sub(p2), False, None)])
+        assert not one_by_one and commits[0] == 1
+        # Round 1 (a, c): the project's lock and two contexts, then two writes; round 2 (b): one and one.
+        assert pipelines == [3, 2, 1, 1]
+        assert all(isinstance(o, tuple) and not o[0].replayed for o in out), out
+        next_a, next_b, next_c = (o[1] for o in out)
+        # a (written first) takes p2's free slot beside c's; p2 is then full for b, whose round came later.
+        assert next_c is None and next_a.id == p2 and next_b.id not in (p1, p2)
+        stored = sorted((r.labeler, r.pair_id, r.choice) for r in store.all_labels(project.id))
+        assert stored == [("l0", p1, "A"), ("l1", p1, "B"), ("l2", p2, "A")]
+        pairs = store.pairs(project)
+        assert (pairs[p1].labeled_count, pairs[p2].labeled_count) == (2, 1)
+        progress = [store.progress(w) for w in (a, b, c)]
+        assert [p["done"] for p in progress] == [1, 1, 1] and progress[0]["project_complete"] == 1
+    finally:
+        store.close()
+
+
 def test_labels_submitted_together_share_a_commit_and_wait_for_it(db):
     n = 8
     store, project, who = new_store(db, n_pairs=n, overlap=1, labelers=n)
@@ -206,15 +242,15 @@ def test_a_submission_failing_after_its_writes_is_undone_alone(db):
     store._write_label = failing_for_b
     # PostgreSQL writes such a batch's labels together (Store._write_together), not through
     # _write_label: the failure comes from there, in the pipeline that holds them all.
-    each_first_row = store._each_first_row
+    pipeline = store._pipeline
 
-    def pipeline_failing_for_b(conn, stmt, params):
-        rows = each_first_row(conn, stmt, params)
-        if any(p.get("new_labeler_id") == b.id for p in params):
+    def pipeline_failing_for_b(conn, runs):
+        rows = pipeline(conn, runs)
+        if any(params.get("new_labeler_id") == b.id for _stmt, params in runs):
             raise RuntimeError("lost the connection")
         return rows
 
-    store._each_first_row = pipeline_failing_for_b
+    store._pipeline = pipeline_failing_for_b
     try:
         commits = count_commits(store)
         out = store._submit_batch([_Pending(w, sub(views[w.id].id), True, None) for w in (a, b, c)])

@@ -632,7 +632,7 @@ class Store:
         # PostgreSQL: no queue here; the project row lock orders the writers (see _lock_project).
         self._lock = _WriterQueue(writer_lock_file) if self.is_sqlite else contextlib.nullcontext()
         # Label submissions: one writer thread, batching what arrives together (see submit).
-        self._compiled: dict[Executable, tuple[Compiled, str]] = {}  # see _each_first_row
+        self._compiled: dict[Executable, tuple[Compiled, str]] = {}  # see _pipeline
         self._committer: GroupCommitter[_Pending, tuple[SubmitResult, PairView | None]] = GroupCommitter(
             self._submit_batch, name="label-writer")
 
@@ -925,9 +925,10 @@ class Store:
             return view
 
     @staticmethod
-    def _lock_project(s: Connection, project_id: int, now: float | None) -> tuple[ProjectConfig, float]:
+    def _lock_project(s: Connection, project_id: int, now: float | None,
+                      row: Row | None = None) -> tuple[ProjectConfig, float]:
         """Inside a write transaction, first: lock the project's row and read
-        its settings.
+        its settings (``row``: that row, when the caller read it, with its lock).
 
         Every decision about a pair's slots (handing it out, counting a label
         into it) is made under this lock, so they happen one at a time per
@@ -935,7 +936,7 @@ class Store:
         judged at is read once the lock is granted, so a request that queued
         behind others sees the leases as they are when it runs.
         """
-        config, pairs, _complete = s.execute(_Q.project, {"project": project_id}).one()
+        config, pairs, _complete = row if row is not None else s.execute(_Q.project, {"project": project_id}).one()
         cfg = project_config(config)
         if pairs is None:  # counters unknown (see schema.Project): count once, under the lock
             pairs, complete = s.execute(_Q.pair_counts, {"project": project_id, "overlap": cfg.overlap}).one()
@@ -1046,96 +1047,131 @@ class Store:
 
     def _write_batch(self, batch: list[_Pending], isolate: bool) -> list[Outcome]:
         with self._writing() as c:
-            configs = {pid: self._lock_project(c, pid, None)[0]
-                       for pid in sorted({item.labeler.project_id for item in batch})}
             counts: Counts = {}
-            outcomes: list[Any] = [None] * len(batch)
-            one_by_one = range(len(batch))
-            if not self.is_sqlite and not isolate and len(batch) > 1:
-                one_by_one = self._write_together(c, batch, configs, outcomes, counts)
+            if not self.is_sqlite and not isolate:
+                configs, outcomes, one_by_one = self._write_together(c, batch, counts)
+            else:
+                configs = {pid: self._lock_project(c, pid, None)[0]
+                           for pid in sorted({item.labeler.project_id for item in batch})}
+                outcomes, one_by_one = [None] * len(batch), list(range(len(batch)))
             for i in one_by_one:
                 outcomes[i] = self._submit_one(c, batch[i], configs[batch[i].labeler.project_id], isolate, counts)
             self._count_for_labelers(c, counts)
             return outcomes
 
-    def _write_together(self, c: Connection, batch: list[_Pending], configs: dict[int, ProjectConfig],
-                        outcomes: list[Any], counts: Counts) -> list[int]:
-        """PostgreSQL: as many of the batch's submissions as can be, in two
-        round trips for all of them (their contexts, then their writes, each
-        a pipeline: see :meth:`_each_first_row`) instead of two each. Fills
-        their ``outcomes``; returns the indices left for :meth:`_submit_one`,
-        which runs them after.
+    def _write_together(self, c: Connection, batch: list[_Pending],
+                        counts: Counts) -> tuple[dict[int, ProjectConfig], list[Any], list[int]]:
+        """PostgreSQL: lock the batch's projects and store what can be of the
+        batch in rounds of two round trips each, whatever the number of labels
+        in a round: their contexts (with the locks, in the first round), then
+        their writes, each sent as a pipeline (see :meth:`_pipeline`). One by
+        one, a label takes two round trips of its own. Returns the projects'
+        settings, the outcomes so far and the indices left for
+        :meth:`_submit_one`, which runs them after.
 
-        Taken together: submissions sharing no pair and no labeler with an
-        earlier one of the batch, so that no write of the group changes what
-        another read, and reading every context before any write reads what one by
-        one would. Left: the rest, a replay, a label needing a room check
-        (its lease lapsed), a labeler holding another pair open (its next
-        pair may be that one), a pair that does not exist; as are all of
-        them when something fails (raised as :class:`_Unclean`: the batch
-        is then run again one by one, in savepoints).
+        A round takes the labels sharing no pair and no labeler with an
+        earlier one of the batch still waiting, so that no write of the round
+        changes what another label of it read: reading every context first
+        reads what one by one would. The next round takes the rest. Left for
+        one by one: a replay, a label needing a room check (its lease
+        lapsed), a labeler holding another pair open (their next pair may
+        be that one), a pair that does not exist. A failure is raised as
+        :class:`_Unclean`: the batch is then run again one by one, in
+        savepoints.
         """
-        claimed: set[tuple[str, int]] = set()
-        together, left = [], []
-        for i, item in enumerate(batch):
-            keys = {("pair", item.sub.pair_id), ("me", item.labeler.id)}
-            (left if keys & claimed else together).append(i)
-            claimed |= keys
-        at = {i: time.time() if batch[i].now is None else batch[i].now for i in together}
+        projects = sorted({item.labeler.project_id for item in batch})
+        configs: dict[int, ProjectConfig] = {}
+        outcomes: list[Any] = [None] * len(batch)
+        waiting, one_by_one = list(range(len(batch))), []
         try:
-            contexts = self._each_first_row(c, _Q.label_context, [
-                {"pair": batch[i].sub.pair_id, "me": batch[i].labeler.id, "client_id": batch[i].sub.client_id}
-                for i in together])
-            plans: list[tuple[int, _Plan]] = []
-            for i, ctx in zip(together, contexts):
-                item = batch[i]
-                try:
-                    plan = (None if ctx is None else
-                            self._plan_label(ctx, item.labeler, item.sub, configs[item.labeler.project_id], at[i]))
-                except (InvalidLabel, NotFound, Conflict) as e:
-                    outcomes[i] = e  # refused: nothing to write
-                    continue
-                if not isinstance(plan, _Plan) or plan.needs_room or (item.assign_next and plan.other_open):
-                    left.append(i)
-                else:
-                    plans.append((i, plan))
-            for lease_next in (True, False):
-                group = [(i, plan) for i, plan in plans if batch[i].assign_next == lease_next]
-                params = [{**self._pg_write_params(plan), **(self._lease_params(
-                    batch[i].labeler, configs[batch[i].labeler.project_id], at[i]) if lease_next else {})}
-                    for i, plan in group]
-                rows = self._each_first_row(c, _Q.write_label_lease_next if lease_next else _Q.write_label, params)
-                for (i, plan), row in zip(group, rows):
-                    pair = row if lease_next and row.id is not None else None
-                    stored = self._stored(plan, row[0], lease_next, pair, counts)
-                    outcomes[i] = stored.result, stored.view
-        except Exception as e:  # noqa: BLE001 - a database error: run the batch again, one by one
+            while waiting:
+                claimed: set[tuple[str, int]] = set()
+                now, later = [], []
+                for i in waiting:
+                    keys = {("pair", batch[i].sub.pair_id), ("me", batch[i].labeler.id)}
+                    (later if keys & claimed else now).append(i)
+                    claimed |= keys
+                locks = [] if configs else [(_Q.project, {"project": pid}) for pid in projects]
+                rows = self._pipeline(c, locks + [(_Q.label_context, {
+                    "pair": batch[i].sub.pair_id, "me": batch[i].labeler.id, "client_id": batch[i].sub.client_id})
+                    for i in now])
+                for pid, row in zip(projects, rows[:len(locks)]):
+                    configs[pid] = self._lock_project(c, pid, None, row)[0]
+                plans = self._plan_round(batch, now, rows[len(locks):], configs, outcomes, one_by_one)
+                self._write_round(c, batch, plans, configs, outcomes, counts)
+                waiting = later
+        except Exception as e:  # noqa: BLE001 - a database error: the batch runs again, one by one
             raise _Unclean from e
-        return sorted(left)
+        return configs, outcomes, sorted(one_by_one)
 
-    def _each_first_row(self, c: Connection, stmt: Executable, params: list[dict[str, Any]]) -> list[Any]:
-        """PostgreSQL: run ``stmt`` once per parameter set, in order (each run
-        sees what the ones before wrote), all in one round trip; each run's
-        first row (attributes named as the columns), or None.
+    def _plan_round(self, batch: list[_Pending], now: list[int], contexts: list[Any],
+                    configs: dict[int, ProjectConfig], outcomes: list[Any],
+                    one_by_one: list[int]) -> list[tuple[int, _Plan, float]]:
+        """A round of :meth:`_write_together`: the rules applied to each label's
+        context; refusals go to ``outcomes``, what needs more than the context
+        to ``one_by_one``; returns (index, plan, time judged at) to write."""
+        plans = []
+        for i, ctx in zip(now, contexts):
+            item = batch[i]
+            # Read per label once its context is in (the lock granted): leases are judged as they are then.
+            at = time.time() if item.now is None else item.now
+            try:
+                plan = (None if ctx is None else
+                        self._plan_label(ctx, item.labeler, item.sub, configs[item.labeler.project_id], at))
+            except (InvalidLabel, NotFound, Conflict) as e:
+                outcomes[i] = e  # refused: nothing to write
+                continue
+            if not isinstance(plan, _Plan) or plan.needs_room or (item.assign_next and plan.other_open):
+                one_by_one.append(i)
+            else:
+                plans.append((i, plan, at))
+        return plans
 
-        psycopg's executemany sends the runs as one pipeline. SQLAlchemy's
-        executemany keeps no rows of a SELECT, hence the driver's cursor, on
-        the same connection and transaction, with the SQL SQLAlchemy compiles
-        for it (once per statement).
+    def _write_round(self, c: Connection, batch: list[_Pending], plans: list[tuple[int, _Plan, float]],
+                     configs: dict[int, ProjectConfig], outcomes: list[Any], counts: Counts) -> None:
+        """A round of :meth:`_write_together`: write its planned labels (and
+        hand out the next pairs asked for), in one round trip."""
+        if not plans:
+            return
+        runs = []
+        for i, plan, at in plans:
+            item = batch[i]
+            if item.assign_next:
+                lease = self._lease_params(item.labeler, configs[item.labeler.project_id], at)
+                runs.append((_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}))
+            else:
+                runs.append((_Q.write_label, self._pg_write_params(plan)))
+        for (i, plan, _at), row in zip(plans, self._pipeline(c, runs)):
+            leased = batch[i].assign_next
+            stored = self._stored(plan, row[0], leased, row if leased and row.id is not None else None, counts)
+            outcomes[i] = stored.result, stored.view
+
+    def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]]) -> list[Any]:
+        """PostgreSQL: run each (statement, parameters) in order, in the
+        transaction of ``c``, all in one round trip; each run's first row
+        (attributes named as the columns), or None.
+
+        psycopg's pipeline mode sends them together and PostgreSQL runs them
+        one after the other, each seeing what the ones before wrote; a
+        statement's error aborts the rest (and the transaction). SQLAlchemy
+        has no pipeline mode, hence the driver's connection and cursors, with
+        the SQL SQLAlchemy compiles for each statement (once).
         """
         from psycopg.rows import namedtuple_row  # PostgreSQL's driver: installed with it, not for SQLite
 
-        if not params:
-            return []
-        compiled = self._compiled.get(stmt)
-        if compiled is None:
-            compiled = self._compiled[stmt] = (sql := stmt.compile(dialect=c.dialect), str(sql))
-        with c.connection.driver_connection.cursor(row_factory=namedtuple_row) as cur:
-            cur.executemany(compiled[1], [compiled[0].construct_params(p) for p in params], returning=True)
-            rows = []
-            for _ in params:
-                rows.append(cur.fetchone())
-                cur.nextset()
+        conn = c.connection.driver_connection
+        cursors = []
+        with conn.pipeline():
+            for stmt, params in runs:
+                compiled = self._compiled.get(stmt)
+                if compiled is None:
+                    compiled = self._compiled[stmt] = (sql := stmt.compile(dialect=c.dialect), str(sql))
+                cur = conn.cursor(row_factory=namedtuple_row)
+                cur.execute(compiled[1], compiled[0].construct_params(params))
+                cursors.append(cur)
+        rows = [cur.fetchone() for cur in cursors]
+        for cur in cursors:
+            cur.close()
         return rows
 
     @staticmethod
