@@ -141,6 +141,40 @@ def test_assignment_respects_overlap_and_never_repeats(sqlite_url):
     check_assignment_rules(sqlite_url)
 
 
+def check_far_ahead_labeler_gets_fresh_pairs(url: str, name: str = "p", fresh_first_after: int = 2):
+    """A labeler far ahead of the others on an overlap above 1 (more of their
+    pairs still open than store.FRESH_FIRST_AFTER, here set to 2 by the caller)
+    is given pairs nobody labeled first, not the fullest, which the search would
+    reach only after passing over each of theirs; once no fresh pair is left,
+    the others' started pairs; never a pair twice. With the default threshold
+    the same state gives the fullest pair (``fresh_first_after`` large)."""
+    store, project, (a, b, _c) = new_store(url, n_pairs=8, overlap=3, name=name)
+    try:
+        ids = sorted(store.pairs(project))
+        for _ in range(3):  # a: p1, p2, p3, each then labeled once
+            store.submit(a, sub(store.next_pair(a).id))
+        for _ in range(4):  # b: the fullest first (p1, p2, p3), then p4, which a has not seen
+            store.submit(b, sub(store.next_pair(b).id))
+        assert store.pairs(project)[ids[3]].labeled_count == 1
+        view, order = store.next_pair(a), []
+        while view is not None:
+            order.append(view.id)
+            _result, view = store.submit(a, sub(view.id), assign_next=True)
+        if fresh_first_after < 3:  # a has 3 open pairs behind them: far ahead
+            assert order == [ids[4], ids[5], ids[6], ids[7], ids[3]]
+        else:
+            assert order == [ids[3], ids[4], ids[5], ids[6], ids[7]]
+        assert store.progress(a)["remaining"] == 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("threshold", [2, 64])
+def test_a_labeler_far_ahead_gets_fresh_pairs_first(sqlite_url, monkeypatch, threshold):
+    monkeypatch.setattr("rlhf.labeling.store.FRESH_FIRST_AFTER", threshold)
+    check_far_ahead_labeler_gets_fresh_pairs(sqlite_url, fresh_first_after=threshold)
+
+
 def test_lease_expiry_frees_the_slot(sqlite_url):
     store, project, (a, b, _) = new_store(sqlite_url, n_pairs=1, overlap=1)
     t0 = 1_000_000.0
@@ -272,7 +306,8 @@ def _progress_by_scanning(store: Store, who, overlap: int, now: float) -> dict[s
     with store.reading() as s:
         done = s.scalar(select(func.count()).select_from(Assignment).where(
             Assignment.labeler_id == who.id, Assignment.status.in_(("labeled", "skipped"))))
-        remaining = s.scalar(select(func.count()).select_from(Pair).where(*_Q._new_to_me), params)
+        remaining = s.scalar(select(func.count()).select_from(Pair).where(
+            Pair.project_id == who.project_id, Pair.labeled_count < overlap, *_Q._new_to_me), params)
         own = s.execute(_Q.own_open, params).first()
         if own is not None and (own.expires_at > now or s.scalar(_Q.taken, {**params, "pair": own.id}) < overlap):
             remaining += 1
@@ -741,3 +776,11 @@ def test_ranking_export_orientation_and_split_votes():
     rows, summary = preference_rows({7: item}, [rank("ann", (2, 0, 3, 1)), rank("ben", (0, 2, 3, 1))],
                                     ExportConfig(ties="random"))
     assert len(rows) == 6 and summary.ties_randomised == 1
+
+
+@pytest.mark.parametrize("threshold", [2, 64])
+def test_postgres_labeler_far_ahead_gets_fresh_pairs_first(postgres_url, monkeypatch, threshold):
+    pytest.importorskip("psycopg")
+    monkeypatch.setattr("rlhf.labeling.store.FRESH_FIRST_AFTER", threshold)
+    check_far_ahead_labeler_gets_fresh_pairs(postgres_url, name=f"pg-ahead-{threshold}",
+                                             fresh_first_after=threshold)

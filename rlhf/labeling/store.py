@@ -248,6 +248,7 @@ class _Plan(NamedTuple):
     needs_room: bool  # takes a slot without a live lease on it: Store._check_room first
     first: bool  # the labeler's first label on the pair (not a revision): one more done
     other_open: int  # the labeler's other open assignments
+    open_seen: int | None  # the labeler's open_seen_count (see FRESH_FIRST_AFTER); None: not known
 
 
 class _Seen(NamedTuple):
@@ -301,6 +302,13 @@ class _Pending(NamedTuple):
 # The overflow serves other users of the store in the same process. With
 # ``serve --workers N``, PostgreSQL sees up to N * (POOL_SIZE + POOL_OVERFLOW)
 # connections; its default max_connections is 100.
+# A labeler with more pairs behind them that others have not filled yet than
+# this (their open_seen_count) is given pairs nobody labeled first, while there
+# are any. The fullest-first search passes over each of their own incomplete
+# pairs, the fullest, before it finds one for them: with one labeler far ahead
+# on an overlap above 1 its cost grew with their history.
+FRESH_FIRST_AFTER = 64
+
 POOL_SIZE = 18
 POOL_OVERFLOW = 4
 
@@ -377,6 +385,16 @@ def _check_fits(sub: Submission, k: int | None) -> None:
         raise InvalidLabel("ranking", "only with choice 'rank'")
 
 
+def _lease_picked(pick):
+    """A data-modifying CTE leasing the pair that the CTE ``pick`` chose to the
+    labeler ``:me`` (PostgreSQL; see ``_Q.lease_next``)."""
+    return (insert(Assignment.__table__)
+            .from_select(["pair_id", "labeler_id", "status", "assigned_at", "expires_at"],
+                         select(pick.c.id, bindparam("me", type_=Integer), literal("open"),
+                                bindparam("now", type_=Float), bindparam("expires", type_=Float)))
+            .cte("lease"))
+
+
 class _Q:
     """The per-request statements, built once.
 
@@ -415,14 +433,22 @@ class _Q:
     # Slots of the pair taken by others: its non-skip labels plus others' live leases (< overlap: room left).
     taken = select(Pair.labeled_count + live_leases).where(Pair.id == bindparam("pair"))
     # Pairs never shown to this labeler with a free slot: what assignment may hand out.
-    _new_to_me = (Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
-                  # NOT EXISTS, a primary-key probe per candidate pair; NOT IN (SELECT ...) built the
-                  # set of every pair ever shown to this labeler on each call (cost grew with their history).
-                  ~select(Assignment.pair_id).where(Assignment.pair_id == Pair.id,
-                                                    Assignment.labeler_id == bindparam("me")).exists(),
-                  Pair.labeled_count + live_leases < bindparam("overlap"))
+    _new_to_me = (
+        # NOT EXISTS, a primary-key probe per candidate pair; NOT IN (SELECT ...) built the
+        # set of every pair ever shown to this labeler on each call (cost grew with their history).
+        ~select(Assignment.pair_id).where(Assignment.pair_id == Pair.id,
+                                          Assignment.labeler_id == bindparam("me")).exists(),
+        Pair.labeled_count + live_leases < bindparam("overlap"))
     # Fullest pairs first; the index on (project_id, labeled_count DESC, id) serves this order.
-    next_pair = select(*_VIEW).where(*_new_to_me).order_by(Pair.labeled_count.desc(), Pair.id).limit(1)
+    next_pair = (select(*_VIEW).where(Pair.project_id == bindparam("project"),
+                                      Pair.labeled_count < bindparam("overlap"), *_new_to_me)
+                 .order_by(Pair.labeled_count.desc(), Pair.id).limit(1))
+    # Pairs nobody labeled yet, oldest first, for a labeler far ahead of the others (see
+    # FRESH_FIRST_AFTER): the same index's labeled_count = 0 range, already in id order. (With
+    # next_pair's `labeled_count < :overlap` as well, SQLite scanned that range and sorted it.)
+    next_fresh = (select(*_VIEW).where(Pair.project_id == bindparam("project"), Pair.labeled_count == 0,
+                                       *_new_to_me).order_by(Pair.id).limit(1))
+    open_seen = select(Labeler.open_seen_count).where(Labeler.id == bindparam("me"))
     by_token = (select(Labeler.id, Labeler.project_id, Labeler.name, Labeler.role)
                 .where(Labeler.token_hash == bindparam("hash"), Labeler.revoked_at.is_(None)))
     by_client_id = (select(Label.id, Label.revision, Label.pair_id, Label.choice, Label.reason, Label.supersedes_id,
@@ -446,7 +472,9 @@ class _Q:
                # next pair can skip looking for one (see Store._assign_next).
                select(func.count()).select_from(_other).where(
                    _other.labeler_id == bindparam("me"), _other.status == "open",
-                   _other.pair_id != Pair.id).scalar_subquery().label("other_open"))
+                   _other.pair_id != Pair.id).scalar_subquery().label("other_open"),
+               # How far ahead of the others this labeler is (see FRESH_FIRST_AFTER).
+               open_seen.scalar_subquery().label("open_seen"))
         .select_from(Pair)
         .outerjoin(_asg, (_asg.pair_id == Pair.id) & (_asg.labeler_id == bindparam("me")))
         .outerjoin(_cur, (_cur.pair_id == Pair.id) & (_cur.labeler_id == bindparam("me"))
@@ -543,12 +571,10 @@ class _Q:
               .values(status=bindparam("new_status")).cte("close"))
     write_label = select(_new_label.c.id).add_cte(_bump, _fill, _seen_filled, _close)
     _pick = next_pair.cte("pick")
-    _lease = (insert(Assignment.__table__)
-              .from_select(["pair_id", "labeler_id", "status", "assigned_at", "expires_at"],
-                           select(_pick.c.id, bindparam("me", type_=Integer), literal("open"),
-                                  bindparam("now", type_=Float), bindparam("expires", type_=Float)))
-              .cte("lease"))
+    _lease = _lease_picked(_pick)
     lease_next = select(_pick).add_cte(_lease)
+    _fresh = next_fresh.cte("pick")
+    lease_fresh = select(_fresh).add_cte(_lease_picked(_fresh))
     # Both in one statement: the label, and the labeler's next pair (a row of
     # NULLs after the label's id when none is left).
     write_label_lease_next = (select(_new_label.c.id.label("label_id"), *_pick.c)
@@ -945,10 +971,14 @@ class Store:
         return cfg, time.time() if now is None else now
 
     @staticmethod
-    def _lease_params(labeler: LabelerInfo, cfg: ProjectConfig, now: float) -> dict[str, Any]:
-        """The parameters of ``_Q.next_pair`` and of leasing the pair it picks."""
+    def _lease_params(labeler: LabelerInfo, cfg: ProjectConfig, now: float,
+                      open_seen: int | None = None) -> dict[str, Any]:
+        """The parameters of ``_Q.next_pair`` and of leasing the pair it picks.
+        ``open_seen``: the labeler's counter, when the caller read it; it decides
+        ``fresh_first`` (None: :meth:`_lease_next` reads it)."""
         return {"me": labeler.id, "now": now, "project": labeler.project_id, "overlap": cfg.overlap,
-                "expires": now + cfg.lease_seconds}
+                "expires": now + cfg.lease_seconds,
+                "fresh_first": None if open_seen is None else open_seen > FRESH_FIRST_AFTER}
 
     def _assign_next(self, s: Connection, labeler: LabelerInfo, cfg: ProjectConfig, now: float,
                      counts: Counts) -> PairView | None:
@@ -978,16 +1008,25 @@ class Store:
         return self._view(pair)
 
     def _lease_next(self, s: Connection, params: dict[str, Any]) -> Row | None:
-        """Lease this labeler the next pair (``_Q.next_pair``'s choice; ``params``
-        from :meth:`_lease_params`); that pair, or None. PostgreSQL: one
-        statement (see :meth:`_write_label` for why)."""
-        if not self.is_sqlite:
-            return s.execute(_Q.lease_next, params).first()
-        pair = s.execute(_Q.next_pair, params).first()
-        if pair is not None:
-            s.execute(_Q.add_assignment, {"pair_id": pair.id, "labeler_id": params["me"], "status": "open",
-                                          "assigned_at": params["now"], "expires_at": params["expires"]})
-        return pair
+        """Lease this labeler the next pair (``params`` from :meth:`_lease_params`);
+        that pair, or None: ``_Q.next_pair``'s choice, or for a labeler far
+        ahead (``fresh_first``) a pair nobody labeled yet while there is one.
+        PostgreSQL: one statement each (see :meth:`_write_label` for why)."""
+        fresh_first = params["fresh_first"]
+        if fresh_first is None:
+            fresh_first = (s.scalar(_Q.open_seen, params) or 0) > FRESH_FIRST_AFTER
+        picks = [(_Q.next_fresh, _Q.lease_fresh)] if fresh_first else []
+        for pick, lease in picks + [(_Q.next_pair, _Q.lease_next)]:
+            if not self.is_sqlite:
+                pair = s.execute(lease, params).first()
+            else:
+                pair = s.execute(pick, params).first()
+                if pair is not None:
+                    s.execute(_Q.add_assignment, {"pair_id": pair.id, "labeler_id": params["me"], "status": "open",
+                                                  "assigned_at": params["now"], "expires_at": params["expires"]})
+            if pair is not None:
+                return pair
+        return None
 
     @_reconnecting
     def pair_for(self, labeler: LabelerInfo, pair_id: int) -> tuple[PairView, LabelRow | None]:
@@ -1133,17 +1172,22 @@ class Store:
         hand out the next pairs asked for), in one round trip."""
         if not plans:
             return
-        runs = []
+        runs, leases = [], []
         for i, plan, at in plans:
             item = batch[i]
-            if item.assign_next:
-                lease = self._lease_params(item.labeler, configs[item.labeler.project_id], at)
+            lease = (self._lease_params(item.labeler, configs[item.labeler.project_id], at, plan.open_seen or 0)
+                     if item.assign_next else None)
+            leases.append(lease)
+            if lease is not None and not lease["fresh_first"]:
                 runs.append((_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}))
             else:
                 runs.append((_Q.write_label, self._pg_write_params(plan)))
-        for (i, plan, _at), row in zip(plans, self._pipeline(c, runs)):
-            leased = batch[i].assign_next
-            stored = self._stored(plan, row[0], leased, row if leased and row.id is not None else None, counts)
+        for (i, plan, _at), lease, row in zip(plans, leases, self._pipeline(c, runs)):
+            if lease is not None and lease["fresh_first"]:
+                pair = self._lease_next(c, lease)  # a labeler far ahead (rare): its own round trips
+            else:
+                pair = row if lease is not None and row.id is not None else None
+            stored = self._stored(plan, row[0], lease is not None, pair, counts)
             outcomes[i] = stored.result, stored.view
 
     def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]]) -> list[Any]:
@@ -1239,7 +1283,7 @@ class Store:
         if plan.needs_room:
             self._check_room(s, labeler, sub.pair_id, cfg, now)
         # This pair's assignment closes with the label; ctx counted the labeler's other open ones.
-        lease = self._lease_params(labeler, cfg, now) if lease_next and not plan.other_open else None
+        lease = self._lease_params(labeler, cfg, now, plan.open_seen or 0) if lease_next and not plan.other_open else None
         label_id, pair = self._write_label(s, plan, lease)
         return self._stored(plan, label_id, lease is not None, pair, counts)
 
@@ -1288,7 +1332,7 @@ class Store:
             complete=int(ctx.labeled_count + delta >= cfg.overlap) - int(ctx.labeled_count >= cfg.overlap),
             status="skipped" if sub.choice == "skip" else "labeled",
             needs_room=delta > 0 and not leased, first=ctx.asg_status not in ("labeled", "skipped"),
-            other_open=ctx.other_open)
+            other_open=ctx.other_open, open_seen=ctx.open_seen)
 
     def _stored(self, plan: _Plan, label_id: int, leased: bool, pair: Row | None, counts: Counts) -> _Stored:
         """A written label's outcome; what it changed of its labeler's counters is added to ``counts``."""
@@ -1315,10 +1359,11 @@ class Store:
         by one.
         """
         if not self.is_sqlite:
-            if lease is None:
-                return s.execute(_Q.write_label, self._pg_write_params(plan)).scalar_one(), None
-            row = s.execute(_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}).one()
-            return row.label_id, None if row.id is None else row
+            if lease is not None and lease["fresh_first"] is False:
+                row = s.execute(_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}).one()
+                return row.label_id, None if row.id is None else row
+            label_id = s.execute(_Q.write_label, self._pg_write_params(plan)).scalar_one()
+            return label_id, None if lease is None else self._lease_next(s, lease)
         label, pair = plan.params, plan.params["pair_id"]
         label_id = s.execute(_Q.add_label, label).scalar_one()
         if plan.delta:
