@@ -1125,32 +1125,32 @@ class Store:
         try:
             while waiting:
                 claimed: set[tuple[str, int]] = set()
-                now, later = [], []
+                this_round, later = [], []
                 for i in waiting:
                     keys = {("pair", batch[i].sub.pair_id), ("me", batch[i].labeler.id)}
-                    (later if keys & claimed else now).append(i)
+                    (later if keys & claimed else this_round).append(i)
                     claimed |= keys
                 locks = [] if configs else [(_Q.project, {"project": pid}) for pid in projects]
                 rows = self._pipeline(c, locks + [(_Q.label_context, {
                     "pair": batch[i].sub.pair_id, "me": batch[i].labeler.id, "client_id": batch[i].sub.client_id})
-                    for i in now])
+                    for i in this_round])
                 for pid, row in zip(projects, rows[:len(locks)]):
                     configs[pid] = self._lock_project(c, pid, None, row)[0]
-                plans = self._plan_round(batch, now, rows[len(locks):], configs, outcomes, one_by_one)
+                plans = self._plan_round(batch, this_round, rows[len(locks):], configs, outcomes, one_by_one)
                 self._write_round(c, batch, plans, configs, outcomes, counts)
                 waiting = later
         except Exception as e:  # noqa: BLE001 - a database error: the batch runs again, one by one
             raise _Unclean from e
         return configs, outcomes, sorted(one_by_one)
 
-    def _plan_round(self, batch: list[_Pending], now: list[int], contexts: list[Any],
+    def _plan_round(self, batch: list[_Pending], this_round: list[int], contexts: list[Any],
                     configs: dict[int, ProjectConfig], outcomes: list[Any],
                     one_by_one: list[int]) -> list[tuple[int, _Plan, float]]:
         """A round of :meth:`_write_together`: the rules applied to each label's
         context; refusals go to ``outcomes``, what needs more than the context
         to ``one_by_one``; returns (index, plan, time judged at) to write."""
         plans = []
-        for i, ctx in zip(now, contexts):
+        for i, ctx in zip(this_round, contexts):
             item = batch[i]
             # Read per label once its context is in (the lock granted): leases are judged as they are then.
             at = time.time() if item.now is None else item.now
