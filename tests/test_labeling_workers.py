@@ -228,7 +228,7 @@ def test_a_worker_that_cannot_start_stops_serve_with_one_error_line(tmp_path):
     taken = serve_sabotaged(tmp_path, "port", db, port)
     assert taken.returncode == 2, taken.stderr
     assert taken.stderr.strip().splitlines() == [
-        f"error: serve 127.0.0.1:{port}: cannot listen there (Address already in use); pick another port"]
+        f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use); pick another port"]
     # Not the user's to fix: exit code 1, still one line and no traceback.
     broken = serve_sabotaged(tmp_path, "project", db, port)
     assert broken.returncode == 1, broken.stderr

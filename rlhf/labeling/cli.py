@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
-import socket
 import sys
 import unicodedata
 from pathlib import Path
@@ -367,18 +366,6 @@ def cmd_revoke(args) -> int:
     return 0
 
 
-def _check_bind(host: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise BadInput(f"--port {port}: expected 1-65535")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-    except OSError as e:
-        raise BadInput(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
-
-
 def _workers(text: str) -> int:
     """``--workers``: a whole number from 1 to 64 (more processes than that
     only queue on the one database)."""
@@ -392,7 +379,7 @@ def _workers(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from rlhf.labeling.server import is_loopback, serve, serve_workers
+    from rlhf.labeling.server import is_loopback, listen_socket, serve, serve_workers
     from rlhf.labeling.store import Store
 
     workers = _workers(args.workers)
@@ -402,7 +389,7 @@ def cmd_serve(args) -> int:
         if name != "*" and (not name.strip() or any(ch in name for ch in "/ \t@")):
             raise BadInput(f"--allowed-host {name!r}: expected a host name or address (no scheme, path or "
                            "spaces), or '*'")
-    _check_bind(args.host, args.port)
+    listen_socket(args.host, args.port).close()  # a taken port or bad address: said before the database is opened
     # Checks (and upgrades) the database once, before any worker starts; and that the workers can share it.
     with Store.open(args.db, shared=workers > 1) as store:
         project = store.project(args.project)

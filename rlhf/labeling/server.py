@@ -448,19 +448,23 @@ def _uvicorn_config(app: FastAPI, access_log: bool, **kw):
     return config
 
 
-def _listen(host: str, port: int) -> "socket.socket":
+def listen_socket(host: str, port: int) -> "socket.socket":
     """A socket bound to ``host:port`` for uvicorn to serve on. Bound here, not
     by uvicorn, so that a taken port or a bad address is one BadInput (exit
-    code 2) rather than uvicorn's log line and exit code 3."""
+    code 2) rather than uvicorn's log line and exit code 3. ``rlhf label
+    serve`` also binds once (and closes) before it touches the database."""
     import socket
 
+    if not 0 < port < 65536:
+        raise BadInput(f"--port {port}: expected 1-65535")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise BadInput(f"serve {host}:{port}: cannot listen there ({e.strerror}); pick another port") from None
+        raise BadInput(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                       "pick another port") from None
     return sock
 
 
@@ -473,7 +477,7 @@ def serve(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: int
     import uvicorn
 
     app = create_app(store, project, max_body_bytes, allowed_hosts_for(host, allowed_hosts))
-    sock = _listen(host, port)
+    sock = listen_socket(host, port)
     server = uvicorn.Server(_uvicorn_config(app, access_log, host=host, port=port, timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])
@@ -621,7 +625,7 @@ def serve_workers(db: str, project: ProjectInfo, workers: int, host: str = "127.
         "db": db, "project_id": project.id, "max_body_bytes": max_body_bytes,
         "allowed_hosts": None if hosts is None else list(hosts), "failure_file": str(failure_file)})
     try:
-        sock = _listen(host, port)
+        sock = listen_socket(host, port)
         config = uvicorn.Config(f"{__name__}:app_from_env", factory=True, workers=workers, host=host, port=port,
                                 access_log=access_log, log_level="info" if access_log else "warning",
                                 log_config=_worker_log_config(), server_header=False, timeout_graceful_shutdown=5)
@@ -666,7 +670,7 @@ def running(store: Store, project: ProjectInfo, host: str = "127.0.0.1", port: i
 
     import uvicorn
 
-    sock = _listen(host, port)
+    sock = listen_socket(host, port)
     app = create_app(store, project, allowed_hosts=allowed_hosts_for(host))
     server = uvicorn.Server(_uvicorn_config(app, access_log, timeout_graceful_shutdown=2))
     # uvicorn installs no signal handlers off the main thread: Ctrl-C stays the caller's.

@@ -1283,7 +1283,8 @@ class Store:
         if plan.needs_room:
             self._check_room(s, labeler, sub.pair_id, cfg, now)
         # This pair's assignment closes with the label; ctx counted the labeler's other open ones.
-        lease = self._lease_params(labeler, cfg, now, plan.open_seen or 0) if lease_next and not plan.other_open else None
+        lease = (self._lease_params(labeler, cfg, now, plan.open_seen or 0)
+                 if lease_next and not plan.other_open else None)
         label_id, pair = self._write_label(s, plan, lease)
         return self._stored(plan, label_id, lease is not None, pair, counts)
 
