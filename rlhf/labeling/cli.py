@@ -389,6 +389,8 @@ def cmd_serve(args) -> int:
         if name != "*" and (not name.strip() or any(ch in name for ch in "/ \t@")):
             raise BadInput(f"--allowed-host {name!r}: expected a host name or address (no scheme, path or "
                            "spaces), or '*'")
+    if not 0 < args.port < 65536:
+        raise BadInput(f"--port {args.port}: expected 1-65535")
     listen_socket(args.host, args.port).close()  # a taken port or bad address: said before the database is opened
     # Checks (and upgrades) the database once, before any worker starts; and that the workers can share it.
     with Store.open(args.db, shared=workers > 1) as store:

@@ -455,8 +455,8 @@ def listen_socket(host: str, port: int) -> "socket.socket":
     serve`` also binds once (and closes) before it touches the database."""
     import socket
 
-    if not 0 < port < 65536:
-        raise BadInput(f"--port {port}: expected 1-65535")
+    if not 0 <= port < 65536:  # 0: any free port (tests and embedding code; the CLI asks for 1-65535)
+        raise BadInput(f"--port {port}: expected 0-65535")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
