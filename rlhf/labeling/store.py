@@ -553,22 +553,18 @@ class _Q:
     # the assignments' labeler ids (which `close` leaves alone), and `pick` never
     # chooses a pair this labeler was given. `:delta` / `:complete` of 0 make
     # their UPDATEs match no row, as skipping those statements does on SQLite.
-    # The label's columns are bound as `new_<column>`: SQLAlchemy would take a
+    # The UPDATEs are SQLite's own statements (count_up, counters_up,
+    # seen_pair_filled, set_status), so both stores write the same. The
+    # label's columns are bound as `new_<column>`: SQLAlchemy would take a
     # parameter named like a column of an UPDATEd table as a value to SET.
     _delta, _complete = bindparam("delta", type_=Integer), bindparam("complete", type_=Integer)
     _LT = Label.__table__
     _new_label = (insert(_LT).values({c.name: bindparam(f"new_{c.name}") for c in _LT.c if c.name != "id"})
                   .returning(_LT.c.id).cte("new_label"))
-    _bump = (update(Pair).where(Pair.id == bindparam("pair"), _delta != 0)
-             .values(labeled_count=Pair.labeled_count + _delta).cte("bump"))
-    _fill = (update(Project).where(Project.id == bindparam("project"), _complete != 0)
-             .values(complete_count=Project.complete_count + _complete).cte("fill"))
-    _seen_filled = (update(Labeler).where(_complete != 0, Labeler.id.in_(
-        select(Assignment.labeler_id).where(Assignment.pair_id == bindparam("pair"))))
-                    .values(open_seen_count=Labeler.open_seen_count - _complete).cte("seen_filled"))
-    _close = (update(Assignment.__table__).where(Assignment.pair_id == bindparam("pair"),
-                                                 Assignment.labeler_id == bindparam("me"))
-              .values(status=bindparam("new_status")).cte("close"))
+    _bump = count_up.where(_delta != 0).cte("bump")
+    _fill = counters_up.where(_complete != 0).cte("fill")
+    _seen_filled = seen_pair_filled.where(_complete != 0).cte("seen_filled")
+    _close = set_status.cte("close")
     write_label = select(_new_label.c.id).add_cte(_bump, _fill, _seen_filled, _close)
     _pick = next_pair.cte("pick")
     _lease = _lease_picked(_pick)
@@ -1381,7 +1377,7 @@ class Store:
         """The parameters of ``_Q.write_label`` for ``plan``."""
         label = plan.params
         return {**{f"new_{k}": v for k, v in label.items()}, "pair": label["pair_id"], "me": label["labeler_id"],
-                "project": label["project_id"], "delta": plan.delta, "complete": plan.complete,
+                "project": label["project_id"], "delta": plan.delta, "pairs": 0, "complete": plan.complete,
                 "new_status": plan.status}
 
     @staticmethod
