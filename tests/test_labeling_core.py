@@ -784,3 +784,46 @@ def test_postgres_labeler_far_ahead_gets_fresh_pairs_first(postgres_url, monkeyp
     monkeypatch.setattr("rlhf.labeling.store.FRESH_FIRST_AFTER", threshold)
     check_far_ahead_labeler_gets_fresh_pairs(postgres_url, name=f"pg-ahead-{threshold}",
                                              fresh_first_after=threshold)
+
+
+def test_postgres_progress_finds_live_leases_by_index_after_the_project_grows(postgres_url):
+    """PostgreSQL keeps one (generic) plan for a statement psycopg prepared, made
+    with the table sizes of that moment. Made while a project had few
+    assignments, progress's plan read the whole assignment table once per live
+    lease, its cost growing with every label until autovacuum's next ANALYZE.
+    The store's connections must plan it with indexes whenever it is planned."""
+    pytest.importorskip("psycopg")
+    import re
+
+    from sqlalchemy import text
+
+    from rlhf.labeling.store import _Q
+
+    store = Store.open(postgres_url, create=True)
+    project = store.create_project("pg-plan", ProjectConfig(overlap=3))
+    store.add_pairs(project, [NewPair(f"q{i}", f"x{i}", f"y{i}") for i in range(200)])
+    who = [store.add_labeler(project, f"p{j}", f"pg-plan-{j}") for j in range(25)]
+    now = time.time()
+    compiled = _Q.progress_counts.compile(dialect=store.engine.dialect)
+    values = compiled.construct_params({"me": who[0].id, "project": project.id, "overlap": 3, "now": now})
+    names: list[str] = []
+
+    def placeholder(m: re.Match) -> str:
+        if m[1] not in names:
+            names.append(m[1])
+        return f"${names.index(m[1]) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", placeholder, str(compiled))
+    args = ", ".join(f"'{values[n]}'" for n in names)
+    with store.engine.connect() as c:
+        c.exec_driver_sql("SET plan_cache_mode = force_generic_plan")  # what psycopg's prepared statement may get
+        c.exec_driver_sql(f"PREPARE progress AS {sql}".replace("%", "%%"))
+        c.exec_driver_sql(f"EXECUTE progress({args})").one()  # planned now, with no assignments yet
+        with store.engine.begin() as w:  # the project grows to 5,000 assignments
+            w.execute(text("INSERT INTO labeling_assignments (pair_id, labeler_id, status, assigned_at, expires_at) "
+                           "SELECT p.id, l.id, CASE WHEN p.id % 40 = 0 THEN 'open' ELSE 'labeled' END, :now, :exp "
+                           "FROM labeling_pairs p, labeling_labelers l WHERE p.project_id = :project "
+                           "AND l.project_id = :project"), {"now": now, "exp": now + 600, "project": project.id})
+        plan = "\n".join(c.exec_driver_sql(f"EXPLAIN EXECUTE progress({args})").scalars())
+    store.close()
+    assert "Seq Scan on labeling_assignments" not in plan, plan
