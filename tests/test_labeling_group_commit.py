@@ -55,7 +55,7 @@ def test_one_refused_label_does_not_fail_the_others_of_its_batch(db):
             _Pending(b, sub(p2, "rank", ranking=(1, 0)), False, T0 + 62),   # 422: not a ranking item
             _Pending(c, Submission(first.client_id, p1, "A"), False, T0 + 62),  # 409: client id reused
             _Pending(c, first, False, T0 + 62),                             # a replay of the first, same batch
-            _Pending(b, sub(p2, "A"), True, T0 + 62),                       # stored, with b's next pair
+            _Pending(b, sub(p2, "A"), True, T0 + 62, progress=True),        # stored, with b's next pair
         ]
         commits = count_commits(store)
         out = store._submit_batch(batch)
@@ -66,8 +66,11 @@ def test_one_refused_label_does_not_fail_the_others_of_its_batch(db):
         assert isinstance(out[3], InvalidLabel) and out[3].field == "ranking"
         assert isinstance(out[4], Conflict) and not isinstance(out[4], PairFull)
         assert out[5][0] == out[0][0]._replace(replayed=True)
-        result, view = out[6]
+        result, view, progress = out[6]
         assert not result.replayed and view is not None and view.id not in (p1, p2)
+        # PostgreSQL reads b's progress in the batch's transaction; SQLite leaves it to a read after the commit.
+        assert progress == (None if store.is_sqlite else store.progress(b, now=T0 + 62))
+        assert progress is None or progress["done"] == 1
         stored = sorted((r.labeler, r.pair_id, r.choice) for r in store.all_labels(project.id))
         assert stored == [("l1", p2, "A"), ("l2", p1, "B")]
         pairs = store.pairs(project)
@@ -94,11 +97,13 @@ def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
         store._pipeline = lambda conn, runs: pipelines.append(len(runs)) or pipeline(conn, runs)
         store._submit_one = lambda *args: one_by_one.append(args) or submit_one(*args)
         commits = count_commits(store)
-        out = store._submit_batch([_Pending(a, sub(p1), True, None), _Pending(b, sub(p1, "B"), True, None),
+        out = store._submit_batch([_Pending(a, sub(p1), True, None, progress=True),
+                                   _Pending(b, sub(p1, "B"), True, None, progress=True),
                                    _Pending(c, sub(p2), False, None)])
         assert not one_by_one and commits[0] == 1
-        # Round 1 (a, c): the project's lock and two contexts, then two writes; round 2 (b): one and one.
-        assert pipelines == [3, 2, 1, 1]
+        # Round 1 (a, c): the project's lock and two contexts, then two writes; round 2 (b): one and
+        # one; last, the three labelers' counters, the project's row and a's and b's progress.
+        assert pipelines == [3, 2, 1, 1, 6]
         assert all(isinstance(o, tuple) and not o[0].replayed for o in out), out
         next_a, next_b, next_c = (o[1] for o in out)
         # a (written first) takes p2's free slot beside c's; p2 is then full for b, whose round came later.
@@ -109,6 +114,7 @@ def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
         assert (pairs[p1].labeled_count, pairs[p2].labeled_count) == (2, 1)
         progress = [store.progress(w) for w in (a, b, c)]
         assert [p["done"] for p in progress] == [1, 1, 1] and progress[0]["project_complete"] == 1
+        assert [o[2] for o in out] == [progress[0], progress[1], None]  # read after all the batch's writes
     finally:
         store.close()
 

@@ -350,7 +350,10 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             sub = body.model_dump()
             if sub["ranking"] is not None:
                 sub["ranking"] = tuple(sub["ranking"])
-            result, view = store.submit(who, Submission(**sub), assign_next=next)
+            if next:
+                result, view, progress = store.submit_and_next(who, Submission(**sub))
+            else:
+                result = store.submit(who, Submission(**sub))[0]
         except InvalidLabel as e:
             return _invalid(e)
         except NotFound as e:
@@ -362,7 +365,7 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             raise HTTPException(409, str(e)) from None
         out = LabelOut(**result._asdict())
         if next:
-            out.next = {"pair": None if view is None else _pair_json(view), "progress": store.progress(who)}
+            out.next = {"pair": None if view is None else _pair_json(view), "progress": progress}
         # A replay is not a new resource: 200, so clients and logs can tell.
         return JSONResponse(out.model_dump(exclude_none=True), status_code=200) if result.replayed else out
 

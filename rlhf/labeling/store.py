@@ -280,6 +280,11 @@ def _count(counts: Counts, labeler_id: int, done: int = 0, seen: int = 0) -> Non
     counts[labeler_id] = (d + done, n + seen)
 
 
+# A stored submission's outcome in the writer: the label, the next pair handed
+# out (with assign_next) and the labeler's progress (see Store._finish_batch).
+_Submitted = tuple[SubmitResult, PairView | None, dict[str, int] | None]
+
+
 class _Pending(NamedTuple):
     """A submission waiting for the group commit (see :meth:`Store.submit`)."""
 
@@ -287,6 +292,7 @@ class _Pending(NamedTuple):
     sub: Submission
     assign_next: bool
     now: float | None
+    progress: bool = False  # the labeler's progress after it, read in the same transaction (PostgreSQL)
 
 
 # ---------------------------------------------------------------- the store
@@ -680,7 +686,7 @@ class Store:
         self._lock = _WriterQueue(writer_lock_file) if self.is_sqlite else contextlib.nullcontext()
         # Label submissions: one writer thread, batching what arrives together (see submit).
         self._compiled: dict[Executable, tuple[Compiled, str]] = {}  # see _pipeline
-        self._committer: GroupCommitter[_Pending, tuple[SubmitResult, PairView | None]] = GroupCommitter(
+        self._committer: GroupCommitter[_Pending, _Submitted] = GroupCommitter(
             self._submit_batch, name="label-writer")
 
     # ------------------------------------------------------------ opening
@@ -1081,7 +1087,24 @@ class Store:
         would exceed the pair's overlap is a :class:`PairFull`. ``now``: the
         time to judge leases at (tests); default, the time it is written.
         """
-        return self._committer.submit(_Pending(labeler, sub, assign_next, now))
+        result, view, _progress = self._committer.submit(_Pending(labeler, sub, assign_next, now))
+        return result, view
+
+    def submit_and_next(self, labeler: LabelerInfo, sub: Submission) -> tuple[SubmitResult, PairView | None,
+                                                                               dict[str, int]]:
+        """What the web page's submit needs: :meth:`submit` with the next pair
+        (one commit), and the labeler's :meth:`progress` after both.
+
+        PostgreSQL reads the progress in the label's transaction, sent with
+        the batch's last writes (see :meth:`_finish_batch`): read after the
+        commit, on a connection of its own, its two statements cost
+        PostgreSQL and this process more than the label's writes (two round
+        trips more per label). SQLite reads it after the commit: its readers
+        never wait for the writer, and the writer, which holds the database's
+        one write lock, does not do their work.
+        """
+        result, view, progress = self._committer.submit(_Pending(labeler, sub, True, None, progress=True))
+        return result, view, self.progress(labeler) if progress is None else progress
 
     @_reconnecting
     def _submit_batch(self, batch: list[_Pending]) -> list[Outcome]:
@@ -1116,8 +1139,32 @@ class Store:
                 outcomes, one_by_one = [None] * len(batch), list(range(len(batch)))
             for i in one_by_one:
                 outcomes[i] = self._submit_one(c, batch[i], configs[batch[i].labeler.project_id], isolate, counts)
-            self._count_for_labelers(c, counts)
-            return outcomes
+            if self.is_sqlite:
+                self._count_for_labelers(c, counts)
+                return [o if isinstance(o, BaseException) else (*o, None) for o in outcomes]
+            return self._finish_batch(c, batch, outcomes, configs, counts)
+
+    def _finish_batch(self, c: Connection, batch: list[_Pending], outcomes: list[Any],
+                      configs: dict[int, ProjectConfig], counts: Counts) -> list[Outcome]:
+        """PostgreSQL, the last round trip of a batch before its commit: the
+        labelers' counters moved (see :meth:`_count_for_labelers`), and the
+        progress of each stored label that asked for it, read after every
+        write of the batch (see :meth:`submit_and_next`)."""
+        now = time.time()
+        wanted = [i for i, item in enumerate(batch) if item.progress and not isinstance(outcomes[i], BaseException)]
+        projects = sorted({batch[i].labeler.project_id for i in wanted})
+        params = {i: {"me": batch[i].labeler.id, "project": batch[i].labeler.project_id,
+                      "overlap": configs[batch[i].labeler.project_id].overlap,
+                      "now": now if batch[i].now is None else batch[i].now} for i in wanted}
+        runs = ([(_Q.labeler_counters_up, {"me": me, "done": done, "seen": seen})
+                 for me, (done, seen) in sorted(counts.items())]
+                + [(_Q.project_row, {"project": pid}) for pid in projects]
+                + [(_Q.progress_counts, params[i]) for i in wanted])
+        rows = self._pipeline(c, runs) if runs else []
+        project_rows = dict(zip(projects, rows[len(counts):]))
+        progress = {i: self._progress(c, params[i], project_rows[params[i]["project"]], row)
+                    for i, row in zip(wanted, rows[len(counts) + len(projects):])}
+        return [o if isinstance(o, BaseException) else (*o, progress.get(i)) for i, o in enumerate(outcomes)]
 
     def _write_together(self, c: Connection, batch: list[_Pending],
                         counts: Counts) -> tuple[dict[int, ProjectConfig], list[Any], list[int]]:
@@ -1214,7 +1261,8 @@ class Store:
     def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]]) -> list[Any]:
         """PostgreSQL: run each (statement, parameters) in order, in the
         transaction of ``c``, all in one round trip; each run's first row
-        (attributes named as the columns), or None.
+        (attributes named as the columns), or None (no row, or a statement
+        returning none).
 
         psycopg's pipeline mode sends them together and PostgreSQL runs them
         one after the other, each seeing what the ones before wrote; a
@@ -1234,7 +1282,7 @@ class Store:
                 cur = conn.cursor(row_factory=namedtuple_row)
                 cur.execute(compiled[1], compiled[0].construct_params(params))
                 cursors.append(cur)
-        rows = [cur.fetchone() for cur in cursors]
+        rows = [None if cur.description is None else cur.fetchone() for cur in cursors]
         for cur in cursors:
             cur.close()
         return rows
@@ -1460,19 +1508,26 @@ class Store:
         """
         now = time.time() if now is None else now
         with self._read_conn() as s:
-            config, total, complete = s.execute(_Q.project_row, {"project": labeler.project_id}).one()
-            overlap = project_config(config).overlap
-            params = {"me": labeler.id, "project": labeler.project_id, "overlap": overlap, "now": now}
-            counted = total is None  # counters not known yet (see schema.Project): count
-            if counted:
-                total, complete = s.execute(_Q.pair_counts, params).one()
-            complete = complete or 0
-            row = s.execute(_Q.progress_counts, params).one()
-            done, mine_open = row.done, row.mine_open
-            if counted or done is None:  # this labeler's counters not known yet (see schema.Labeler): count
-                done, mine_open = s.execute(_Q.mine, params).one()
-            remaining = max(0, total - complete - mine_open - row.blocked)
-            if row.own_id is not None and (row.own_expires > now
-                                           or s.scalar(_Q.taken, {**params, "pair": row.own_id}) < overlap):
-                remaining += 1
+            project = s.execute(_Q.project_row, {"project": labeler.project_id}).one()
+            params = {"me": labeler.id, "project": labeler.project_id,
+                      "overlap": project_config(project.config).overlap, "now": now}
+            return self._progress(s, params, project, s.execute(_Q.progress_counts, params).one())
+
+    @staticmethod
+    def _progress(s: Connection, params: dict[str, Any], project: Row, row: Row) -> dict[str, int]:
+        """:meth:`progress` from the project's row (``_Q.project_row``) and the
+        labeler's (``_Q.progress_counts``, run with ``params``); what those
+        leave unknown is read on ``s``."""
+        total, complete = project.pair_count, project.complete_count
+        counted = total is None  # counters not known yet (see schema.Project): count
+        if counted:
+            total, complete = s.execute(_Q.pair_counts, params).one()
+        complete = complete or 0
+        done, mine_open = row.done, row.mine_open
+        if counted or done is None:  # this labeler's counters not known yet (see schema.Labeler): count
+            done, mine_open = s.execute(_Q.mine, params).one()
+        remaining = max(0, total - complete - mine_open - row.blocked)
+        if row.own_id is not None and (row.own_expires > params["now"]
+                                       or s.scalar(_Q.taken, {**params, "pair": row.own_id}) < params["overlap"]):
+            remaining += 1
         return {"done": done, "remaining": remaining, "project_pairs": total, "project_complete": complete}
