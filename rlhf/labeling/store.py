@@ -1241,22 +1241,12 @@ class Store:
         hand out the next pairs asked for), in one round trip."""
         if not plans:
             return
-        runs, leases = [], []
-        for i, plan, at in plans:
-            item = batch[i]
-            lease = (self._lease_params(item.labeler, configs[item.labeler.project_id], at, plan.open_seen or 0)
-                     if item.assign_next else None)
-            leases.append(lease)
-            if lease is not None and not lease["fresh_first"]:
-                runs.append((_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}))
-            else:
-                runs.append((_Q.write_label, self._pg_write_params(plan)))
+        leases = [self._lease_params(batch[i].labeler, configs[batch[i].labeler.project_id], at, plan.open_seen or 0)
+                  if batch[i].assign_next else None for i, plan, at in plans]
+        runs = [self._pg_write(plan, lease) for (_i, plan, _at), lease in zip(plans, leases)]
         for (i, plan, _at), lease, row in zip(plans, leases, self._pipeline(c, runs)):
-            if lease is not None and lease["fresh_first"]:
-                pair = self._lease_next(c, lease)  # a labeler far ahead (rare): its own round trips
-            else:
-                pair = row if lease is not None and row.id is not None else None
-            stored = self._stored(plan, row[0], lease is not None, pair, counts)
+            label_id, pair = self._pg_written(c, row, lease)
+            stored = self._stored(plan, label_id, lease is not None, pair, counts)
             outcomes[i] = stored.result, stored.view
 
     def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]]) -> list[Any]:
@@ -1430,11 +1420,7 @@ class Store:
         by one.
         """
         if not self.is_sqlite:
-            if lease is not None and lease["fresh_first"] is False:
-                row = s.execute(_Q.write_label_lease_next, {**self._pg_write_params(plan), **lease}).one()
-                return row.label_id, None if row.id is None else row
-            label_id = s.execute(_Q.write_label, self._pg_write_params(plan)).scalar_one()
-            return label_id, None if lease is None else self._lease_next(s, lease)
+            return self._pg_written(s, s.execute(*self._pg_write(plan, lease)).one(), lease)
         label, pair = plan.params, plan.params["pair_id"]
         label_id = s.execute(_Q.add_label, label).scalar_one()
         if plan.delta:
@@ -1445,6 +1431,28 @@ class Store:
             s.execute(_Q.seen_pair_filled, {"pair": pair, "complete": plan.complete})
         s.execute(_Q.set_status, {"pair": pair, "me": label["labeler_id"], "new_status": plan.status})
         return label_id, None if lease is None else self._lease_next(s, lease)
+
+    @staticmethod
+    def _pg_write(plan: _Plan, lease: dict[str, Any] | None) -> tuple[Executable, dict[str, Any]]:
+        """PostgreSQL: the statement writing ``plan``, and its parameters. With
+        ``lease``, the labeler's next pair is leased in the same statement,
+        unless they are far ahead (``fresh_first``: see :meth:`_lease_next`)
+        or that is not known yet; then :meth:`_pg_written` leases it after."""
+        if Store._leases_with_label(lease):
+            return _Q.write_label_lease_next, {**Store._pg_write_params(plan), **lease}
+        return _Q.write_label, Store._pg_write_params(plan)
+
+    @staticmethod
+    def _leases_with_label(lease: dict[str, Any] | None) -> bool:
+        return lease is not None and lease["fresh_first"] is False
+
+    def _pg_written(self, s: Connection, row: Row, lease: dict[str, Any] | None) -> tuple[int, Row | None]:
+        """PostgreSQL: from the row of :meth:`_pg_write`'s statement, the
+        label's id and the pair leased to the labeler (None: none asked for,
+        or none left), leasing it now if the statement did not."""
+        if self._leases_with_label(lease):
+            return row.label_id, None if row.id is None else row
+        return row[0], None if lease is None else self._lease_next(s, lease)
 
     @staticmethod
     def _pg_write_params(plan: _Plan) -> dict[str, Any]:
