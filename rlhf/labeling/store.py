@@ -1154,11 +1154,9 @@ class Store:
         now = time.time()
         wanted = [i for i, item in enumerate(batch) if item.progress and not isinstance(outcomes[i], BaseException)]
         projects = sorted({batch[i].labeler.project_id for i in wanted})
-        params = {i: {"me": batch[i].labeler.id, "project": batch[i].labeler.project_id,
-                      "overlap": configs[batch[i].labeler.project_id].overlap,
-                      "now": now if batch[i].now is None else batch[i].now} for i in wanted}
-        runs = ([(_Q.labeler_counters_up, {"me": me, "done": done, "seen": seen})
-                 for me, (done, seen) in sorted(counts.items())]
+        params = {i: self._progress_params(batch[i].labeler, configs[batch[i].labeler.project_id].overlap,
+                                           now if batch[i].now is None else batch[i].now) for i in wanted}
+        runs = ([(_Q.labeler_counters_up, params) for params in self._counter_params(counts)]
                 + [(_Q.project_row, {"project": pid}) for pid in projects]
                 + [(_Q.progress_counts, params[i]) for i in wanted])
         rows = self._pipeline(c, runs) if runs else []
@@ -1284,8 +1282,12 @@ class Store:
         stored: one statement for the batch (an executemany: with psycopg, one
         round trip), not one per label."""
         if counts:
-            s.execute(_Q.labeler_counters_up, [{"me": me, "done": done, "seen": seen}
-                                               for me, (done, seen) in sorted(counts.items())])
+            s.execute(_Q.labeler_counters_up, Store._counter_params(counts))
+
+    @staticmethod
+    def _counter_params(counts: Counts) -> list[dict[str, Any]]:
+        """The parameters of ``_Q.labeler_counters_up``, one set per labeler of ``counts``."""
+        return [{"me": me, "done": done, "seen": seen} for me, (done, seen) in sorted(counts.items())]
 
     def _submit_one(self, c: Connection, item: _Pending, cfg: ProjectConfig, isolate: bool,
                     counts: Counts) -> Outcome:
@@ -1518,9 +1520,13 @@ class Store:
         now = time.time() if now is None else now
         with self._read_conn() as s:
             project = s.execute(_Q.project_row, {"project": labeler.project_id}).one()
-            params = {"me": labeler.id, "project": labeler.project_id,
-                      "overlap": project_config(project.config).overlap, "now": now}
+            params = self._progress_params(labeler, project_config(project.config).overlap, now)
             return self._progress(s, params, project, s.execute(_Q.progress_counts, params).one())
+
+    @staticmethod
+    def _progress_params(labeler: LabelerInfo, overlap: int, now: float) -> dict[str, Any]:
+        """The parameters of ``_Q.progress_counts`` (and of :meth:`_progress`'s other reads)."""
+        return {"me": labeler.id, "project": labeler.project_id, "overlap": overlap, "now": now}
 
     @staticmethod
     def _progress(s: Connection, params: dict[str, Any], project: Row, row: Row) -> dict[str, int]:
