@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 from rlhf.labeling.group_commit import GroupCommitter
 from rlhf.labeling.store import (Conflict, InvalidLabel, NotFound, PairFull, SubmitResult, Submission, _Pending,
@@ -81,10 +81,12 @@ def test_one_refused_label_does_not_fail_the_others_of_its_batch(db):
 
 
 def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
-    """PostgreSQL: the labels of a batch that share no pair and no labeler are
-    read together and written together, a pipeline each (Store._write_together);
-    a label on a pair an earlier one of the batch labels waits for the next
-    round. None of them goes one by one, and each is stored as one by one would."""
+    """PostgreSQL: the labels of a batch that share no labeler are read
+    together and written together, a pipeline each (Store._write_together),
+    two labels on the same pair included: the second, which fills the pair,
+    counts it full from the count the first left (worked out in SQL), not the
+    one both read. None of them goes one by one, and each is stored as one by
+    one would."""
     store, project, (a, b, c) = new_store(db, n_pairs=4, overlap=2)
     try:
         if store.is_sqlite:
@@ -101,12 +103,12 @@ def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
                                    _Pending(b, sub(p1, "B"), True, None, progress=True),
                                    _Pending(c, sub(p2), False, None)])
         assert not one_by_one and commits[0] == 1
-        # Round 1 (a, c): the project's lock and two contexts, then two writes; round 2 (b): one and
-        # one; last, the three labelers' counters, the project's row and a's and b's progress.
-        assert pipelines == [3, 2, 1, 1, 6]
+        # One round: the project's lock and three contexts, then three writes; last, the three
+        # labelers' counters, the project's row and a's and b's progress.
+        assert pipelines == [4, 3, 6]
         assert all(isinstance(o, tuple) and not o[0].replayed for o in out), out
         next_a, next_b, next_c = (o[1] for o in out)
-        # a (written first) takes p2's free slot beside c's; p2 is then full for b, whose round came later.
+        # a (written first) takes p2's free slot beside c's lease; p2 is then full for b.
         assert next_c is None and next_a.id == p2 and next_b.id not in (p1, p2)
         stored = sorted((r.labeler, r.pair_id, r.choice) for r in store.all_labels(project.id))
         assert stored == [("l0", p1, "A"), ("l1", p1, "B"), ("l2", p2, "A")]
@@ -114,6 +116,14 @@ def test_postgresql_stores_a_batch_in_rounds_not_one_by_one(db):
         assert (pairs[p1].labeled_count, pairs[p2].labeled_count) == (2, 1)
         progress = [store.progress(w) for w in (a, b, c)]
         assert [p["done"] for p in progress] == [1, 1, 1] and progress[0]["project_complete"] == 1
+        # The counters b's label moved as p1 filled agree with counting afresh: the project's full
+        # pairs, and each labeler's open pairs seen (p1 left a's and b's).
+        with store.reading() as s:
+            assert s.execute(text("SELECT complete_count FROM labeling_projects")).scalar_one() == 1
+            seen = s.execute(text("SELECT l.name, l.open_seen_count, (SELECT count(*) FROM labeling_assignments a "
+                                  "JOIN labeling_pairs p ON p.id = a.pair_id WHERE a.labeler_id = l.id "
+                                  "AND p.labeled_count < 2) FROM labeling_labelers l ORDER BY l.name")).all()
+        assert [tuple(r) for r in seen] == [("l0", 1, 1), ("l1", 1, 1), ("l2", 1, 1)]
         assert [o[2] for o in out] == [progress[0], progress[1], None]  # read after all the batch's writes
     finally:
         store.close()

@@ -87,6 +87,12 @@ def assert_exactly_once(db: str, result: LoadResult) -> dict:
                          "FROM labeling_labelers l", overlap=OVERLAP)
     drift = [row for row in labelers if row[1:3] != row[3:5]]
     assert not drift, f"labeler counters (id, done, open seen, then counted) that disagree: {drift[:3]}"
+    # And the project's (pairs, full pairs), which every answer's header reads.
+    projects = query(db, "SELECT pr.pair_count, pr.complete_count, (SELECT count(*) FROM labeling_pairs p "
+                         "WHERE p.project_id = pr.id), (SELECT count(*) FROM labeling_pairs p "
+                         "WHERE p.project_id = pr.id AND p.labeled_count >= :overlap) "
+                         "FROM labeling_projects pr", overlap=OVERLAP)
+    assert all(row[:2] == row[2:] for row in projects), f"project counters, then counted: {projects}"
     return stored
 
 
