@@ -58,8 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import (Connection, Engine, Float, Integer, Row, bindparam, case, cast, create_engine, event, func,
-                        insert, inspect, literal, select, true, update)
+from sqlalchemy import (Connection, Engine, Float, Integer, Row, any_, bindparam, case, cast, create_engine, event,
+                        func, insert, inspect, literal, select, true, update)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import URL, Compiled, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
@@ -537,29 +538,42 @@ class _Q:
                    func.count(case((Pair.labeled_count < bindparam("overlap"), 1))))
             .select_from(Assignment).join(Pair, Pair.id == Assignment.pair_id)
             .where(Assignment.labeler_id == bindparam("me")))
-    _mine = aliased(Assignment)
-    _leased = aliased(Assignment)
-    _own = aliased(Assignment)
-    # Driven by the live leases (index on status, expires_at), each pair then looked up by its key.
-    blocked = (select(func.count(_leased.pair_id.distinct())).select_from(_leased)
-               .join(Pair, Pair.id == _leased.pair_id)
-               .where(_leased.status == "open", _leased.expires_at > bindparam("now"),
-                      _leased.labeler_id != bindparam("me"),
-                      Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
-                      ~select(_mine.pair_id).where(_mine.pair_id == Pair.id, _mine.labeler_id == bindparam("me"))
-                      .exists(),
-                      Pair.labeled_count + live_leases >= bindparam("overlap")))
-    # The labeler's earliest open assignment (as own_open, ties broken by pair id).
-    _own_first = (select(_own.pair_id, _own.expires_at).where(_own.labeler_id == bindparam("me"), _own.status == "open")
+    _live_all, _leased, _shown, _own = (aliased(Assignment) for _ in range(4))
+    # Pairs with a slot free that others' live leases fill: not complete, and
+    # their labels plus every live lease on them reach the overlap. Driven by the
+    # live leases (index on status, expires_at), each pair then looked up by its
+    # key. Whose leases they are does not matter to a labeler's progress: the
+    # pairs ever shown to them are left out (`blocked`), and a pair never shown
+    # to them holds no lease of theirs. So this is read once for every labeler of
+    # a batch (``progress_of_labelers``); MATERIALIZED keeps PostgreSQL from
+    # inlining it into each labeler's count.
+    _filled_by_leases = (
+        select(Pair.id).distinct().select_from(_leased).join(Pair, Pair.id == _leased.pair_id)
+        .where(_leased.status == "open", _leased.expires_at > bindparam("now"),
+               Pair.project_id == bindparam("project"), Pair.labeled_count < bindparam("overlap"),
+               Pair.labeled_count + select(func.count()).select_from(_live_all).where(
+                   _live_all.pair_id == Pair.id, _live_all.status == "open",
+                   _live_all.expires_at > bindparam("now")).scalar_subquery() >= bindparam("overlap"))
+        .cte("filled_by_leases").prefix_with("MATERIALIZED", dialect="postgresql"))
+    # What progress needs after the project row, per labeler, in one statement
+    # (one round trip): the labeler's counters (mine's two counts, kept up to
+    # date), blocked (the pairs above never shown to them) and their earliest
+    # open assignment (as own_open, ties broken by pair id).
+    _own_first = (select(_own.pair_id, _own.expires_at).where(_own.labeler_id == Labeler.id, _own.status == "open")
                   .order_by(_own.assigned_at, _own.pair_id).limit(1))
-    # What progress needs after the project row, in one statement (one round trip):
-    # the labeler's counters (mine's two counts, kept up to date), blocked, and
-    # the labeler's open pair.
-    progress_counts = (select(Labeler.done_count.label("done"), Labeler.open_seen_count.label("mine_open"),
-                              blocked.scalar_subquery().label("blocked"),
-                              _own_first.with_only_columns(_own.pair_id).scalar_subquery().label("own_id"),
-                              _own_first.with_only_columns(_own.expires_at).scalar_subquery().label("own_expires"))
-                       .where(Labeler.id == bindparam("me")))
+    _progress_columns = (
+        Labeler.id, Labeler.done_count.label("done"), Labeler.open_seen_count.label("mine_open"),
+        select(func.count()).select_from(_filled_by_leases).where(
+            # Two levels down: correlated to the labeler of the outer row by hand.
+            ~select(_shown.pair_id).where(_shown.pair_id == _filled_by_leases.c.id,
+                                          _shown.labeler_id == Labeler.id).correlate_except(_shown).exists()
+        ).correlate(Labeler).scalar_subquery().label("blocked"),
+        _own_first.with_only_columns(_own.pair_id).scalar_subquery().label("own_id"),
+        _own_first.with_only_columns(_own.expires_at).scalar_subquery().label("own_expires"))
+    progress_counts = select(*_progress_columns).where(Labeler.id == bindparam("me"))
+    # PostgreSQL: the same for the labelers ``:ids`` (an array) of one project, a row each.
+    progress_of_labelers = select(*_progress_columns).where(
+        Labeler.id == any_(bindparam("ids", type_=postgresql.ARRAY(Integer))))
     # The labeler counters (see schema.Labeler) moved by a batch's labels and assignments.
     labeler_counters_up = (update(Labeler).where(Labeler.id == bindparam("me"))
                            .values(done_count=Labeler.done_count + bindparam("done"),
@@ -1160,19 +1174,29 @@ class Store:
         """PostgreSQL, the last round trip of a batch before its commit: the
         labelers' counters moved (see :meth:`_count_for_labelers`), and the
         progress of each stored label that asked for it, read after every
-        write of the batch (see :meth:`submit_and_next`)."""
+        write of the batch (see :meth:`submit_and_next`): one statement for the
+        labelers of a project (``_Q.progress_of_labelers``). One per labeler
+        read the pairs that others' leases fill once for each; per label that
+        was PostgreSQL's second costliest statement."""
         now = time.time()
-        wanted = [i for i, item in enumerate(batch) if item.progress and not isinstance(outcomes[i], BaseException)]
-        projects = sorted({batch[i].labeler.project_id for i in wanted})
-        params = {i: self._progress_params(batch[i].labeler, configs[batch[i].labeler.project_id].overlap,
-                                           now if batch[i].now is None else batch[i].now) for i in wanted}
-        runs = ([(_Q.labeler_counters_up, params) for params in self._counter_params(counts)]
+        groups: dict[tuple[int, float], list[int]] = {}  # (project, time judged at) -> its items
+        for i, item in enumerate(batch):
+            if item.progress and not isinstance(outcomes[i], BaseException):
+                groups.setdefault((item.labeler.project_id, now if item.now is None else item.now), []).append(i)
+        projects = sorted({pid for pid, _ in groups})
+        params = {key: {**self._progress_params(batch[items[0]].labeler, configs[key[0]].overlap, key[1]),
+                        "ids": sorted({batch[i].labeler.id for i in items})} for key, items in groups.items()}
+        runs = ([(_Q.labeler_counters_up, p) for p in self._counter_params(counts)]
                 + [(_Q.project_row, {"project": pid}) for pid in projects]
-                + [(_Q.progress_counts, params[i]) for i in wanted])
-        rows = self._pipeline(c, runs) if runs else []
-        project_rows = dict(zip(projects, rows[len(counts):]))
-        progress = {i: self._progress(c, params[i], project_rows[params[i]["project"]], row)
-                    for i, row in zip(wanted, rows[len(counts) + len(projects):])}
+                + [(_Q.progress_of_labelers, params[key]) for key in groups])
+        rows = self._pipeline(c, runs, every_row=True) if runs else []
+        project_rows = dict(zip(projects, (r[0] for r in rows[len(counts):])))
+        progress = {}
+        for key, labelers in zip(groups, rows[len(counts) + len(projects):]):
+            by_id = {row.id: row for row in labelers}
+            for i in groups[key]:
+                progress[i] = self._progress(c, {**params[key], "me": batch[i].labeler.id},
+                                             project_rows[key[0]], by_id[batch[i].labeler.id])
         return [o if isinstance(o, BaseException) else (*o, progress.get(i)) for i, o in enumerate(outcomes)]
 
     def _write_together(self, c: Connection, batch: list[_Pending],
@@ -1263,11 +1287,13 @@ class Store:
             stored = self._stored(plan, label_id, lease is not None, pair, counts)
             outcomes[i] = stored.result, stored.view
 
-    def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]]) -> list[Any]:
+    def _pipeline(self, c: Connection, runs: list[tuple[Executable, dict[str, Any]]],
+                  every_row: bool = False) -> list[Any]:
         """PostgreSQL: run each (statement, parameters) in order, in the
         transaction of ``c``, all in one round trip; each run's first row
         (attributes named as the columns), or None (no row, or a statement
-        returning none).
+        returning none); with ``every_row``, each run's list of rows ([] for a
+        statement returning none).
 
         psycopg's pipeline mode sends them together and PostgreSQL runs them
         one after the other, each seeing what the ones before wrote; a
@@ -1287,7 +1313,10 @@ class Store:
                 cur = conn.cursor(row_factory=namedtuple_row)
                 cur.execute(compiled[1], compiled[0].construct_params(params))
                 cursors.append(cur)
-        rows = [None if cur.description is None else cur.fetchone() for cur in cursors]
+        if every_row:
+            rows = [[] if cur.description is None else cur.fetchall() for cur in cursors]
+        else:
+            rows = [None if cur.description is None else cur.fetchone() for cur in cursors]
         for cur in cursors:
             cur.close()
         return rows
