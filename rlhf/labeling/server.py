@@ -34,12 +34,12 @@ import logging
 import pathlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -325,11 +325,21 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             raise HTTPException(403, "this call needs an admin token")
         return who
 
-    # ------------------------------------------------------------ labeler API
-    # Plain `def` endpoints: FastAPI runs them in its thread pool, which is
-    # what the blocking database calls need.
+    app.include_router(_labeler_api(store, project, caller, labeler))
+    app.include_router(_admin_api(store, project, admin))
+    _page(app)
+    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
+    return app
 
-    @app.get("/api/me")
+
+def _labeler_api(store: Store, project: ProjectInfo, caller: Callable[..., LabelerInfo],
+                 labeler: Callable[..., Awaitable[LabelerInfo]]) -> APIRouter:
+    """The labelers' routes (``caller``: any valid token of the project;
+    ``labeler``: a labeler's). Plain `def` endpoints: FastAPI runs them in its
+    thread pool, which is what the blocking database calls need."""
+    router = APIRouter()
+
+    @router.get("/api/me")
     def me(who: Annotated[LabelerInfo, Depends(caller)]) -> dict[str, Any]:
         cfg = store.project_by_id(project.id).config
         out = {"name": who.name, "role": who.role, "project": project.name, "guidelines": cfg.guidelines,
@@ -338,12 +348,12 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             out["progress"] = store.progress(who)
         return out
 
-    @app.get("/api/next")
+    @router.get("/api/next")
     def next_pair(who: Annotated[LabelerInfo, Depends(labeler)]) -> dict[str, Any]:
         view = store.next_pair(who)
         return {"pair": None if view is None else _pair_json(view), "progress": store.progress(who)}
 
-    @app.post("/api/labels", status_code=201, response_model=LabelOut, response_model_exclude_none=True)
+    @router.post("/api/labels", status_code=201, response_model=LabelOut, response_model_exclude_none=True)
     def submit(body: LabelIn, who: Annotated[LabelerInfo, Depends(labeler)],
                next: Annotated[bool, Query(description="also hand out the next pair, in the same commit")] = False
                ) -> Any:
@@ -370,12 +380,12 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
         # A replay is not a new resource: 200, so clients and logs can tell.
         return JSONResponse(out.model_dump(exclude_none=True), status_code=200) if result.replayed else out
 
-    @app.get("/api/history")
+    @router.get("/api/history")
     def history(who: Annotated[LabelerInfo, Depends(labeler)],
                 limit: Annotated[int, Query(ge=1, le=200)] = 20) -> dict[str, Any]:
         return {"labels": [_label_json(r) for r in store.history(who, limit)]}
 
-    @app.get("/api/pairs/{pair_id}")
+    @router.get("/api/pairs/{pair_id}")
     def pair(pair_id: Annotated[int, Path(ge=1, le=MAX_ID)],
              who: Annotated[LabelerInfo, Depends(labeler)]) -> dict[str, Any]:
         try:
@@ -386,13 +396,22 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
             raise HTTPException(403, str(e)) from None
         return {"pair": _pair_json(view), "label": None if current is None else _label_json(current)}
 
-    # ------------------------------------------------------------ admin API
+    return router
 
-    @app.get("/api/admin/stats")
+
+def _admin_api(store: Store, project: ProjectInfo, admin: Callable[..., Awaitable[LabelerInfo]]) -> APIRouter:
+    """The admins' routes (``admin``: an admin's token of the project)."""
+    router = APIRouter()
+
+    @router.get("/api/admin/stats")
     def admin_stats(_who: Annotated[LabelerInfo, Depends(admin)]) -> dict[str, Any]:
         return stats_mod.compute(store, store.project_by_id(project.id))
 
-    # ------------------------------------------------------------ page and health
+    return router
+
+
+def _page(app: FastAPI) -> None:
+    """The page (one HTML file for labelers and admins), its static files and the health check."""
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, Any]:
@@ -406,8 +425,6 @@ def create_app(store: Store, project: ProjectInfo, max_body_bytes: int = DEFAULT
         return FileResponse(str(index), media_type="text/html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=str(STATIC_DIR)), name="static")
-    app.add_middleware(GuardMiddleware, max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
-    return app
 
 
 # A query parameter whose name ends in "token", up to the next separator.

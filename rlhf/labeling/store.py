@@ -39,7 +39,7 @@ Cost per label does not grow with the project: the project row keeps its
 pair and complete-pair counts, moved in the same transaction as the pairs
 and labels they count, and progress ("remaining" for a labeler) is derived
 from them, the labeler's own assignments and the live leases (see
-``_Q.mine`` and ``_Q.blocked``), never by counting the project's pairs.
+``_Q.mine`` and ``_Q.progress_counts``), never by counting the project's pairs.
 """
 
 from __future__ import annotations
@@ -974,7 +974,7 @@ class Store:
         """PostgreSQL: refresh the planner's statistics of the pair and
         assignment tables now, not when autovacuum gets round to it. Without
         them, progress's count of pairs that other labelers' leases fill
-        (``_Q.blocked``) walked every unfilled pair of the project (3 ms a call
+        (``_Q.progress_counts``) walked every unfilled pair of the project (3 ms a call
         at 800 pairs, growing with the project) instead of the live leases
         (0.1 ms): seen in a benchmark started right after loading the pairs."""
         with self.engine.begin() as c:

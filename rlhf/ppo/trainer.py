@@ -355,6 +355,16 @@ def _disable_dropout(model: torch.nn.Module) -> None:
             config.attention_dropout = 0.0
 
 
+def _ready_to_run(model: torch.nn.Module, bf16: bool) -> None:
+    """Every model PPO runs forward (policy and value, reference, reward
+    models): dropout off (see :func:`_disable_dropout`) and, in bf16 runs, the
+    fused tanh-GELU (see :func:`fuse_tanh_gelu`), so that models with the same
+    weights give the same log-probs."""
+    _disable_dropout(model)
+    if bf16:
+        fuse_tanh_gelu(model)
+
+
 def _value_model(cfg: Config, specs: list[RewardSpec], policy_cfg: ModelConfig, tok, seed: int):
     """The separate value model, or None for a value head on the policy (or none at all: rloo/grpo)."""
     name = value_source(cfg.value_model, cfg.critic_free, specs, lambda src: value_init_problem(src, tok))
@@ -451,22 +461,16 @@ def _setup(cfg: Config, ctx) -> _Run:
     else:
         ref_cfg = policy_cfg if cfg.reference is None else as_model_config(cfg.reference)
         ref_model = load_causal_lm(dataclasses.replace(ref_cfg, lora=None), tok, seed=ctx.seed)
-        _disable_dropout(ref_model)
-        if flags["bf16"]:
-            fuse_tanh_gelu(ref_model)  # as the policy's below: identical weights, identical log-probs
+        _ready_to_run(ref_model, flags["bf16"])  # as the policy below: same weights, same log-probs
         reference = Reference(prepare_frozen(ref_model, accelerator))
     specs = as_specs(cfg.reward)
     model = PolicyAndValue(policy, _value_model(cfg, specs, policy_cfg, tok, ctx.seed),
                            value_head=not cfg.critic_free)
-    _disable_dropout(model)
-    if flags["bf16"]:
-        fuse_tanh_gelu(model)
+    _ready_to_run(model, flags["bf16"])
     reward_fn = CombinedReward(specs, device=accelerator.device, dtype=policy_cfg.dtype)
     for _, fn, _ in reward_fn.parts:
         if hasattr(fn, "model"):
-            _disable_dropout(fn.model)
-            if flags["bf16"]:
-                fuse_tanh_gelu(fn.model)
+            _ready_to_run(fn.model, flags["bf16"])
             fn.model = prepare_frozen(fn.model, accelerator)
     # One optimizer for policy + value, LR annealed per optimiser step.
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
