@@ -829,6 +829,47 @@ def test_postgres_progress_finds_live_leases_by_index_after_the_project_grows(po
     assert "Seq Scan on labeling_assignments" not in plan, plan
 
 
+def test_postgres_progress_plan_probes_pairs_whatever_the_labelers_history(postgres_url):
+    """With one plan per statement made without the parameters' values, a
+    status bound as a parameter looked like a third of all assignments:
+    progress's plan then hashed every assignment of the labeler (growing with
+    their history) instead of probing the few pairs others' leases fill by
+    key. The statuses are constants in the SQL, where the statistics see them."""
+    pytest.importorskip("psycopg")
+    import re
+
+    from sqlalchemy import text
+
+    from rlhf.labeling.store import _Q
+
+    store, project, (solo, other) = new_store(postgres_url, n_pairs=3000, overlap=2, labelers=2, name="pg-hist")
+    try:
+        now = time.time()
+        with store.engine.begin() as w:  # the labeler's long history: 3,000 pairs labeled
+            w.execute(text("INSERT INTO labeling_assignments (pair_id, labeler_id, status, assigned_at, expires_at) "
+                           "SELECT id, :me, 'labeled', :now, :now FROM labeling_pairs WHERE project_id = :project"),
+                      {"me": solo.id, "now": now - 100, "project": project.id})
+            w.execute(text("ANALYZE labeling_assignments, labeling_pairs"))
+        store.next_pair(other)  # one live lease, on a pair the labeler has seen
+        compiled = _Q.progress_counts.compile(dialect=store.engine.dialect)
+        values = compiled.construct_params(store._progress_params(solo, 2, now))
+        names: list[str] = []
+
+        def placeholder(m: re.Match) -> str:
+            if m[1] not in names:
+                names.append(m[1])
+            return f"${names.index(m[1]) + 1}"
+
+        sql = re.sub(r"%\((\w+)\)s", placeholder, str(compiled))
+        args = ", ".join(f"'{values[n]}'" for n in names)
+        with store.engine.connect() as c:
+            c.exec_driver_sql(f"PREPARE progress AS {sql}".replace("%", "%%"))
+            plan = "\n".join(c.exec_driver_sql(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE progress({args})").scalars())
+        assert "Hash Anti Join" not in plan and "rows=3000" not in plan, plan
+    finally:
+        store.close()
+
+
 def test_postgres_keeps_one_plan_per_statement_it_prepared(postgres_url):
     """PostgreSQL planned some prepared statements afresh on every call (their
     plan for unknown parameters looked costlier than one made for the values):
