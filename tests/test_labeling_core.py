@@ -786,6 +786,24 @@ def test_postgres_labeler_far_ahead_gets_fresh_pairs_first(postgres_url, monkeyp
                                              fresh_first_after=threshold)
 
 
+def prepared_form(store: Store, stmt, params: dict) -> tuple[str, str]:
+    """``stmt`` as PostgreSQL's PREPARE takes it ($1, $2, ...) and its
+    parameters as EXECUTE's argument list, to look at the plan kept for it."""
+    import re
+
+    compiled = stmt.compile(dialect=store.engine.dialect)
+    values = compiled.construct_params(params)
+    names: list[str] = []
+
+    def placeholder(m: re.Match) -> str:
+        if m[1] not in names:
+            names.append(m[1])
+        return f"${names.index(m[1]) + 1}"
+
+    sql = re.sub(r"%\((\w+)\)s", placeholder, str(compiled))
+    return sql, ", ".join(f"'{values[n]}'" for n in names)
+
+
 def test_postgres_progress_finds_live_leases_by_index_after_the_project_grows(postgres_url):
     """PostgreSQL keeps one (generic) plan for a statement psycopg prepared, made
     with the table sizes of that moment. Made while a project had few
@@ -793,8 +811,6 @@ def test_postgres_progress_finds_live_leases_by_index_after_the_project_grows(po
     lease, its cost growing with every label until autovacuum's next ANALYZE.
     The store's connections must plan it with indexes whenever it is planned."""
     pytest.importorskip("psycopg")
-    import re
-
     from sqlalchemy import text
 
     from rlhf.labeling.store import _Q
@@ -804,17 +820,8 @@ def test_postgres_progress_finds_live_leases_by_index_after_the_project_grows(po
     store.add_pairs(project, [NewPair(f"q{i}", f"x{i}", f"y{i}") for i in range(200)])
     who = [store.add_labeler(project, f"p{j}", f"pg-plan-{j}") for j in range(25)]
     now = time.time()
-    compiled = _Q.progress_counts.compile(dialect=store.engine.dialect)
-    values = compiled.construct_params({"me": who[0].id, "project": project.id, "overlap": 3, "now": now})
-    names: list[str] = []
-
-    def placeholder(m: re.Match) -> str:
-        if m[1] not in names:
-            names.append(m[1])
-        return f"${names.index(m[1]) + 1}"
-
-    sql = re.sub(r"%\((\w+)\)s", placeholder, str(compiled))
-    args = ", ".join(f"'{values[n]}'" for n in names)
+    sql, args = prepared_form(store, _Q.progress_counts, {"me": who[0].id, "project": project.id, "overlap": 3,
+                                                         "now": now})
     with store.engine.connect() as c:
         c.exec_driver_sql("SET plan_cache_mode = force_generic_plan")  # what psycopg's prepared statement may get
         c.exec_driver_sql(f"PREPARE progress AS {sql}".replace("%", "%%"))
@@ -836,8 +843,6 @@ def test_postgres_progress_plan_probes_pairs_whatever_the_labelers_history(postg
     their history) instead of probing the few pairs others' leases fill by
     key. The statuses are constants in the SQL, where the statistics see them."""
     pytest.importorskip("psycopg")
-    import re
-
     from sqlalchemy import text
 
     from rlhf.labeling.store import _Q
@@ -851,17 +856,7 @@ def test_postgres_progress_plan_probes_pairs_whatever_the_labelers_history(postg
                       {"me": solo.id, "now": now - 100, "project": project.id})
             w.execute(text("ANALYZE labeling_assignments, labeling_pairs"))
         store.next_pair(other)  # one live lease, on a pair the labeler has seen
-        compiled = _Q.progress_counts.compile(dialect=store.engine.dialect)
-        values = compiled.construct_params(store._progress_params(solo, 2, now))
-        names: list[str] = []
-
-        def placeholder(m: re.Match) -> str:
-            if m[1] not in names:
-                names.append(m[1])
-            return f"${names.index(m[1]) + 1}"
-
-        sql = re.sub(r"%\((\w+)\)s", placeholder, str(compiled))
-        args = ", ".join(f"'{values[n]}'" for n in names)
+        sql, args = prepared_form(store, _Q.progress_counts, store._progress_params(solo, 2, now))
         with store.engine.connect() as c:
             c.exec_driver_sql(f"PREPARE progress AS {sql}".replace("%", "%%"))
             plan = "\n".join(c.exec_driver_sql(f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE progress({args})").scalars())
