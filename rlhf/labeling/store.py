@@ -244,7 +244,7 @@ class _Plan(NamedTuple):
     """A label that passed the rules (see :meth:`Store._plan_label`), to write."""
     params: dict[str, Any]  # the label row's columns
     delta: int  # the change to the pair's non-skip labels
-    complete: int  # the change to the project's full pairs: +1 the pair fills, -1 it opens again
+    complete: int  # the change to the project's full pairs: +1 the pair fills, -1 it opens again (SQLite)
     status: str  # the labeler's assignment to the pair, after
     needs_room: bool  # takes a slot without a live lease on it: Store._check_room first
     first: bool  # the labeler's first label on the pair (not a revision): one more done
@@ -623,8 +623,9 @@ class _Q:
     # `:delta` of 0 makes `bump` match no row, and `filled` (whether the label
     # fills the pair, +1, or opens it again, -1) is then NULL: fill and
     # seen_filled match none either, as skipping those statements does on
-    # SQLite. The UPDATEs are SQLite's own statements (count_up, counters_up,
-    # seen_pair_filled, set_status), so both stores write the same. The
+    # SQLite. The UPDATEs move what SQLite's own statements (count_up,
+    # counters_up, seen_pair_filled, set_status) move, so both stores write the
+    # same. The
     # label's columns are bound as `new_<column>`: SQLAlchemy would take a
     # parameter named like a column of an UPDATEd table as a value to SET.
     _delta, _overlap = bindparam("delta", type_=Integer), bindparam("overlap", type_=Integer)
